@@ -1,0 +1,1 @@
+//! Operator tools over the Kafka Admin API.

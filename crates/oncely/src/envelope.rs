@@ -1,0 +1,729 @@
+//! Event identity and the CloudEvents Kafka protocol binding (binary mode).
+//!
+//! A record carries its CloudEvents attributes as headers (`ce_specversion`,
+//! `ce_id`, `ce_source`, `ce_type`, `ce_time`, optional `ce_subject`) and its
+//! data as the payload. The Kafka key is the entity key: it fixes the partition
+//! and so the order.
+//!
+//! The **identity** of an event decides what "the same event" means for the
+//! inbox. By default it is `(ce_source, ce_id)`, which the CloudEvents spec
+//! requires to be unique per distinct event. [`IdentitySource`] offers another
+//! header, a JSON pointer into the payload, or a function of the record, and by
+//! design nothing that depends on the delivery (offset, timestamp, partition):
+//! a redelivered record must map to the identity it had the first time.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, SecondsFormat, Utc};
+use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::ClientConfig;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::{Error, Result};
+
+/// `ce_specversion` header.
+pub const H_SPECVERSION: &str = "ce_specversion";
+/// `ce_id` header: unique per distinct event within its source.
+pub const H_ID: &str = "ce_id";
+/// `ce_source` header: the context in which the event happened.
+pub const H_SOURCE: &str = "ce_source";
+/// `ce_type` header: the kind of event (`com.example.order.created`).
+pub const H_TYPE: &str = "ce_type";
+/// `ce_time` header: RFC 3339 time of the occurrence.
+pub const H_TIME: &str = "ce_time";
+/// `ce_subject` header (optional).
+pub const H_SUBJECT: &str = "ce_subject";
+/// `content-type` header: the payload's media type (binary mode).
+pub const H_CONTENT_TYPE: &str = "content-type";
+/// `ce_oncelyversion` header: optional entity version for the version guard.
+pub const H_VERSION: &str = "ce_oncelyversion";
+/// W3C trace context header, carried through the outbox.
+pub const H_TRACEPARENT: &str = "traceparent";
+/// The only CloudEvents spec version oncely reads and writes.
+pub const SPEC_VERSION: &str = "1.0";
+
+/// Why a record could not be turned into an event. Each variant names the
+/// header or field that is wrong; [`DecodeError::reason`] gives the short code
+/// stored with a dead letter.
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DecodeError {
+    /// A required header is absent.
+    #[error("header `{header}` is missing")]
+    MissingHeader {
+        /// The header's name.
+        header: String,
+    },
+    /// The record has no identity under the consumer's identity rule.
+    #[error("the record has no event identity: {detail}")]
+    MissingIdentity {
+        /// What was looked for and not found.
+        detail: String,
+    },
+    /// A header's value is not valid UTF-8 (or is empty where a value is needed).
+    #[error("header `{header}` is not valid UTF-8 text")]
+    InvalidHeaderEncoding {
+        /// The header's name.
+        header: String,
+    },
+    /// A header's value does not parse.
+    #[error("header `{header}` has an invalid value {value:?}: {detail}")]
+    InvalidHeaderValue {
+        /// The header's name.
+        header: String,
+        /// The value as received (lossy UTF-8).
+        value: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// The payload does not decode into the handler's event type.
+    #[error("payload does not decode as {type_name}: {detail}")]
+    UndecodablePayload {
+        /// The Rust type the handler expects.
+        type_name: &'static str,
+        /// serde's message, with line and column.
+        detail: String,
+    },
+    /// The record has no payload but the handler expects data.
+    #[error("the record has no payload")]
+    EmptyPayload,
+    /// The record is larger than the consumer's size limit.
+    #[error("record of {size} bytes exceeds the limit of {limit} bytes")]
+    Oversized {
+        /// Key + payload + headers, in bytes.
+        size: usize,
+        /// The configured limit.
+        limit: usize,
+    },
+}
+
+impl DecodeError {
+    /// The short, stable reason code stored with a dead letter (`oncely-reason`).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            DecodeError::MissingHeader { .. } => "missing-header",
+            DecodeError::MissingIdentity { .. } => "missing-event-id",
+            DecodeError::InvalidHeaderEncoding { .. } => "invalid-header-encoding",
+            DecodeError::InvalidHeaderValue { .. } => "invalid-header-value",
+            DecodeError::UndecodablePayload { .. } => "undecodable-payload",
+            DecodeError::EmptyPayload => "empty-payload",
+            DecodeError::Oversized { .. } => "oversized-record",
+        }
+    }
+}
+
+/// A Kafka record as oncely sees it: owned, independent of the client.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawRecord {
+    /// Topic the record was read from.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// Offset in the partition.
+    pub offset: i64,
+    /// Record timestamp in milliseconds since the epoch, if any.
+    pub timestamp_ms: Option<i64>,
+    /// Kafka key (the entity key).
+    pub key: Option<Vec<u8>>,
+    /// Payload.
+    pub payload: Option<Vec<u8>>,
+    /// Headers in order; a header may have a null value.
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+}
+
+impl RawRecord {
+    /// Copies a message received from rdkafka.
+    pub fn from_message<M: Message>(m: &M) -> Self {
+        let headers = m
+            .headers()
+            .map(|hs| hs.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect())
+            .unwrap_or_default();
+        RawRecord {
+            topic: m.topic().to_owned(),
+            partition: m.partition(),
+            offset: m.offset(),
+            timestamp_ms: m.timestamp().to_millis(),
+            key: m.key().map(<[u8]>::to_vec),
+            payload: m.payload().map(<[u8]>::to_vec),
+            headers,
+        }
+    }
+
+    /// The last value of header `name` (Kafka allows repeats; the last wins,
+    /// as in Spring Kafka's `lastHeader`). `None` if absent.
+    pub fn header(&self, name: &str) -> Option<Option<&[u8]>> {
+        self.headers.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_deref())
+    }
+
+    /// Header `name` as UTF-8 text: `Ok(None)` if absent, an error if present
+    /// but null, empty or not UTF-8.
+    pub fn header_str(&self, name: &str) -> Result<Option<&str>, DecodeError> {
+        match self.header(name) {
+            None => Ok(None),
+            Some(None) => Err(DecodeError::InvalidHeaderEncoding { header: name.into() }),
+            Some(Some(bytes)) => match std::str::from_utf8(bytes) {
+                Ok(s) if !s.is_empty() => Ok(Some(s)),
+                _ => Err(DecodeError::InvalidHeaderEncoding { header: name.into() }),
+            },
+        }
+    }
+
+    /// The key as text (lossy); the empty string if there is no key.
+    pub fn key_str(&self) -> String {
+        self.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default()
+    }
+
+    /// Size counted against a consumer's record size limit: key + payload + headers.
+    pub fn size(&self) -> usize {
+        self.key.as_ref().map_or(0, Vec::len)
+            + self.payload.as_ref().map_or(0, Vec::len)
+            + self.headers.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum::<usize>()
+    }
+}
+
+/// The identity of an event: the string the inbox deduplicates on.
+///
+/// For the default rule it is `ce_source#ce_id`, with `#` and `%` in the source
+/// percent-encoded so that two different pairs never give the same string.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
+#[serde(transparent)]
+pub struct EventId(pub String);
+
+impl EventId {
+    /// The identity of the CloudEvents pair `(source, id)`.
+    pub fn from_source_and_id(source: &str, id: &str) -> Self {
+        let mut s = String::with_capacity(source.len() + id.len() + 1);
+        for c in source.chars() {
+            match c {
+                '%' => s.push_str("%25"),
+                '#' => s.push_str("%23"),
+                c => s.push(c),
+            }
+        }
+        s.push('#');
+        s.push_str(id);
+        EventId(s)
+    }
+
+    /// The identity as a string slice.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// A user-supplied identity function: returns `None` when the record has no identity.
+pub type IdentityFn = Arc<dyn Fn(&RawRecord) -> Option<String> + Send + Sync>;
+
+/// Where a consumer takes an event's identity from. There is deliberately no
+/// variant for the offset or the timestamp: those change on redelivery.
+#[derive(Clone, Default)]
+#[non_exhaustive]
+pub enum IdentitySource {
+    /// `(ce_source, ce_id)`, the CloudEvents identity (default).
+    #[default]
+    CloudEvents,
+    /// The value of another header.
+    Header(String),
+    /// A JSON pointer (RFC 6901) into the payload, e.g. `/orderId`; strings are
+    /// taken as they are, numbers in their JSON form.
+    JsonPointer(String),
+    /// A function of the record.
+    Function(IdentityFn),
+}
+
+impl fmt::Debug for IdentitySource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            IdentitySource::CloudEvents => f.write_str("CloudEvents(ce_source, ce_id)"),
+            IdentitySource::Header(h) => write!(f, "Header({h})"),
+            IdentitySource::JsonPointer(p) => write!(f, "JsonPointer({p})"),
+            IdentitySource::Function(_) => f.write_str("Function(..)"),
+        }
+    }
+}
+
+impl IdentitySource {
+    /// A JSON pointer into the payload. Panics never; an invalid pointer simply
+    /// finds nothing, so records dead-letter with `missing-event-id`.
+    pub fn json_pointer(pointer: impl Into<String>) -> Self {
+        IdentitySource::JsonPointer(pointer.into())
+    }
+
+    /// A function of the record.
+    pub fn function(f: impl Fn(&RawRecord) -> Option<String> + Send + Sync + 'static) -> Self {
+        IdentitySource::Function(Arc::new(f))
+    }
+
+    /// Extracts the identity of `record`.
+    pub fn extract(&self, record: &RawRecord) -> Result<EventId, DecodeError> {
+        match self {
+            IdentitySource::CloudEvents => {
+                let id = record.header_str(H_ID)?;
+                let source = record.header_str(H_SOURCE)?;
+                match (source, id) {
+                    (Some(s), Some(i)) => Ok(EventId::from_source_and_id(s, i)),
+                    (None, _) => {
+                        Err(DecodeError::MissingIdentity { detail: format!("header `{H_SOURCE}` is missing") })
+                    }
+                    (_, None) => Err(DecodeError::MissingIdentity { detail: format!("header `{H_ID}` is missing") }),
+                }
+            }
+            IdentitySource::Header(name) => match record.header_str(name)? {
+                Some(v) => Ok(EventId(v.to_owned())),
+                None => Err(DecodeError::MissingIdentity { detail: format!("header `{name}` is missing") }),
+            },
+            IdentitySource::JsonPointer(ptr) => {
+                let payload = record.payload.as_deref().ok_or(DecodeError::EmptyPayload)?;
+                let value: serde_json::Value = serde_json::from_slice(payload)
+                    .map_err(|e| DecodeError::UndecodablePayload { type_name: "JSON", detail: e.to_string() })?;
+                match value.pointer(ptr) {
+                    Some(serde_json::Value::String(s)) if !s.is_empty() => Ok(EventId(s.clone())),
+                    Some(v @ serde_json::Value::Number(_)) => Ok(EventId(v.to_string())),
+                    _ => Err(DecodeError::MissingIdentity {
+                        detail: format!("JSON pointer `{ptr}` finds no string or number in the payload"),
+                    }),
+                }
+            }
+            IdentitySource::Function(f) => f(record)
+                .filter(|s| !s.is_empty())
+                .map(EventId)
+                .ok_or_else(|| DecodeError::MissingIdentity { detail: "the identity function returned none".into() }),
+        }
+    }
+}
+
+/// Where the version guard takes an entity's version from.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum VersionSource {
+    /// The `ce_oncelyversion` header (or another header), an integer.
+    Header(String),
+    /// A JSON pointer into the payload that finds an integer.
+    JsonPointer(String),
+}
+
+impl VersionSource {
+    /// The entity version of `record`.
+    pub fn extract(&self, record: &RawRecord) -> Result<i64, DecodeError> {
+        match self {
+            VersionSource::Header(name) => {
+                let v = record.header_str(name)?.ok_or_else(|| DecodeError::MissingHeader { header: name.clone() })?;
+                v.trim().parse::<i64>().map_err(|e| DecodeError::InvalidHeaderValue {
+                    header: name.clone(),
+                    value: v.to_owned(),
+                    detail: e.to_string(),
+                })
+            }
+            VersionSource::JsonPointer(ptr) => {
+                let payload = record.payload.as_deref().ok_or(DecodeError::EmptyPayload)?;
+                let value: serde_json::Value = serde_json::from_slice(payload)
+                    .map_err(|e| DecodeError::UndecodablePayload { type_name: "JSON", detail: e.to_string() })?;
+                value
+                    .pointer(ptr)
+                    .and_then(|v| v.as_i64().or_else(|| v.as_str().and_then(|s| s.parse().ok())))
+                    .ok_or_else(|| DecodeError::InvalidHeaderValue {
+                        header: format!("payload{ptr}"),
+                        value: value.pointer(ptr).map(|v| v.to_string()).unwrap_or_default(),
+                        detail: "expected an integer version".into(),
+                    })
+            }
+        }
+    }
+}
+
+/// The CloudEvents attributes of a record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CloudEventAttrs {
+    /// `ce_id`.
+    pub id: String,
+    /// `ce_source`.
+    pub source: String,
+    /// `ce_type`.
+    pub ty: String,
+    /// `ce_time`, if present.
+    pub time: Option<DateTime<Utc>>,
+    /// `ce_subject`, if present.
+    pub subject: Option<String>,
+}
+
+impl CloudEventAttrs {
+    /// Reads the attributes from the headers. `ce_specversion` must be `1.0`
+    /// when present; `ce_type` defaults to the empty string when absent (a
+    /// custom identity rule does not require CloudEvents headers).
+    pub fn from_record(record: &RawRecord) -> Result<Self, DecodeError> {
+        if let Some(v) = record.header_str(H_SPECVERSION)? {
+            if v != SPEC_VERSION {
+                return Err(DecodeError::InvalidHeaderValue {
+                    header: H_SPECVERSION.into(),
+                    value: v.into(),
+                    detail: format!("only CloudEvents {SPEC_VERSION} is supported"),
+                });
+            }
+        }
+        let time = match record.header_str(H_TIME)? {
+            None => None,
+            Some(t) => Some(
+                DateTime::parse_from_rfc3339(t)
+                    .map_err(|e| DecodeError::InvalidHeaderValue {
+                        header: H_TIME.into(),
+                        value: t.into(),
+                        detail: e.to_string(),
+                    })?
+                    .with_timezone(&Utc),
+            ),
+        };
+        Ok(CloudEventAttrs {
+            id: record.header_str(H_ID)?.unwrap_or_default().to_owned(),
+            source: record.header_str(H_SOURCE)?.unwrap_or_default().to_owned(),
+            ty: record.header_str(H_TYPE)?.unwrap_or_default().to_owned(),
+            time,
+            subject: record.header_str(H_SUBJECT)?.map(str::to_owned),
+        })
+    }
+
+    /// The binary-mode headers for these attributes, JSON content type.
+    pub fn to_headers(&self) -> Vec<(String, Vec<u8>)> {
+        let mut h = vec![
+            (H_SPECVERSION.to_owned(), SPEC_VERSION.as_bytes().to_vec()),
+            (H_ID.to_owned(), self.id.clone().into_bytes()),
+            (H_SOURCE.to_owned(), self.source.clone().into_bytes()),
+            (H_TYPE.to_owned(), self.ty.clone().into_bytes()),
+        ];
+        if let Some(t) = self.time {
+            h.push((H_TIME.to_owned(), t.to_rfc3339_opts(SecondsFormat::Micros, true).into_bytes()));
+        }
+        if let Some(s) = &self.subject {
+            h.push((H_SUBJECT.to_owned(), s.clone().into_bytes()));
+        }
+        h.push((H_CONTENT_TYPE.to_owned(), b"application/json".to_vec()));
+        h
+    }
+
+    /// New attributes for an event published now: a fresh UUIDv7 `ce_id`.
+    pub fn new_now(source: &str, ty: &str) -> Self {
+        CloudEventAttrs {
+            id: uuid::Uuid::now_v7().to_string(),
+            source: source.to_owned(),
+            ty: ty.to_owned(),
+            time: Some(Utc::now()),
+            subject: None,
+        }
+    }
+}
+
+/// A decoded event as a handler receives it.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub struct Event<T> {
+    /// The identity the inbox deduplicated on.
+    pub id: EventId,
+    /// CloudEvents attributes (empty strings where a custom identity rule is
+    /// used and the producer sent no CloudEvents headers).
+    pub attrs: CloudEventAttrs,
+    /// The decoded data.
+    pub data: T,
+    /// The record's position and raw form.
+    pub record: Arc<RawRecord>,
+}
+
+impl<T> Event<T> {
+    /// The Kafka key as text (the entity key).
+    pub fn key(&self) -> String {
+        self.record.key_str()
+    }
+    /// Topic of the record.
+    pub fn topic(&self) -> &str {
+        &self.record.topic
+    }
+    /// Partition of the record.
+    pub fn partition(&self) -> i32 {
+        self.record.partition
+    }
+    /// Offset of the record.
+    pub fn offset(&self) -> i64 {
+        self.record.offset
+    }
+}
+
+/// How a handler's event type is decoded from a record's payload. Implemented
+/// for every `DeserializeOwned` type (JSON) and for [`RawPayload`].
+pub trait DecodePayload: Sized + Send + 'static {
+    /// Decodes the payload.
+    fn decode(payload: Option<&[u8]>) -> Result<Self, DecodeError>;
+}
+
+/// The payload bytes as they are, for handlers that decode themselves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawPayload(pub Vec<u8>);
+
+impl<T: DeserializeOwned + Send + 'static> DecodePayload for T {
+    fn decode(payload: Option<&[u8]>) -> Result<Self, DecodeError> {
+        let bytes = payload.ok_or(DecodeError::EmptyPayload)?;
+        serde_json::from_slice(bytes).map_err(|e| DecodeError::UndecodablePayload {
+            type_name: std::any::type_name::<T>(),
+            detail: e.to_string(),
+        })
+    }
+}
+
+impl RawPayload {
+    /// Decodes nothing: keeps the bytes (an absent payload is empty).
+    pub fn from_payload(payload: Option<&[u8]>) -> Self {
+        RawPayload(payload.map(<[u8]>::to_vec).unwrap_or_default())
+    }
+}
+
+/// Decodes `record` into an [`Event<T>`] with the identity already extracted.
+pub fn decode_event<T: DecodePayload>(id: EventId, record: Arc<RawRecord>) -> Result<Event<T>, DecodeError> {
+    let attrs = CloudEventAttrs::from_record(&record)?;
+    let data = T::decode(record.payload.as_deref())?;
+    Ok(Event { id, attrs, data, record })
+}
+
+/// Builds rdkafka headers from name/value pairs.
+pub fn owned_headers(headers: &[(String, Vec<u8>)]) -> OwnedHeaders {
+    headers
+        .iter()
+        .fold(OwnedHeaders::new_with_capacity(headers.len()), |h, (k, v)| h.insert(Header { key: k, value: Some(v) }))
+}
+
+/// Where a published record landed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// The `ce_id` assigned at publish time.
+    pub ce_id: String,
+    /// The identity consumers will deduplicate on (default rule).
+    pub event_id: EventId,
+    /// Partition.
+    pub partition: i32,
+    /// Offset.
+    pub offset: i64,
+}
+
+/// A producer helper that publishes CloudEvents in binary mode: a UUIDv7
+/// `ce_id` assigned once per event at publish time, the entity key as Kafka
+/// key, JSON data. Idempotent producer (`enable.idempotence=true`, `acks=all`),
+/// so the client's own retries do not duplicate records.
+///
+/// Outside a transaction this is a dual write; services that also change their
+/// database should publish through [the outbox](crate::store) instead.
+#[derive(Clone)]
+pub struct Publisher {
+    producer: FutureProducer,
+    source: String,
+    timeout: Duration,
+}
+
+impl fmt::Debug for Publisher {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Publisher").field("source", &self.source).finish_non_exhaustive()
+    }
+}
+
+impl Publisher {
+    /// A publisher for `ce_source = source` against `bootstrap_servers`.
+    pub fn new(bootstrap_servers: &str, source: impl Into<String>) -> Result<Self> {
+        let producer = ClientConfig::new()
+            .set("bootstrap.servers", bootstrap_servers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "30000")
+            .create()?;
+        Ok(Publisher { producer, source: source.into(), timeout: Duration::from_secs(30) })
+    }
+
+    /// Publishes `data` as an event of type `ty` with entity key `key`.
+    pub async fn publish<T: Serialize + ?Sized>(
+        &self,
+        topic: &str,
+        key: &str,
+        ty: &str,
+        data: &T,
+    ) -> Result<Published> {
+        let attrs = CloudEventAttrs::new_now(&self.source, ty);
+        self.publish_attrs(topic, key, &attrs, data).await
+    }
+
+    /// Publishes with explicit attributes: to re-publish the *same* event (same
+    /// `ce_id`), as a producer retry or a replay would.
+    pub async fn publish_attrs<T: Serialize + ?Sized>(
+        &self,
+        topic: &str,
+        key: &str,
+        attrs: &CloudEventAttrs,
+        data: &T,
+    ) -> Result<Published> {
+        let payload = serde_json::to_vec(data)?;
+        self.publish_raw(topic, Some(key.as_bytes()), Some(&payload), &attrs.to_headers()).await.map(
+            |(partition, offset)| Published {
+                ce_id: attrs.id.clone(),
+                event_id: EventId::from_source_and_id(&attrs.source, &attrs.id),
+                partition,
+                offset,
+            },
+        )
+    }
+
+    /// Publishes raw bytes with the given headers (used for dead letters,
+    /// redrive and tests of bad input).
+    pub async fn publish_raw(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: &[(String, Vec<u8>)],
+    ) -> Result<(i32, i64)> {
+        let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(owned_headers(headers));
+        if let Some(k) = key {
+            rec = rec.key(k);
+        }
+        if let Some(p) = payload {
+            rec = rec.payload(p);
+        }
+        self.producer.send(rec, self.timeout).await.map(|d| (d.partition, d.offset)).map_err(|(e, _)| Error::Kafka(e))
+    }
+
+    /// The underlying producer.
+    pub fn producer(&self) -> &FutureProducer {
+        &self.producer
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn record(headers: Vec<(String, Vec<u8>)>, payload: &[u8]) -> RawRecord {
+        RawRecord {
+            topic: "t".into(),
+            partition: 0,
+            offset: 7,
+            timestamp_ms: Some(1),
+            key: Some(b"k".to_vec()),
+            payload: Some(payload.to_vec()),
+            headers: headers.into_iter().map(|(k, v)| (k, Some(v))).collect(),
+        }
+    }
+
+    #[test]
+    fn default_identity_is_source_and_id() {
+        let attrs = CloudEventAttrs::new_now("/orders", "order.created");
+        let r = record(attrs.to_headers(), b"{}");
+        let id = IdentitySource::CloudEvents.extract(&r).expect("identity");
+        assert_eq!(id.as_str(), format!("/orders#{}", attrs.id));
+    }
+
+    #[test]
+    fn missing_ce_id_is_missing_event_id() {
+        let r = record(vec![(H_SOURCE.into(), b"/s".to_vec())], b"{}");
+        let err = IdentitySource::CloudEvents.extract(&r).expect_err("no id");
+        assert_eq!(err.reason(), "missing-event-id");
+        assert!(err.to_string().contains("ce_id"), "{err}");
+    }
+
+    #[test]
+    fn non_utf8_header_names_the_header() {
+        let r = record(vec![(H_SOURCE.into(), b"/s".to_vec()), (H_ID.into(), vec![0xff, 0xfe])], b"{}");
+        let err = IdentitySource::CloudEvents.extract(&r).expect_err("bad header");
+        assert_eq!(err, DecodeError::InvalidHeaderEncoding { header: H_ID.into() });
+        assert_eq!(err.reason(), "invalid-header-encoding");
+    }
+
+    #[test]
+    fn json_pointer_identity_reads_strings_and_numbers() {
+        let r = record(vec![], br#"{"orderId":"o-1","n":{"seq":42}}"#);
+        assert_eq!(IdentitySource::json_pointer("/orderId").extract(&r).expect("id").0, "o-1");
+        assert_eq!(IdentitySource::json_pointer("/n/seq").extract(&r).expect("id").0, "42");
+        let err = IdentitySource::json_pointer("/absent").extract(&r).expect_err("absent");
+        assert_eq!(err.reason(), "missing-event-id");
+    }
+
+    #[test]
+    fn header_and_function_identities() {
+        let r = record(vec![("x-id".into(), b"abc".to_vec())], b"{}");
+        assert_eq!(IdentitySource::Header("x-id".into()).extract(&r).expect("id").0, "abc");
+        let f = IdentitySource::function(|r| Some(format!("{}-fn", r.key_str())));
+        assert_eq!(f.extract(&r).expect("id").0, "k-fn");
+        let none = IdentitySource::function(|_| None);
+        assert_eq!(none.extract(&r).expect_err("none").reason(), "missing-event-id");
+    }
+
+    #[test]
+    fn undecodable_payload_names_the_type() {
+        #[derive(serde::Deserialize, Debug)]
+        struct Order {
+            #[allow(dead_code)]
+            total: i64,
+        }
+        let attrs = CloudEventAttrs::new_now("/s", "t");
+        let r = Arc::new(record(attrs.to_headers(), b"{\"total\": \"ten\"}"));
+        let err = decode_event::<Order>(EventId("x".into()), r).expect_err("bad payload");
+        assert_eq!(err.reason(), "undecodable-payload");
+        assert!(err.to_string().contains("Order"), "{err}");
+    }
+
+    #[test]
+    fn bad_time_and_specversion_are_rejected() {
+        let mut h = CloudEventAttrs::new_now("/s", "t").to_headers();
+        h.push((H_TIME.into(), b"yesterday".to_vec()));
+        let err = CloudEventAttrs::from_record(&record(h, b"{}")).expect_err("bad time");
+        assert_eq!(err.reason(), "invalid-header-value");
+        let mut h = CloudEventAttrs::new_now("/s", "t").to_headers();
+        h.push((H_SPECVERSION.into(), b"0.3".to_vec()));
+        assert!(CloudEventAttrs::from_record(&record(h, b"{}")).is_err());
+    }
+
+    #[test]
+    fn version_from_header_and_pointer() {
+        let r = record(vec![(H_VERSION.into(), b"12".to_vec())], br#"{"v": 3}"#);
+        assert_eq!(VersionSource::Header(H_VERSION.into()).extract(&r).expect("v"), 12);
+        assert_eq!(VersionSource::JsonPointer("/v".into()).extract(&r).expect("v"), 3);
+    }
+
+    #[test]
+    fn ce_ids_are_uuid_v7_and_ordered() {
+        let a = CloudEventAttrs::new_now("/s", "t");
+        let b = CloudEventAttrs::new_now("/s", "t");
+        let ua = uuid::Uuid::parse_str(&a.id).expect("uuid");
+        assert_eq!(ua.get_version_num(), 7);
+        assert!(a.id < b.id);
+    }
+
+    proptest! {
+        #[test]
+        fn headers_round_trip(source in "[ -~]{1,40}", ty in "[a-z.]{1,20}", subject in proptest::option::of("[ -~]{1,20}"),
+                              data in proptest::collection::vec(any::<i64>(), 0..10)) {
+            let mut attrs = CloudEventAttrs::new_now(&source, &ty);
+            attrs.subject = subject;
+            let payload = serde_json::to_vec(&data).expect("json");
+            let r = Arc::new(record(attrs.to_headers(), &payload));
+            let id = IdentitySource::CloudEvents.extract(&r).expect("identity");
+            let ev = decode_event::<Vec<i64>>(id.clone(), r).expect("decode");
+            prop_assert_eq!(&ev.attrs.id, &attrs.id);
+            prop_assert_eq!(&ev.attrs.source, &attrs.source);
+            prop_assert_eq!(&ev.attrs.subject, &attrs.subject);
+            prop_assert_eq!(ev.attrs.time.map(|t| t.timestamp_micros()), attrs.time.map(|t| t.timestamp_micros()));
+            prop_assert_eq!(ev.data, data);
+            prop_assert_eq!(id, EventId::from_source_and_id(&source, &attrs.id));
+        }
+
+        #[test]
+        fn distinct_pairs_give_distinct_identities(s1 in "[#%a-c]{0,6}", i1 in "[#%a-c]{0,6}", s2 in "[#%a-c]{0,6}", i2 in "[#%a-c]{0,6}") {
+            let a = EventId::from_source_and_id(&s1, &i1);
+            let b = EventId::from_source_and_id(&s2, &i2);
+            prop_assert_eq!(a == b, s1 == s2 && i1 == i2);
+        }
+    }
+}

@@ -1,0 +1,62 @@
+//! Embedded migrations: plain SQL files applied in order, each in its own
+//! transaction, under an advisory lock so that several processes starting at
+//! once apply each migration exactly once.
+
+use sqlx::{PgPool, Row};
+
+use crate::error::{Error, Result};
+
+/// `(version, name, sql)` of every migration, in order.
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "core", include_str!("migrations/0001_core.sql"))];
+
+/// Key of the advisory lock held while migrating (`hashtext('oncely.migrate')` is
+/// not stable across versions, so a fixed number).
+const MIGRATE_LOCK: i64 = 0x6f6e_63656c79;
+
+/// Applies the migrations that are missing; returns the versions applied now.
+pub async fn migrate(pool: &PgPool) -> Result<Vec<i64>> {
+    let mut conn = pool.acquire().await?;
+    sqlx::query("SELECT pg_advisory_lock($1)").bind(MIGRATE_LOCK).execute(&mut *conn).await?;
+    let result = apply(&mut conn).await;
+    let unlock = sqlx::query("SELECT pg_advisory_unlock($1)").bind(MIGRATE_LOCK).execute(&mut *conn).await;
+    let applied = result?;
+    unlock?;
+    Ok(applied)
+}
+
+async fn apply(conn: &mut sqlx::PgConnection) -> Result<Vec<i64>> {
+    sqlx::query("CREATE SCHEMA IF NOT EXISTS oncely").execute(&mut *conn).await?;
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS oncely.schema_migrations (
+            version bigint PRIMARY KEY,
+            name text NOT NULL,
+            applied_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .execute(&mut *conn)
+    .await?;
+    let done: Vec<i64> = sqlx::query("SELECT version FROM oncely.schema_migrations")
+        .fetch_all(&mut *conn)
+        .await?
+        .iter()
+        .map(|r| r.try_get(0))
+        .collect::<std::result::Result<_, _>>()?;
+    let mut applied = Vec::new();
+    for (version, name, sql) in MIGRATIONS {
+        if done.contains(version) {
+            continue;
+        }
+        let wrap = |source| Error::Migration { version: *version, name: (*name).to_owned(), source };
+        let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(wrap)?;
+        sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(wrap)?;
+        sqlx::query("INSERT INTO oncely.schema_migrations (version, name) VALUES ($1, $2)")
+            .bind(version)
+            .bind(name)
+            .execute(&mut *tx)
+            .await
+            .map_err(wrap)?;
+        tx.commit().await.map_err(wrap)?;
+        tracing::info!(version, name, "applied migration");
+        applied.push(*version);
+    }
+    Ok(applied)
+}
