@@ -14,6 +14,8 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 use sqlx::{Connection, PgConnection, PgPool};
 
+pub mod app;
+
 /// Kafka bootstrap servers of the test broker (`ONCELY_KAFKA_BOOTSTRAP`, default `127.0.0.1:9092`).
 pub fn bootstrap() -> String {
     std::env::var("ONCELY_KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into())
@@ -42,6 +44,18 @@ pub fn init_tracing() {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,oncely=info")),
         )
         .with_test_writer()
+        .try_init();
+}
+
+/// Installs a `tracing` subscriber writing to stderr (for test binaries,
+/// whose stdout is a protocol the test reads).
+pub fn init_tracing_stderr() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,oncely=info")),
+        )
+        .with_writer(std::io::stderr)
         .try_init();
 }
 

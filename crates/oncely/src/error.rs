@@ -13,6 +13,11 @@ pub enum Error {
     /// A Kafka client call failed.
     #[error("kafka error: {0}")]
     Kafka(#[source] rdkafka::error::KafkaError),
+    /// A Kafka Admin API request failed or was refused
+    /// ([`AdminError::GroupActive`](crate::admin::kafka::AdminError::GroupActive):
+    /// the group has active members).
+    #[error(transparent)]
+    Admin(#[from] crate::admin::kafka::AdminError),
     /// The configuration is invalid (file, environment or builder).
     #[error("configuration error: {0}")]
     Config(String),

@@ -47,6 +47,7 @@ pub mod config;
 pub mod consumer;
 pub mod envelope;
 mod error;
+pub mod metrics;
 pub mod store;
 
 pub use consumer::{Consumer, ConsumerBuilder, Cx, HandlerError, RewindPolicy};

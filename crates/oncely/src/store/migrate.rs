@@ -14,7 +14,13 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "core", include_str!("migrati
 const MIGRATE_LOCK: i64 = 0x6f6e_63656c79;
 
 /// Applies the migrations that are missing; returns the versions applied now.
-pub async fn migrate(pool: &PgPool) -> Result<Vec<i64>> {
+pub fn migrate(pool: &PgPool) -> futures::future::BoxFuture<'_, Result<Vec<i64>>> {
+    // Boxed so callers can hold it across awaits in `Send` futures (see
+    // ConsumerBuilder::run).
+    Box::pin(migrate_inner(pool))
+}
+
+async fn migrate_inner(pool: &PgPool) -> Result<Vec<i64>> {
     let mut conn = pool.acquire().await?;
     sqlx::query("SELECT pg_advisory_lock($1)").bind(MIGRATE_LOCK).execute(&mut *conn).await?;
     let result = apply(&mut conn).await;
@@ -45,16 +51,15 @@ async fn apply(conn: &mut sqlx::PgConnection) -> Result<Vec<i64>> {
         if done.contains(version) {
             continue;
         }
-        let wrap = |source| Error::Migration { version: *version, name: (*name).to_owned(), source };
-        let mut tx = sqlx::Connection::begin(&mut *conn).await.map_err(wrap)?;
-        sqlx::raw_sql(sql).execute(&mut *tx).await.map_err(wrap)?;
-        sqlx::query("INSERT INTO oncely.schema_migrations (version, name) VALUES ($1, $2)")
-            .bind(version)
-            .bind(name)
-            .execute(&mut *tx)
-            .await
-            .map_err(wrap)?;
-        tx.commit().await.map_err(wrap)?;
+        // One simple-protocol query string runs as one implicit transaction:
+        // the migration and its bookkeeping row commit together or not at all.
+        let script = format!(
+            "{sql}\n;INSERT INTO oncely.schema_migrations (version, name) VALUES ({version}, '{}');",
+            name.replace('\'', "''")
+        );
+        if let Err(source) = sqlx::Executor::execute(&mut *conn, script.as_str()).await {
+            return Err(Error::Migration { version: *version, name: (*name).to_owned(), source });
+        }
         tracing::info!(version, name, "applied migration");
         applied.push(*version);
     }

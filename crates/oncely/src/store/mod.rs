@@ -269,6 +269,35 @@ pub async fn drop_inbox_partitions(pool: &PgPool, retention_days: i32) -> Result
     Ok(dropped)
 }
 
+/// Registers (or updates) a consumer and its inbox retention.
+pub async fn register_consumer(pool: &PgPool, name: &str, inbox_retention_days: i32) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO oncely.consumers (name, inbox_retention_days) VALUES ($1, $2)
+         ON CONFLICT (name) DO UPDATE SET inbox_retention_days = EXCLUDED.inbox_retention_days, started_at = now()",
+    )
+    .bind(name)
+    .bind(inbox_retention_days)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Whether `name` is a consumer registered in this database (an oncely group).
+pub async fn is_consumer(pool: &PgPool, name: &str) -> Result<bool> {
+    Ok(sqlx::query("SELECT 1 FROM oncely.consumers WHERE name = $1").bind(name).fetch_optional(pool).await?.is_some())
+}
+
+/// Drops the inbox partitions that every registered consumer's retention has
+/// passed (the longest retention wins: the inbox is shared).
+pub async fn drop_expired_inbox_partitions(pool: &PgPool) -> Result<Vec<String>> {
+    let longest: Option<i32> =
+        sqlx::query_scalar("SELECT max(inbox_retention_days) FROM oncely.consumers").fetch_one(pool).await?;
+    match longest {
+        Some(days) => drop_inbox_partitions(pool, days).await,
+        None => Ok(Vec::new()),
+    }
+}
+
 /// The days covered by the inbox's partitions, oldest first.
 pub async fn inbox_partition_days(pool: &PgPool) -> Result<Vec<chrono::NaiveDate>> {
     let rows = sqlx::query(

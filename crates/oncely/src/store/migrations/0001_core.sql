@@ -52,6 +52,14 @@ CREATE TABLE oncely.offsets (
     PRIMARY KEY (consumer, topic, partition)
 );
 
+-- Consumers known to this database, with their inbox retention: expired inbox
+-- partitions are dropped only when every consumer's retention has passed.
+CREATE TABLE oncely.consumers (
+    name                 text        PRIMARY KEY,
+    inbox_retention_days integer     NOT NULL,
+    started_at           timestamptz NOT NULL DEFAULT now()
+);
+
 -- Version guard: the newest version applied per entity.
 CREATE TABLE oncely.entity_versions (
     consumer     text        NOT NULL,

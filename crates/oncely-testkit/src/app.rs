@@ -1,0 +1,180 @@
+//! A small application used by the runtime's tests: a handler that records
+//! every application in a table, with behaviour a test can steer (fail, panic,
+//! hang), run in-process or as a separate process (`test-consumer`) that a
+//! test can SIGKILL.
+
+use std::collections::{HashMap, HashSet};
+use std::io::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use anyhow::Result;
+use oncely::{Consumer, ConsumerBuilder, Cx, Event, HandlerError, Publisher};
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+
+/// The event the tests publish: a per-key sequence number.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SeqEvent {
+    /// Entity key (also the Kafka key).
+    pub key: String,
+    /// 1, 2, 3… per key, in publish order.
+    pub seq: i64,
+}
+
+/// How the test handler behaves.
+#[derive(Debug, Default)]
+pub struct Behaviour {
+    /// Keys whose events fail transiently this many times (per process) before succeeding.
+    pub fail_times: HashMap<String, u32>,
+    /// Keys whose events always panic.
+    pub panic_keys: HashSet<String>,
+    /// Keys whose events are rejected (permanent failure).
+    pub reject_keys: HashSet<String>,
+    /// After this many applied events, write the row, print `HANGING` and block forever.
+    pub hang_after: Option<u64>,
+    /// Time spent per event.
+    pub delay: Duration,
+    /// Tag written with each row (which process applied it).
+    pub tag: String,
+    applied: AtomicU64,
+    failures: Mutex<HashMap<(String, i64), u32>>,
+}
+
+impl Behaviour {
+    /// A plain behaviour with a tag.
+    pub fn tagged(tag: &str) -> Self {
+        Behaviour { tag: tag.into(), ..Default::default() }
+    }
+}
+
+/// Creates the table the test handler writes.
+pub async fn setup(pool: &PgPool) -> Result<()> {
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS applied (
+            n bigserial PRIMARY KEY,
+            event_id text NOT NULL,
+            key text NOT NULL,
+            seq bigint NOT NULL,
+            tag text NOT NULL DEFAULT '',
+            applied_at timestamptz NOT NULL DEFAULT clock_timestamp())",
+    )
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// The test handler: one row per applied event.
+pub async fn record(ev: Event<SeqEvent>, cx: &mut Cx) -> Result<(), HandlerError> {
+    let b = cx.state::<Behaviour>().ok_or_else(|| HandlerError::reject("no behaviour"))?;
+    let key = ev.data.key.clone();
+    if b.panic_keys.contains(&key) {
+        panic!("test handler told to panic for key {key}");
+    }
+    if b.reject_keys.contains(&key) {
+        return Err(HandlerError::reject(format!("key {key} is rejected")));
+    }
+    if let Some(times) = b.fail_times.get(&key) {
+        let mut f = b.failures.lock().map_err(|_| HandlerError::retry("poisoned"))?;
+        let n = f.entry((key.clone(), ev.data.seq)).or_default();
+        if *n < *times {
+            *n += 1;
+            return Err(HandlerError::retry(format!("key {key} fails (attempt {n} of {times})")));
+        }
+    }
+    let delay = b.delay;
+    let tag = b.tag.clone();
+    let hang = b.hang_after;
+    let count = b.applied.fetch_add(1, Ordering::SeqCst) + 1;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
+    sqlx::query("INSERT INTO applied (event_id, key, seq, tag) VALUES ($1, $2, $3, $4)")
+        .bind(ev.id.as_str())
+        .bind(&key)
+        .bind(ev.data.seq)
+        .bind(&tag)
+        .execute(cx.db())
+        .await?;
+    if hang == Some(count) {
+        // The row is written inside the open batch transaction; the test kills
+        // the process now, before the commit.
+        println!("HANGING");
+        let _ = std::io::stdout().flush();
+        std::future::pending::<()>().await;
+    }
+    Ok(())
+}
+
+/// A consumer of `topic` in group `group` with the test handler.
+pub fn consumer(group: &str, topic: &str, pool: PgPool, behaviour: Behaviour) -> ConsumerBuilder {
+    Consumer::builder(group)
+        .bootstrap_servers(crate::bootstrap())
+        .pool(pool)
+        .topic(topic)
+        .handler(record)
+        .state(behaviour)
+        .handle_sigterm(false)
+        .kafka("session.timeout.ms", "6000")
+        .kafka("heartbeat.interval.ms", "500")
+        .force_inbox_retention(true)
+}
+
+/// Publishes `per_key` events for each of `keys` keys (`k0`, `k1`, …), seq
+/// 1..=per_key, interleaved; returns what was published.
+pub async fn publish_seq(topic: &str, keys: usize, per_key: i64) -> Result<Vec<oncely::envelope::Published>> {
+    let publisher = Publisher::new(&crate::bootstrap(), "/tests/seq")?;
+    let mut out = Vec::new();
+    let mut batch = Vec::new();
+    for seq in 1..=per_key {
+        for k in 0..keys {
+            let ev = SeqEvent { key: format!("k{k}"), seq };
+            batch.push(ev);
+        }
+    }
+    for chunk in batch.chunks(500) {
+        let sends = chunk.iter().map(|ev| publisher.publish(topic, &ev.key, "test.seq", ev));
+        // join_all polls in order, so records are enqueued in order (per-key order).
+        for r in futures::future::join_all(sends).await {
+            out.push(r?);
+        }
+    }
+    Ok(out)
+}
+
+/// Rows of `applied`: `(n, event_id, key, seq)` in application order.
+pub async fn applied(pool: &PgPool) -> Result<Vec<(i64, String, String, i64)>> {
+    Ok(sqlx::query_as("SELECT n, event_id, key, seq FROM applied ORDER BY n").fetch_all(pool).await?)
+}
+
+/// Checks exactly-once and per-key order over `applied`: every published
+/// identity applied exactly once, and per key the sequence is 1, 2, 3… in
+/// application order. Returns a description of the first violation.
+pub async fn check_exactly_once_in_order(pool: &PgPool, published: &[oncely::envelope::Published]) -> Result<()> {
+    let rows = applied(pool).await?;
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    for (_, id, _, _) in &rows {
+        *seen.entry(id.as_str()).or_default() += 1;
+    }
+    let dup: Vec<_> = seen.iter().filter(|(_, n)| **n > 1).take(5).collect();
+    anyhow::ensure!(dup.is_empty(), "events applied more than once: {dup:?}");
+    let missing: Vec<_> = published
+        .iter()
+        .filter(|p| !seen.contains_key(p.event_id.as_str()))
+        .take(5)
+        .map(|p| p.event_id.clone())
+        .collect();
+    anyhow::ensure!(
+        missing.is_empty(),
+        "events never applied: {missing:?} ({} rows for {} published)",
+        rows.len(),
+        published.len()
+    );
+    let mut last: HashMap<&str, i64> = HashMap::new();
+    for (n, _, key, seq) in &rows {
+        let prev = last.insert(key.as_str(), *seq).unwrap_or(0);
+        anyhow::ensure!(*seq == prev + 1, "key {key}: seq {seq} applied after {prev} (row {n})");
+    }
+    Ok(())
+}

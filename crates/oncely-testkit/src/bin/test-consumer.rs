@@ -1,0 +1,36 @@
+//! A consumer process for tests that kill it: `test-consumer GROUP TOPIC` with
+//! `DATABASE_URL`, `ONCELY_KAFKA_BOOTSTRAP` and optional settings in
+//! variables: `HANG_AFTER=N`, `DELAY_MS=N`, `MAX_BATCH=N`, `TAG=…`,
+//! `REWIND=skip|replay|halt`. Prints `READY` once running; stops on SIGTERM.
+
+use std::time::Duration;
+
+use oncely::RewindPolicy;
+use oncely_testkit::app;
+use tokio_util::sync::CancellationToken;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    oncely_testkit::init_tracing_stderr();
+    let mut args = std::env::args().skip(1);
+    let (Some(group), Some(topic)) = (args.next(), args.next()) else {
+        anyhow::bail!("usage: test-consumer GROUP TOPIC");
+    };
+    let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
+    let mut b = app::Behaviour::tagged(&var("TAG").unwrap_or_else(|| std::process::id().to_string()));
+    b.hang_after = var("HANG_AFTER").and_then(|v| v.parse().ok());
+    b.delay = Duration::from_millis(var("DELAY_MS").and_then(|v| v.parse().ok()).unwrap_or(0));
+    let pool = oncely::store::connect(&oncely_testkit::database_url(), 10).await?;
+    let mut c = app::consumer(&group, &topic, pool, b).handle_sigterm(true);
+    if let Some(n) = var("MAX_BATCH").and_then(|v| v.parse().ok()) {
+        c = c.max_batch(n);
+    }
+    c = c.rewind_policy(match var("REWIND").as_deref() {
+        Some("replay") => RewindPolicy::Replay,
+        Some("halt") => RewindPolicy::Halt,
+        _ => RewindPolicy::Skip,
+    });
+    println!("READY");
+    c.run(CancellationToken::new()).await?;
+    Ok(())
+}

@@ -1,0 +1,353 @@
+//! The consumer runtime against the real broker and database, with real faults.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use oncely::consumer::events;
+use oncely::envelope::{CloudEventAttrs, VersionSource, H_ID, H_SOURCE, H_VERSION};
+use oncely::{Publisher, RewindPolicy};
+use oncely_testkit::{self as kit, app};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+struct Running {
+    token: CancellationToken,
+    join: tokio::task::JoinHandle<oncely::Result<()>>,
+}
+
+impl Running {
+    async fn stop(self) -> Result<()> {
+        self.token.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.join).await.context("consumer did not stop")???;
+        Ok(())
+    }
+}
+
+fn start(builder: oncely::ConsumerBuilder) -> Running {
+    let token = CancellationToken::new();
+    let join = tokio::spawn(builder.run(token.clone()));
+    Running { token, join }
+}
+
+async fn wait_rows(db: &kit::TestDb, n: i64) -> Result<()> {
+    kit::wait_until(WAIT, &format!("{n} applied rows"), || async {
+        Ok(kit::count(&db.pool, "SELECT count(*) FROM applied").await? >= n)
+    })
+    .await
+}
+
+async fn wait_offsets(db: &kit::TestDb, group: &str, total: i64) -> Result<()> {
+    let sql = format!("SELECT coalesce(sum(next_offset), 0)::bigint FROM oncely.offsets WHERE consumer = '{group}'");
+    kit::wait_until(WAIT, &format!("database offsets of {group} to reach {total}"), || async {
+        Ok(kit::count(&db.pool, &sql).await? >= total)
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_same_event_published_twice_is_applied_once() -> Result<()> {
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    app::setup(&db.pool).await?;
+    let (topic, group) = (kit::unique("orders"), kit::unique("g"));
+    kit::create_topic(&topic, 2).await?;
+    let publisher = Publisher::new(&kit::bootstrap(), "/tests/dup")?;
+    let ev = app::SeqEvent { key: "k1".into(), seq: 1 };
+    let attrs = CloudEventAttrs::new_now("/tests/dup", "test.seq");
+    let first = publisher.publish_attrs(&topic, "k1", &attrs, &ev).await?;
+    // A producer retry at the application level: a second record, same identity.
+    publisher.publish_attrs(&topic, "k1", &attrs, &ev).await?;
+    let other = publisher.publish(&topic, "k2", "test.seq", &app::SeqEvent { key: "k2".into(), seq: 1 }).await?;
+
+    let c = start(app::consumer(&group, &topic, db.pool.clone(), app::Behaviour::tagged("a")));
+    wait_offsets(&db, &group, 3).await?;
+    c.stop().await?;
+
+    let rows = app::applied(&db.pool).await?;
+    assert_eq!(rows.len(), 2, "two distinct events: {rows:?}");
+    assert_eq!(rows.iter().filter(|r| r.1 == first.event_id.0).count(), 1);
+    assert!(rows.iter().any(|r| r.1 == other.event_id.0));
+    assert_eq!(events::events_counted(&group, &topic, "duplicate"), 1);
+    Ok(())
+}
+
+/// The child's stdout lines, read continuously so the pipe never fills.
+type Lines = tokio::sync::mpsc::UnboundedReceiver<String>;
+
+async fn spawn_process(db: &kit::TestDb, group: &str, topic: &str, envs: &[(&str, &str)]) -> Result<(Child, Lines)> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_test-consumer"));
+    cmd.arg(group).arg(topic).env("DATABASE_URL", &db.url).env("ONCELY_KAFKA_BOOTSTRAP", kit::bootstrap());
+    for (k, v) in envs {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true).spawn()?;
+    let stdout = child.stdout.take().context("stdout")?;
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        let mut r = BufReader::new(stdout).lines();
+        while let Ok(Some(l)) = r.next_line().await {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let first = tokio::time::timeout(WAIT, lines.recv()).await.context("no READY")?;
+    anyhow::ensure!(first.as_deref() == Some("READY"), "unexpected first line {first:?}");
+    Ok((child, lines))
+}
+
+fn signal(child: &Child, sig: &str) -> Result<()> {
+    let pid = child.id().context("pid")?;
+    let st = std::process::Command::new("kill").args([sig, &pid.to_string()]).status()?;
+    anyhow::ensure!(st.success(), "kill {sig} failed");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigkill_mid_batch_then_restart_applies_every_event_exactly_once() -> Result<()> {
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    app::setup(&db.pool).await?;
+    let (topic, group) = (kit::unique("orders"), kit::unique("g"));
+    kit::create_topic(&topic, 3).await?;
+    let published = app::publish_seq(&topic, 20, 15).await?;
+
+    // The handler writes its row for the 137th event, then blocks inside the
+    // open batch transaction: killed there, after the write, before the commit.
+    let (mut child, mut lines) =
+        spawn_process(&db, &group, &topic, &[("HANG_AFTER", "137"), ("MAX_BATCH", "50")]).await?;
+    loop {
+        let line = tokio::time::timeout(WAIT, lines.recv()).await.context("no HANGING")?;
+        if line.as_deref() == Some("HANGING") {
+            break;
+        }
+        anyhow::ensure!(line.is_some(), "consumer exited before hanging");
+    }
+    signal(&child, "-KILL")?;
+    child.wait().await?;
+    let before = kit::count(&db.pool, "SELECT count(*) FROM applied").await?;
+    assert!(before < 137, "the hanging batch was not committed ({before} rows)");
+
+    let (mut child2, _lines2) = spawn_process(&db, &group, &topic, &[]).await?;
+    wait_offsets(&db, &group, published.len() as i64).await?;
+    child2.start_kill()?;
+    child2.wait().await?;
+    app::check_exactly_once_in_order(&db.pool, &published).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rebalances_during_load_keep_exactly_once_and_per_key_order() -> Result<()> {
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    app::setup(&db.pool).await?;
+    let (topic, group) = (kit::unique("orders"), kit::unique("g"));
+    kit::create_topic(&topic, 6).await?;
+    let first = app::publish_seq(&topic, 30, 20).await?;
+
+    let slow = [("DELAY_MS", "2"), ("MAX_BATCH", "20")];
+    let (mut a, _la) = spawn_process(&db, &group, &topic, &[slow[0], slow[1], ("TAG", "a")]).await?;
+    wait_rows(&db, 100).await?;
+    // B joins while A is busy: partitions move from A to B.
+    let (mut b, _lb) = spawn_process(&db, &group, &topic, &[slow[0], slow[1], ("TAG", "b")]).await?;
+    kit::wait_until(WAIT, "member b to apply events", || async {
+        Ok(kit::count(&db.pool, "SELECT count(*) FROM applied WHERE tag = 'b'").await? > 0)
+    })
+    .await?;
+    // More load while both run, then B leaves gracefully (SIGTERM): its
+    // partitions move back to A.
+    let publisher = Publisher::new(&kit::bootstrap(), "/tests/seq")?;
+    let mut second = Vec::new();
+    for seq in 21..=30 {
+        for k in 0..30 {
+            let ev = app::SeqEvent { key: format!("k{k}"), seq };
+            second.push(publisher.publish(&topic, &ev.key, "test.seq", &ev).await?);
+        }
+    }
+    signal(&b, "-TERM")?;
+    tokio::time::timeout(WAIT, b.wait()).await??;
+    let all: Vec<_> = first.into_iter().chain(second).collect();
+    wait_offsets(&db, &group, all.len() as i64).await?;
+    a.start_kill()?;
+    a.wait().await?;
+    app::check_exactly_once_in_order(&db.pool, &all).await?;
+    let tags = kit::count(&db.pool, "SELECT count(DISTINCT tag) FROM applied").await?;
+    assert_eq!(tags, 2, "both members applied events");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_rewind_with_kafkas_own_tool_reruns_nothing() -> Result<()> {
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    app::setup(&db.pool).await?;
+    let (topic, group) = (kit::unique("payments"), kit::unique("webhooks"));
+    kit::create_topic(&topic, 3).await?;
+    let published = app::publish_seq(&topic, 10, 10).await?;
+    let n = published.len() as i64;
+
+    let c = start(app::consumer(&group, &topic, db.pool.clone(), app::Behaviour::tagged("1")));
+    wait_offsets(&db, &group, n).await?;
+    c.stop().await?;
+
+    // The incident's command, with Kafka's own tool, while the group is stopped.
+    let bootstrap = kit::bootstrap();
+    let reset = [
+        "--bootstrap-server",
+        &bootstrap,
+        "--group",
+        &group,
+        "--topic",
+        &topic,
+        "--reset-offsets",
+        "--to-earliest",
+        "--execute",
+    ];
+    let out = kit::kafka_tool("kafka-consumer-groups", &reset)?;
+    assert_eq!(out.lines().filter(|l| l.contains(&topic)).count(), 3, "the tool reset 3 partitions: {out}");
+
+    // Policy skip (default): the rewind costs nothing.
+    let c = start(app::consumer(&group, &topic, db.pool.clone(), app::Behaviour::tagged("2")));
+    kit::wait_until(WAIT, "rewinds to be detected", || async {
+        Ok(events::rewinds_counted(&group, &topic, "skip") >= 3)
+    })
+    .await?;
+    c.stop().await?;
+    assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM applied").await?, n, "no handler call re-ran");
+    assert_eq!(events::events_counted(&group, &topic, "duplicate"), 0, "nothing was even re-read");
+
+    // Policy replay: every record is re-read and skipped as a duplicate.
+    kit::kafka_tool("kafka-consumer-groups", &reset)?;
+    let c = start(
+        app::consumer(&group, &topic, db.pool.clone(), app::Behaviour::tagged("3")).rewind_policy(RewindPolicy::Replay),
+    );
+    kit::wait_until(WAIT, "every record re-read as a duplicate", || async {
+        Ok(events::events_counted(&group, &topic, "duplicate") >= n as u64)
+    })
+    .await?;
+    c.stop().await?;
+    assert_eq!(events::rewinds_counted(&group, &topic, "replay"), 3);
+    assert_eq!(events::events_counted(&group, &topic, "duplicate"), n as u64);
+    assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM applied").await?, n);
+    app::check_exactly_once_in_order(&db.pool, &published).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stale_event_is_skipped_by_the_version_guard() -> Result<()> {
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    app::setup(&db.pool).await?;
+    let (topic, group) = (kit::unique("accounts"), kit::unique("g"));
+    kit::create_topic(&topic, 1).await?;
+    let publisher = Publisher::new(&kit::bootstrap(), "/tests/versions")?;
+    for (seq, version) in [(1, 1), (2, 3), (3, 2), (4, 4)] {
+        let attrs = CloudEventAttrs::new_now("/tests/versions", "test.seq");
+        let mut headers = attrs.to_headers();
+        headers.push((H_VERSION.into(), version.to_string().into_bytes()));
+        let payload = serde_json::to_vec(&app::SeqEvent { key: "acct".into(), seq })?;
+        publisher.publish_raw(&topic, Some(b"acct"), Some(&payload), &headers).await?;
+    }
+    let c = start(
+        app::consumer(&group, &topic, db.pool.clone(), app::Behaviour::tagged("v"))
+            .version_guard(VersionSource::Header(H_VERSION.into()), None),
+    );
+    wait_offsets(&db, &group, 4).await?;
+    c.stop().await?;
+    let seqs: Vec<i64> = app::applied(&db.pool).await?.into_iter().map(|r| r.3).collect();
+    assert_eq!(seqs, vec![1, 2, 4], "version 2 arrived after version 3 and was skipped");
+    assert_eq!(events::events_counted(&group, &topic, "stale"), 1);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_failing_or_panicking_handler_does_not_corrupt_the_batch() -> Result<()> {
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    app::setup(&db.pool).await?;
+    let (topic, group) = (kit::unique("orders"), kit::unique("g"));
+    kit::create_topic(&topic, 1).await?;
+    let published = app::publish_seq(&topic, 5, 4).await?;
+    let mut b = app::Behaviour::tagged("p");
+    b.panic_keys.insert("k1".into());
+    b.reject_keys.insert("k2".into());
+    b.fail_times.insert("k3".into(), 2);
+    let c = start(
+        app::consumer(&group, &topic, db.pool.clone(), b)
+            .max_attempts(3)
+            .retry_backoff(Duration::from_millis(10), Duration::from_millis(50)),
+    );
+    wait_offsets(&db, &group, published.len() as i64).await?;
+    c.stop().await?;
+    // k0, k3 (after two failures per event) and k4 applied, in order; k1 and k2 dead-lettered.
+    let rows = app::applied(&db.pool).await?;
+    let keys: std::collections::BTreeSet<_> = rows.iter().map(|r| r.2.clone()).collect();
+    assert_eq!(keys, ["k0", "k3", "k4"].iter().map(|s| s.to_string()).collect());
+    assert_eq!(rows.len(), 12);
+    let mut per_key = std::collections::HashMap::<String, i64>::new();
+    for (_, _, k, seq) in &rows {
+        let prev = per_key.insert(k.clone(), *seq).unwrap_or(0);
+        assert_eq!(*seq, prev + 1, "order held for {k}");
+    }
+    let dead: Vec<(String, String, i32)> =
+        sqlx::query_as("SELECT convert_from(key, 'UTF8'), reason, attempts FROM oncely.dead_letters ORDER BY id")
+            .fetch_all(&db.pool)
+            .await?;
+    assert_eq!(dead.iter().filter(|d| d.0 == "k1" && d.1 == "max-attempts" && d.2 == 3).count(), 4, "{dead:?}");
+    assert_eq!(dead.iter().filter(|d| d.0 == "k2" && d.1 == "rejected").count(), 4, "{dead:?}");
+    let panic_msg: String =
+        sqlx::query_scalar("SELECT error FROM oncely.dead_letters WHERE reason = 'max-attempts' LIMIT 1")
+            .fetch_one(&db.pool)
+            .await?;
+    assert!(panic_msg.contains("panicked"), "{panic_msg}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn bad_input_is_dead_lettered_and_the_partition_keeps_flowing() -> Result<()> {
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    app::setup(&db.pool).await?;
+    let (topic, group) = (kit::unique("orders"), kit::unique("g"));
+    kit::create_topic(&topic, 1).await?;
+    let publisher = Publisher::new(&kit::bootstrap(), "/tests/bad")?;
+    let good = |seq| app::SeqEvent { key: "k".into(), seq };
+    publisher.publish(&topic, "k", "test.seq", &good(1)).await?;
+    // Undecodable payload.
+    publisher.publish(&topic, "k", "test.seq", &serde_json::json!({"key": "k", "seq": "two"})).await?;
+    // Missing identity: no ce_id.
+    let no_id = [(H_SOURCE.to_string(), b"/tests/bad".to_vec())];
+    publisher.publish_raw(&topic, Some(b"k"), Some(br#"{"key":"k","seq":9}"#), &no_id).await?;
+    // A header that is not UTF-8.
+    let bad_header = [(H_SOURCE.to_string(), b"/s".to_vec()), (H_ID.to_string(), vec![0xff, 0xfe])];
+    publisher.publish_raw(&topic, Some(b"k"), Some(br#"{"key":"k","seq":9}"#), &bad_header).await?;
+    // Oversized.
+    let big = serde_json::to_vec(&serde_json::json!({"key": "k", "seq": 9, "pad": "x".repeat(5000)}))?;
+    let attrs = CloudEventAttrs::new_now("/tests/bad", "test.seq");
+    publisher.publish_raw(&topic, Some(b"k"), Some(&big), &attrs.to_headers()).await?;
+    publisher.publish(&topic, "k", "test.seq", &good(2)).await?;
+
+    let c = start(app::consumer(&group, &topic, db.pool.clone(), app::Behaviour::tagged("b")).max_record_bytes(4096));
+    wait_offsets(&db, &group, 6).await?;
+    c.stop().await?;
+    let seqs: Vec<i64> = app::applied(&db.pool).await?.into_iter().map(|r| r.3).collect();
+    assert_eq!(seqs, vec![1, 2], "the good events around the bad ones were applied");
+    let reasons: Vec<(i64, String, String)> =
+        sqlx::query_as(r#"SELECT "offset", reason, error FROM oncely.dead_letters ORDER BY "offset""#)
+            .fetch_all(&db.pool)
+            .await?;
+    let r: Vec<(&str, &str)> = reasons.iter().map(|(_, r, e)| (r.as_str(), e.as_str())).collect();
+    assert_eq!(r.len(), 4, "{r:?}");
+    assert_eq!(r[0].0, "undecodable-payload");
+    assert!(r[0].1.contains("SeqEvent"), "{}", r[0].1);
+    assert_eq!(r[1].0, "missing-event-id");
+    assert!(r[1].1.contains("ce_id"), "{}", r[1].1);
+    assert_eq!(r[2].0, "invalid-header-encoding");
+    assert!(r[2].1.contains("ce_id"), "{}", r[2].1);
+    assert_eq!(r[3].0, "oversized-record");
+    Ok(())
+}

@@ -1,0 +1,211 @@
+//! The handler API: an ordinary async fn of the typed event and a context that
+//! holds the open transaction.
+
+use std::any::Any;
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use sqlx::{PgConnection, Postgres, Transaction};
+
+use crate::envelope::{decode_event, DecodeError, DecodePayload, Event, EventId, RawRecord};
+
+/// How a handler failure should be treated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum FailureClass {
+    /// Transient: try again later, with backoff.
+    Retry,
+    /// Transient, and the handler knows when to try again.
+    RetryAfter(Duration),
+    /// Permanent: dead-letter now.
+    Reject,
+}
+
+/// A handler's failure, with its class. Database errors convert automatically
+/// (`?` on a sqlx call) and are transient: serialization failures, deadlocks
+/// and lost connections succeed on a later attempt, and other errors reach the
+/// dead-letter topic after the consumer's `max_attempts`.
+pub struct HandlerError {
+    class: FailureClass,
+    source: Box<dyn std::error::Error + Send + Sync>,
+}
+
+impl HandlerError {
+    /// A transient failure: the event is retried with backoff.
+    pub fn retry(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        HandlerError { class: FailureClass::Retry, source: e.into() }
+    }
+
+    /// A transient failure to retry no sooner than `after`.
+    pub fn retry_after(after: Duration, e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        HandlerError { class: FailureClass::RetryAfter(after), source: e.into() }
+    }
+
+    /// A permanent failure: the event is dead-lettered at once.
+    pub fn reject(e: impl Into<Box<dyn std::error::Error + Send + Sync>>) -> Self {
+        HandlerError { class: FailureClass::Reject, source: e.into() }
+    }
+
+    /// The failure's class.
+    pub fn class(&self) -> FailureClass {
+        self.class
+    }
+
+    /// The underlying error.
+    pub fn source_error(&self) -> &(dyn std::error::Error + Send + Sync + 'static) {
+        &*self.source
+    }
+
+    /// A name for the error's kind, stored as `kafka_dlt-exception-fqcn`.
+    pub fn class_name(&self) -> String {
+        if self.source.downcast_ref::<sqlx::Error>().is_some() {
+            "sqlx::Error".into()
+        } else if self.source.downcast_ref::<PanicError>().is_some() {
+            "oncely::HandlerPanic".into()
+        } else {
+            match self.class {
+                FailureClass::Reject => "oncely::HandlerError::Reject".into(),
+                _ => "oncely::HandlerError::Retry".into(),
+            }
+        }
+    }
+}
+
+impl fmt::Debug for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("HandlerError").field("class", &self.class).field("source", &self.source).finish()
+    }
+}
+
+impl fmt::Display for HandlerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(&self.source, f)
+    }
+}
+
+impl From<sqlx::Error> for HandlerError {
+    fn from(e: sqlx::Error) -> Self {
+        HandlerError::retry(e)
+    }
+}
+
+impl From<crate::Error> for HandlerError {
+    fn from(e: crate::Error) -> Self {
+        HandlerError::retry(e)
+    }
+}
+
+/// A handler panicked; the panic message is kept.
+#[derive(Debug)]
+pub(crate) struct PanicError(pub String);
+
+impl fmt::Display for PanicError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "handler panicked: {}", self.0)
+    }
+}
+
+impl std::error::Error for PanicError {}
+
+/// The handler's context: the open transaction of the batch (shared with the
+/// inbox claim and the offset fence, so the handler's writes commit exactly
+/// when the event is marked processed) and facts about the event.
+///
+/// The handler cannot commit or roll back the transaction: it only gets
+/// `&mut PgConnection` through [`Cx::db`].
+pub struct Cx {
+    pub(crate) tx: Transaction<'static, Postgres>,
+    pub(crate) consumer: Arc<str>,
+    pub(crate) event_id: Option<EventId>,
+    pub(crate) replay: bool,
+    pub(crate) state: Option<Arc<dyn Any + Send + Sync>>,
+}
+
+impl fmt::Debug for Cx {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Cx").field("consumer", &self.consumer).field("event_id", &self.event_id).finish()
+    }
+}
+
+impl Cx {
+    /// The batch's transaction, as an executor for sqlx queries:
+    /// `sqlx::query(..).execute(cx.db()).await?`.
+    pub fn db(&mut self) -> &mut PgConnection {
+        &mut self.tx
+    }
+
+    /// The consumer's name.
+    pub fn consumer(&self) -> &str {
+        &self.consumer
+    }
+
+    /// Identity of the event being handled.
+    pub fn event_id(&self) -> Option<&EventId> {
+        self.event_id.as_ref()
+    }
+
+    /// The state given to [`ConsumerBuilder::state`](super::ConsumerBuilder::state),
+    /// if it has type `S` (an HTTP client, settings, ...).
+    pub fn state<S: Send + Sync + 'static>(&self) -> Option<&S> {
+        self.state.as_deref().and_then(|s| s.downcast_ref::<S>())
+    }
+
+    /// Whether the consumer runs in replay mode (side effects are suppressed).
+    pub fn is_replay(&self) -> bool {
+        self.replay
+    }
+}
+
+/// A handler function: implemented for every `async fn(Event<T>, &mut Cx) ->
+/// Result<(), HandlerError>`.
+pub trait HandlerFn<'a, T>: Send + Sync + 'static {
+    /// The handler's future.
+    type Fut: Future<Output = Result<(), HandlerError>> + Send + 'a;
+    /// Calls the handler.
+    fn call(&self, ev: Event<T>, cx: &'a mut Cx) -> Self::Fut;
+}
+
+impl<'a, T, F, Fut> HandlerFn<'a, T> for F
+where
+    F: Fn(Event<T>, &'a mut Cx) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'a,
+    T: 'a,
+{
+    type Fut = Fut;
+    fn call(&self, ev: Event<T>, cx: &'a mut Cx) -> Fut {
+        (self)(ev, cx)
+    }
+}
+
+/// The runtime's view of a handler: decode, then call. Type-erased so the
+/// runtime is not generic over the event type.
+pub(crate) trait ErasedHandler: Send + Sync + 'static {
+    fn decode(&self, id: EventId, record: Arc<RawRecord>) -> Result<Box<dyn Any + Send>, DecodeError>;
+    fn call<'a>(&'a self, ev: Box<dyn Any + Send>, cx: &'a mut Cx) -> BoxFuture<'a, Result<(), HandlerError>>;
+}
+
+pub(crate) struct Typed<T, H> {
+    pub(crate) handler: H,
+    pub(crate) _t: PhantomData<fn() -> T>,
+}
+
+impl<T, H> ErasedHandler for Typed<T, H>
+where
+    T: DecodePayload,
+    H: for<'a> HandlerFn<'a, T>,
+{
+    fn decode(&self, id: EventId, record: Arc<RawRecord>) -> Result<Box<dyn Any + Send>, DecodeError> {
+        Ok(Box::new(decode_event::<T>(id, record)?))
+    }
+
+    fn call<'a>(&'a self, ev: Box<dyn Any + Send>, cx: &'a mut Cx) -> BoxFuture<'a, Result<(), HandlerError>> {
+        match ev.downcast::<Event<T>>() {
+            Ok(ev) => Box::pin(self.handler.call(*ev, cx)),
+            Err(_) => Box::pin(async { Err(HandlerError::reject("internal: event type mismatch")) }),
+        }
+    }
+}
