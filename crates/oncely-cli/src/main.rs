@@ -13,28 +13,52 @@ const EXIT_REFUSED: u8 = 2;
 
 #[derive(Debug, Parser)]
 #[command(name = "oncely", version, about = "Effectively-once Kafka + PostgreSQL: operator tools")]
-struct Cli {
+pub(crate) struct Cli {
     /// Config file (default ./oncely.toml, or ONCELY_CONFIG).
     #[arg(long, global = true, value_name = "FILE")]
-    config: Option<PathBuf>,
+    pub(crate) config: Option<PathBuf>,
     /// Environment from the config file (or ONCELY_ENV).
     #[arg(long, global = true, value_name = "NAME")]
-    env: Option<String>,
+    pub(crate) env: Option<String>,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
-    output: Output,
+    pub(crate) output: Output,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-enum Output {
+pub(crate) enum Output {
     Table,
     Json,
 }
 
+mod common;
+mod dlq;
+mod effects;
+mod offsets;
+mod outbox;
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Consumer group offsets: show, reset (with preview), snapshots, restore, undo.
+    #[command(subcommand)]
+    Offsets(offsets::OffsetsCmd),
+    /// Offset and time lag per partition, with Burrow's statuses.
+    Lag(offsets::LagArgs),
+    /// Record every group's committed offsets periodically (oncely.offset_snapshots).
+    Watch(offsets::WatchArgs),
+    /// The audit log of operator actions.
+    Audit(offsets::AuditArgs),
+    /// The transactional outbox: status, relay.
+    #[command(subcommand)]
+    Outbox(outbox::OutboxCmd),
+    /// Side-effect intents: list, retry, resolve.
+    #[command(subcommand)]
+    Effects(effects::EffectsCmd),
+    /// Dead letters: list, inspect, redrive.
+    #[command(subcommand)]
+    Dlq(dlq::DlqCmd),
     /// Apply oncely's database migrations (schema `oncely`).
     Migrate,
     /// Show the environment this invocation would act on.
@@ -75,7 +99,7 @@ fn main() -> ExitCode {
     }
 }
 
-fn environment(cli: &Cli) -> anyhow::Result<Environment> {
+pub(crate) fn environment(cli: &Cli) -> anyhow::Result<Environment> {
     Ok(config::resolve(cli.config.as_deref(), cli.env.as_deref(), &ProcessVars)?)
 }
 
@@ -114,6 +138,13 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Command::Offsets(c) => return offsets::run(&cli, c).await,
+        Command::Lag(a) => return offsets::lag(&cli, a).await,
+        Command::Watch(a) => return offsets::watch(&cli, a).await,
+        Command::Audit(a) => return offsets::audit(&cli, a).await,
+        Command::Outbox(c) => return outbox::run(&cli, c).await,
+        Command::Effects(c) => return effects::run(&cli, c).await,
+        Command::Dlq(c) => return dlq::run(&cli, c).await,
         Command::Demo { json } => {
             println!("oncely demo: the guided demonstration is not built yet (issue: the proof).");
             if *json {

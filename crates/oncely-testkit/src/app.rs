@@ -26,12 +26,14 @@ pub struct SeqEvent {
 /// How the test handler behaves.
 #[derive(Debug, Default)]
 pub struct Behaviour {
-    /// Keys whose events fail transiently this many times (per process) before succeeding.
+    /// Keys that fail transiently this many times in total (per process),
+    /// then succeed.
     pub fail_times: HashMap<String, u32>,
     /// Keys whose events always panic.
     pub panic_keys: HashSet<String>,
-    /// Keys whose events are rejected (permanent failure).
-    pub reject_keys: HashSet<String>,
+    /// Keys whose events are rejected (permanent failure); a test may change
+    /// it while the consumer runs ("the bug is fixed").
+    pub reject_keys: Mutex<HashSet<String>>,
     /// After this many applied events, write the row, print `HANGING` and block forever.
     pub hang_after: Option<u64>,
     /// Time spent per event.
@@ -39,7 +41,7 @@ pub struct Behaviour {
     /// Tag written with each row (which process applied it).
     pub tag: String,
     applied: AtomicU64,
-    failures: Mutex<HashMap<(String, i64), u32>>,
+    failures: Mutex<HashMap<String, u32>>,
 }
 
 impl Behaviour {
@@ -72,12 +74,12 @@ pub async fn record(ev: Event<SeqEvent>, cx: &mut Cx) -> Result<(), HandlerError
     if b.panic_keys.contains(&key) {
         panic!("test handler told to panic for key {key}");
     }
-    if b.reject_keys.contains(&key) {
+    if b.reject_keys.lock().map_err(|_| HandlerError::retry("poisoned"))?.contains(&key) {
         return Err(HandlerError::reject(format!("key {key} is rejected")));
     }
     if let Some(times) = b.fail_times.get(&key) {
         let mut f = b.failures.lock().map_err(|_| HandlerError::retry("poisoned"))?;
-        let n = f.entry((key.clone(), ev.data.seq)).or_default();
+        let n = f.entry(key.clone()).or_default();
         if *n < *times {
             *n += 1;
             return Err(HandlerError::retry(format!("key {key} fails (attempt {n} of {times})")));
@@ -141,6 +143,14 @@ pub async fn publish_seq(topic: &str, keys: usize, per_key: i64) -> Result<Vec<o
         }
     }
     Ok(out)
+}
+
+/// Parses `k1:3,k2:1` into per-key failure counts.
+pub fn parse_fail_keys(spec: &str) -> HashMap<String, u32> {
+    spec.split(',')
+        .filter_map(|kv| kv.split_once(':'))
+        .filter_map(|(k, n)| n.trim().parse().ok().map(|n| (k.trim().to_owned(), n)))
+        .collect()
 }
 
 /// Rows of `applied`: `(n, event_id, key, seq)` in application order.

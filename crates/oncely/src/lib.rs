@@ -45,9 +45,12 @@
 pub mod admin;
 pub mod config;
 pub mod consumer;
+pub mod effects;
 pub mod envelope;
 mod error;
+pub mod failure;
 pub mod metrics;
+pub mod outbox;
 pub mod store;
 
 pub use consumer::{Consumer, ConsumerBuilder, Cx, HandlerError, RewindPolicy};

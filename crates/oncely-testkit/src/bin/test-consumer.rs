@@ -1,6 +1,7 @@
 //! A consumer process for tests that kill it: `test-consumer GROUP TOPIC` with
 //! `DATABASE_URL`, `ONCELY_KAFKA_BOOTSTRAP` and optional settings in
 //! variables: `HANG_AFTER=N`, `DELAY_MS=N`, `MAX_BATCH=N`, `TAG=…`,
+//! `FAIL_KEYS=k1:3,k2:1`, `BACKOFF_MS=N`, `MAX_ATTEMPTS=N`,
 //! `REWIND=skip|replay|halt`. Prints `READY` once running; stops on SIGTERM.
 
 use std::time::Duration;
@@ -19,9 +20,16 @@ async fn main() -> anyhow::Result<()> {
     let var = |k: &str| std::env::var(k).ok().filter(|v| !v.is_empty());
     let mut b = app::Behaviour::tagged(&var("TAG").unwrap_or_else(|| std::process::id().to_string()));
     b.hang_after = var("HANG_AFTER").and_then(|v| v.parse().ok());
+    b.fail_times = var("FAIL_KEYS").map(|v| app::parse_fail_keys(&v)).unwrap_or_default();
     b.delay = Duration::from_millis(var("DELAY_MS").and_then(|v| v.parse().ok()).unwrap_or(0));
     let pool = oncely::store::connect(&oncely_testkit::database_url(), 10).await?;
     let mut c = app::consumer(&group, &topic, pool, b).handle_sigterm(true);
+    if let Some(ms) = var("BACKOFF_MS").and_then(|v| v.parse::<u64>().ok()) {
+        c = c.retry_backoff(Duration::from_millis(ms), Duration::from_millis(ms * 4));
+    }
+    if let Some(n) = var("MAX_ATTEMPTS").and_then(|v| v.parse().ok()) {
+        c = c.max_attempts(n);
+    }
     if let Some(n) = var("MAX_BATCH").and_then(|v| v.parse().ok()) {
         c = c.max_batch(n);
     }

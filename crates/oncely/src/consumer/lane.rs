@@ -1,4 +1,10 @@
 //! A lane: the ordered processing of one assigned partition.
+//!
+//! Records come from the dispatcher in offset order. A lane runs batches (one
+//! transaction each) and, between batches, the retries of its parked keys.
+//! A transiently failing event is parked in the transaction that advances the
+//! offset past it, and every later event of the same key is parked behind it:
+//! per-key order holds, other keys go on.
 
 use std::any::Any;
 use std::collections::{HashSet, VecDeque};
@@ -10,6 +16,7 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer as _};
 use rdkafka::{Offset, TopicPartitionList};
+use sqlx::PgConnection;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -20,7 +27,9 @@ use super::handler::{Cx, FailureClass, HandlerError, PanicError};
 use super::{Shared, StartDecision, COMMIT_METADATA};
 use crate::envelope::{DecodeError, EventId, RawRecord};
 use crate::error::Result;
-use crate::store::{self, NewDeadLetter, Savepoint};
+use crate::failure::{self, DeadKeyPolicy, DeadLetter};
+use crate::store::failure as parked_store;
+use crate::store::{self, Savepoint};
 
 /// The rebalance callback's handle on a running lane.
 pub(crate) struct LaneHandle {
@@ -53,9 +62,11 @@ pub(crate) fn spawn(shared: Arc<Shared>, topic: String, partition: i32, start: S
         next_read: start.seek,
         halted: start.halt,
         pending: VecDeque::new(),
-        head_attempts: 0,
+        infra_failures: 0,
         retry_at: None,
         position: position.clone(),
+        parked: HashSet::new(),
+        parked_check: None,
     };
     let span = tracing::info_span!("lane", consumer = &*shared.name, topic = %topic, partition);
     let join = shared.rt.spawn(lane.run().instrument(span));
@@ -76,17 +87,21 @@ struct Lane {
     halted: bool,
     /// Records received and not yet committed, in offset order.
     pending: VecDeque<Arc<RawRecord>>,
-    /// Failed attempts of the record at the head of `pending`.
-    head_attempts: u32,
+    /// Consecutive infrastructure failures (database down), for backoff.
+    infra_failures: u32,
     retry_at: Option<Instant>,
     position: Arc<AtomicI64>,
+    /// Keys with parked events in this partition.
+    parked: HashSet<String>,
+    /// When to look at the parked keys next.
+    parked_check: Option<Instant>,
 }
 
 /// What became of a batch.
 enum Outcome {
-    /// The first `n` records are done (committed); the rest stay pending.
-    /// `advanced` is the new database offset and the Kafka position.
-    Committed { n: usize, retry_after: Option<Duration>, advanced: Option<(i64, i64)> },
+    /// The batch committed: the new database offset, the Kafka position, and
+    /// the keys parked by this batch.
+    Committed { next: i64, end: i64, newly_parked: HashSet<String> },
     /// The fence failed: another member owns the partition now.
     Fenced,
     /// A handler failed without savepoints: run the batch again carefully.
@@ -97,6 +112,12 @@ enum Outcome {
 enum Prepared {
     Good { id: EventId, version: Option<i64>, ev: Option<Box<dyn Any + Send>> },
     Bad { id: Option<EventId>, err: DecodeError },
+}
+
+/// What applying one claimed event gave.
+enum Applied {
+    Done,
+    Stale,
 }
 
 impl Lane {
@@ -110,6 +131,25 @@ impl Lane {
         }
         if let Some(o) = self.next_read.or(self.db_next) {
             self.position.store(o, Ordering::Release);
+        }
+        // A new owner takes over the partition's parked keys.
+        loop {
+            match parked_store::parked_keys(&self.shared.pool, &self.shared.name, &self.topic, self.partition).await {
+                Ok(keys) => {
+                    if !keys.is_empty() {
+                        tracing::info!(keys = keys.len(), "Took over parked keys.");
+                        self.parked_check = Some(Instant::now());
+                    }
+                    self.parked = keys.into_iter().collect();
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Cannot read the parked keys; retrying.");
+                    if !self.sleep(Duration::from_secs(1)).await {
+                        return;
+                    }
+                }
+            }
         }
         loop {
             if self.stop.is_cancelled() {
@@ -127,73 +167,80 @@ impl Lane {
                     return;
                 }
             }
+            if self.parked_check.is_some_and(|t| t <= Instant::now()) && !self.retry_parked().await {
+                return;
+            }
             if !self.fill().await {
                 return;
             }
             if self.pending.is_empty() {
                 continue;
             }
-            let n = self.pending.len().min(self.shared.settings.max_batch);
-            if let Some(bucket) = &self.shared.bucket {
-                bucket.take(n).await;
+            if !self.run_batch().await {
+                return;
             }
-            let batch: Vec<Arc<RawRecord>> = self.pending.iter().take(n).cloned().collect();
-            let started = Instant::now();
-            let span = tracing::info_span!(
-                "batch",
-                consumer = &*self.shared.name,
-                topic = %self.topic,
-                partition = self.partition,
-                first_offset = batch.first().map(|r| r.offset),
-                last_offset = batch.last().map(|r| r.offset),
-                size = batch.len()
-            );
-            let mut result = self.process(&batch, false).instrument(span.clone()).await;
-            if matches!(result, Ok(Outcome::NeedCareful)) {
-                result = self.process(&batch, true).instrument(span).await;
+        }
+    }
+
+    /// Runs one batch from `pending`. Returns false if the lane must stop.
+    async fn run_batch(&mut self) -> bool {
+        let n = self.pending.len().min(self.shared.settings.max_batch);
+        if let Some(bucket) = &self.shared.bucket {
+            bucket.take(n).await;
+        }
+        let batch: Vec<Arc<RawRecord>> = self.pending.iter().take(n).cloned().collect();
+        let started = Instant::now();
+        let span = tracing::info_span!(
+            "batch",
+            consumer = &*self.shared.name,
+            topic = %self.topic,
+            partition = self.partition,
+            first_offset = batch.first().map(|r| r.offset),
+            last_offset = batch.last().map(|r| r.offset),
+            size = batch.len()
+        );
+        let mut result = self.process(&batch, false).instrument(span.clone()).await;
+        if matches!(result, Ok(Outcome::NeedCareful)) {
+            result = self.process(&batch, true).instrument(span).await;
+        }
+        crate::metrics::observe(
+            "oncely_batch_seconds",
+            "Duration of a batch transaction, claim to commit.",
+            &[("consumer", &self.shared.name), ("topic", &self.topic)],
+            started.elapsed().as_secs_f64(),
+        );
+        match result {
+            Ok(Outcome::Committed { next, end, newly_parked }) => {
+                self.infra_failures = 0;
+                self.db_next = Some(next);
+                self.position.store(end, Ordering::Release);
+                self.pending.drain(..n);
+                self.commit_kafka();
+                if !newly_parked.is_empty() {
+                    self.parked.extend(newly_parked);
+                    self.schedule_parked_check(None).await;
+                }
+                true
             }
-            crate::metrics::observe(
-                "oncely_batch_seconds",
-                "Duration of a batch transaction, claim to commit.",
-                &[("consumer", &self.shared.name), ("topic", &self.topic)],
-                started.elapsed().as_secs_f64(),
-            );
-            match result {
-                Ok(Outcome::Committed { n, retry_after, advanced }) => {
-                    if let Some((next, end)) = advanced {
-                        self.db_next = Some(next);
-                        self.position.store(end, Ordering::Release);
-                    }
-                    if n > 0 {
-                        self.pending.drain(..n);
-                        self.head_attempts = 0;
-                        self.commit_kafka();
-                    }
-                    if let Some(d) = retry_after {
-                        self.head_attempts += 1;
-                        self.retry_at = Some(Instant::now() + d);
-                    }
+            Ok(Outcome::Fenced) => {
+                events::BatchFenced {
+                    consumer: &self.shared.name,
+                    topic: &self.topic,
+                    partition: self.partition,
+                    expected: self.db_next,
                 }
-                Ok(Outcome::Fenced) => {
-                    events::BatchFenced {
-                        consumer: &self.shared.name,
-                        topic: &self.topic,
-                        partition: self.partition,
-                        expected: self.db_next,
-                    }
-                    .emit();
-                    if !self.resync().await {
-                        return;
-                    }
-                }
-                Ok(Outcome::NeedCareful) => {}
-                Err(e) => {
-                    // Infrastructure failure (database down, connection lost):
-                    // the transaction rolled back; try the same batch again.
-                    let d = self.backoff(self.head_attempts.min(6));
-                    tracing::warn!(error = %e, retry_in = ?d, "Batch failed and rolled back; retrying.");
-                    self.retry_at = Some(Instant::now() + d);
-                }
+                .emit();
+                self.idle_until_revoked().await
+            }
+            Ok(Outcome::NeedCareful) => true,
+            Err(e) => {
+                // Infrastructure failure (database down, connection lost): the
+                // transaction rolled back; try the same batch again.
+                self.infra_failures += 1;
+                let d = self.backoff(self.infra_failures.min(6));
+                tracing::warn!(error = %e, retry_in = ?d, "Batch failed and rolled back; retrying.");
+                self.retry_at = Some(Instant::now() + d);
+                true
             }
         }
     }
@@ -217,17 +264,19 @@ impl Lane {
     }
 
     /// Receives records until the batch is full or `max_wait` passed since the
-    /// first one. Returns false when the lane must stop.
+    /// first one, or a parked key is due. Returns false when the lane must stop.
     async fn fill(&mut self) -> bool {
         let max = self.shared.settings.max_batch;
         let mut deadline: Option<tokio::time::Instant> =
             (!self.pending.is_empty()).then(|| tokio::time::Instant::now() + self.shared.settings.max_wait);
+        let parked_due = self.parked_check.map(tokio::time::Instant::from_std);
         while self.pending.len() < max {
             let received = tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => return false,
                 m = self.rx.recv() => m,
                 _ = sleep_until_opt(deadline) => break,
+                _ = sleep_until_opt(parked_due), if self.pending.is_empty() => break,
             };
             let Some(rec) = received else {
                 // The dispatcher dropped the channel: the partition is gone.
@@ -251,6 +300,13 @@ impl Lane {
         // Full jitter, never below a tenth of the exponential step.
         let ms = exp.as_millis() as u64;
         Duration::from_millis(ms / 10 + fastrand::u64(0..=ms - ms / 10))
+    }
+
+    fn retry_delay(&self, err: &HandlerError, attempts: u32) -> Duration {
+        match err.class() {
+            FailureClass::RetryAfter(d) => d,
+            _ => self.backoff(attempts.saturating_sub(1)),
+        }
     }
 
     fn prepare(&self, rec: &Arc<RawRecord>) -> Prepared {
@@ -278,18 +334,35 @@ impl Lane {
         }
     }
 
+    /// Dead-letters a record in the caller's transaction: indexed in
+    /// `oncely.dead_letters` and published to the dead-letter topic through
+    /// the outbox, so it is durable before the offset moves past it.
+    async fn dead_letter(&self, conn: &mut PgConnection, dl: DeadLetter<'_>) -> Result<()> {
+        failure::dead_letter(conn, &self.shared.name, &dl).await?;
+        tracing::error!(
+            offset = dl.record.offset,
+            event_id = dl.event_id.unwrap_or(""),
+            reason = dl.reason,
+            attempts = dl.attempts,
+            error = dl.error,
+            "Dead-lettered an event."
+        );
+        Ok(())
+    }
+
     /// Runs one batch transaction. `careful` runs each event in a savepoint, so
     /// one failing event does not undo the others.
     async fn process(&self, batch: &[Arc<RawRecord>], careful: bool) -> Result<Outcome> {
         let s = &self.shared;
         let consumer = &*s.name;
         let mut prepared: Vec<Prepared> = batch.iter().map(|r| self.prepare(r)).collect();
+        // Events of already-parked keys are not claimed: they queue behind.
         let (ids, offsets): (Vec<String>, Vec<i64>) = prepared
             .iter()
             .zip(batch)
             .filter_map(|(p, r)| match p {
-                Prepared::Good { id, .. } => Some((id.0.clone(), r.offset)),
-                Prepared::Bad { .. } => None,
+                Prepared::Good { id, .. } if !self.parked.contains(&r.key_str()) => Some((id.0.clone(), r.offset)),
+                _ => None,
             })
             .unzip();
 
@@ -298,35 +371,43 @@ impl Lane {
             Cx { tx, consumer: s.name.clone(), event_id: None, replay: s.settings.replay, state: s.state.clone() };
         let claimed = store::claim(cx.db(), consumer, &self.topic, self.partition, &ids, &offsets).await?;
         let mut first_seen: HashSet<String> = HashSet::new();
+        let mut newly_parked: HashSet<String> = HashSet::new();
+        let mut unclaim: Vec<String> = Vec::new();
         // Logged and counted only once the transaction commits.
         let mut skipped: Vec<(i64, EventId, Option<i64>, bool, String)> = Vec::new();
-        let (mut processed, mut dead) = (0u64, 0u64);
-        let mut done = batch.len();
-        let mut retry_after = None;
+        let (mut processed, mut dead, mut parked) = (0u64, 0u64, 0u64);
 
         for i in 0..batch.len() {
             let rec = &batch[i];
+            let key = rec.key_str();
             let (id, version, ev) = match &mut prepared[i] {
                 Prepared::Bad { id, err } => {
-                    tracing::warn!(offset = rec.offset, reason = err.reason(), error = %err, "Dead-lettering a record that cannot be processed.");
-                    store::insert_dead_letter(
-                        cx.db(),
-                        &NewDeadLetter {
-                            consumer,
-                            record: rec,
-                            event_id: id.as_ref().map(|i| i.as_str()),
-                            reason: err.reason(),
-                            error: &err.to_string(),
-                            error_class: "oncely::DecodeError",
-                            attempts: 1,
-                        },
-                    )
-                    .await?;
+                    let msg = err.to_string();
+                    let dl = DeadLetter::decode(rec, id.as_ref(), err.reason(), &msg);
+                    self.dead_letter(cx.db(), dl).await?;
                     dead += 1;
                     continue;
                 }
                 Prepared::Good { id, version, ev } => (id.clone(), *version, ev.take()),
             };
+            if self.parked.contains(&key) || newly_parked.contains(&key) {
+                if claimed.contains(id.as_str()) && first_seen.insert(id.0.clone()) {
+                    unclaim.push(id.0.clone());
+                }
+                let p = parked_store::NewParked {
+                    consumer,
+                    record: rec,
+                    entity_key: &key,
+                    event_id: Some(id.as_str()),
+                    attempts: 0,
+                    retry_in: None,
+                    error: None,
+                    error_class: None,
+                };
+                parked_store::park(cx.db(), &p).await?;
+                parked += 1;
+                continue;
+            }
             if !claimed.contains(id.as_str()) || !first_seen.insert(id.0.clone()) {
                 skipped.push((rec.offset, id, None, true, String::new()));
                 continue;
@@ -334,23 +415,20 @@ impl Lane {
             if careful {
                 store::savepoint(cx.db(), Savepoint::Begin).await?;
             }
-            let span = tracing::debug_span!("event", event_id = %id, key = %rec.key_str(), offset = rec.offset);
+            let span = tracing::debug_span!("event", event_id = %id, key = %key, offset = rec.offset);
             let outcome = match ev {
                 Some(ev) => self.apply(&mut cx, &id, version, ev, rec).instrument(span).await,
                 None => Err(HandlerError::reject("internal: event decoded twice")),
             };
             match outcome {
-                Ok(true) => {
+                Ok(applied) => {
                     if careful {
                         store::savepoint(cx.db(), Savepoint::Release).await?;
                     }
-                    processed += 1;
-                }
-                Ok(false) => {
-                    if careful {
-                        store::savepoint(cx.db(), Savepoint::Release).await?;
+                    match applied {
+                        Applied::Done => processed += 1,
+                        Applied::Stale => skipped.push((rec.offset, id, version, false, key)),
                     }
-                    skipped.push((rec.offset, id, version, false, rec.key_str()));
                 }
                 Err(_) if !careful => {
                     cx.tx.rollback().await?;
@@ -358,55 +436,42 @@ impl Lane {
                 }
                 Err(err) => {
                     store::savepoint(cx.db(), Savepoint::Rollback).await?;
-                    let attempts = if i == 0 { self.head_attempts + 1 } else { 1 };
-                    let permanent = err.class() == FailureClass::Reject;
-                    if permanent || attempts >= s.settings.max_attempts {
-                        tracing::error!(offset = rec.offset, event_id = %id, attempts, error = %err, "Dead-lettering an event whose handler failed.");
-                        let reason = if permanent { "rejected" } else { "max-attempts" };
-                        store::insert_dead_letter(
-                            cx.db(),
-                            &NewDeadLetter {
-                                consumer,
-                                record: rec,
-                                event_id: Some(id.as_str()),
-                                reason,
-                                error: &err.to_string(),
-                                error_class: &err.class_name(),
-                                attempts: attempts as i32,
-                            },
-                        )
-                        .await?;
+                    unclaim.push(id.0.clone());
+                    let msg = err.to_string();
+                    let class = err.class_name();
+                    if err.class() == FailureClass::Reject || s.settings.max_attempts <= 1 {
+                        let reason = if err.class() == FailureClass::Reject { "rejected" } else { "max-attempts" };
+                        let dl = DeadLetter::handler(rec, &id, reason, &msg, &class, 1);
+                        self.dead_letter(cx.db(), dl).await?;
                         dead += 1;
                         continue;
                     }
-                    // Transient: stop the lane here, keep this event and every
-                    // later one pending (order holds), try again after a backoff.
-                    let later: Vec<String> = prepared[i..]
-                        .iter()
-                        .filter_map(|p| match p {
-                            Prepared::Good { id, .. } if claimed.contains(id.as_str()) => Some(id.0.clone()),
-                            _ => None,
-                        })
-                        .collect();
-                    store::unclaim(cx.db(), consumer, &later).await?;
-                    let wait = match err.class() {
-                        FailureClass::RetryAfter(d) => d,
-                        _ => self.backoff(attempts.saturating_sub(1)),
+                    let retry_in = self.retry_delay(&err, 1);
+                    tracing::warn!(offset = rec.offset, event_id = %id, key = %key, retry_in = ?retry_in, error = %msg, "Handler failed; parked the event and its key.");
+                    let p = parked_store::NewParked {
+                        consumer,
+                        record: rec,
+                        entity_key: &key,
+                        event_id: Some(id.as_str()),
+                        attempts: 1,
+                        retry_in: Some(retry_in),
+                        error: Some(&msg),
+                        error_class: Some(&class),
                     };
-                    tracing::warn!(offset = rec.offset, event_id = %id, attempts, retry_in = ?wait, error = %err, "Handler failed; the partition waits and retries this event.");
-                    done = i;
-                    retry_after = Some(wait);
-                    break;
+                    parked_store::park(cx.db(), &p).await?;
+                    newly_parked.insert(key);
+                    parked += 1;
                 }
             }
         }
+        if !unclaim.is_empty() {
+            store::unclaim(cx.db(), consumer, &unclaim).await?;
+        }
 
-        let end = if done == 0 { batch[0].offset } else { batch[done - 1].offset + 1 };
+        let end = batch.last().map_or(0, |r| r.offset + 1);
         let next = self.db_next.map_or(end, |d| d.max(end));
         let Cx { mut tx, .. } = cx;
-        let advance = done > 0 || self.db_next.is_none();
-        if advance && !store::advance_offset(&mut tx, consumer, &self.topic, self.partition, self.db_next, next).await?
-        {
+        if !store::advance_offset(&mut tx, consumer, &self.topic, self.partition, self.db_next, next).await? {
             tx.rollback().await?;
             return Ok(Outcome::Fenced);
         }
@@ -438,16 +503,186 @@ impl Lane {
         }
         count_events(consumer, &self.topic, "processed", processed);
         count_events(consumer, &self.topic, "dead", dead);
+        count_events(consumer, &self.topic, "parked", parked);
         if let Some(spike) = &s.spike {
             if let Some(reason) = spike.record_at(batch.len() as u64, duplicates, Instant::now()) {
                 events::GuardTripped { consumer, guard: "spike", detail: reason }.emit();
             }
         }
-        Ok(Outcome::Committed { n: done, retry_after, advanced: advance.then_some((next, end)) })
+        Ok(Outcome::Committed { next, end, newly_parked })
+    }
+
+    /// Looks at the parked keys: retries the due heads and drains what they
+    /// unblock. Returns false if the lane must stop.
+    async fn retry_parked(&mut self) -> bool {
+        let s = self.shared.clone();
+        let due = match parked_store::due_keys(&s.pool, &s.name, &self.topic, self.partition).await {
+            Ok((due, _)) => due,
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot read the parked keys; retrying later.");
+                self.parked_check = Some(Instant::now() + Duration::from_secs(1));
+                return true;
+            }
+        };
+        for key in due {
+            if self.stop.is_cancelled() {
+                return false;
+            }
+            match self.drain_key(&key).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    events::BatchFenced {
+                        consumer: &s.name,
+                        topic: &self.topic,
+                        partition: self.partition,
+                        expected: self.db_next,
+                    }
+                    .emit();
+                    return self.idle_until_revoked().await;
+                }
+                Err(e) => tracing::warn!(key = %key, error = %e, "Retrying a parked key failed and rolled back."),
+            }
+        }
+        self.schedule_parked_check(Some(Duration::from_secs(1))).await;
+        true
+    }
+
+    /// Sets when to look at the parked keys next (`None` if none are left).
+    async fn schedule_parked_check(&mut self, on_error: Option<Duration>) {
+        let s = &self.shared;
+        match parked_store::due_keys(&s.pool, &s.name, &self.topic, self.partition).await {
+            Ok((due, next)) => {
+                crate::metrics::set(
+                    "oncely_parked_keys",
+                    "Keys with parked events, per partition.",
+                    &[("consumer", &s.name), ("topic", &self.topic), ("partition", &self.partition.to_string())],
+                    self.parked.len() as f64,
+                );
+                self.parked_check =
+                    if !due.is_empty() { Some(Instant::now()) } else { next.map(|d| Instant::now() + d) };
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot read the parked keys' due times.");
+                self.parked_check = on_error.map(|d| Instant::now() + d);
+            }
+        }
+    }
+
+    /// Retries the head of a parked key and drains the events behind it in
+    /// order, in one transaction. Returns false if the lane lost the partition.
+    async fn drain_key(&mut self, key: &str) -> Result<bool> {
+        let s = self.shared.clone();
+        let consumer = &*s.name;
+        let Some(expected) = self.db_next else { return Ok(true) };
+        let tx = s.pool.begin().await?;
+        let mut cx =
+            Cx { tx, consumer: s.name.clone(), event_id: None, replay: s.settings.replay, state: s.state.clone() };
+        if !parked_store::still_owner(cx.db(), consumer, &self.topic, self.partition, expected).await? {
+            cx.tx.rollback().await?;
+            return Ok(false);
+        }
+        let rows = parked_store::key_queue(cx.db(), consumer, &self.topic, self.partition, key).await?;
+        let (mut processed, mut dead) = (0u64, 0u64);
+        let mut duplicates: Vec<(i64, EventId)> = Vec::new();
+        for row in rows {
+            let rec = Arc::new(row.record.clone());
+            let (id, version, ev) = match self.prepare(&rec) {
+                Prepared::Bad { id, err } => {
+                    let msg = err.to_string();
+                    self.dead_letter(cx.db(), DeadLetter::decode(&rec, id.as_ref(), err.reason(), &msg)).await?;
+                    parked_store::unpark(cx.db(), consumer, &self.topic, self.partition, rec.offset).await?;
+                    dead += 1;
+                    continue;
+                }
+                Prepared::Good { id, version, ev } => (id, version, ev),
+            };
+            let claimed =
+                store::claim(cx.db(), consumer, &self.topic, self.partition, std::slice::from_ref(&id.0), &[rec.offset]).await?;
+            if !claimed.contains(id.as_str()) {
+                parked_store::unpark(cx.db(), consumer, &self.topic, self.partition, rec.offset).await?;
+                duplicates.push((rec.offset, id));
+                continue;
+            }
+            store::savepoint(cx.db(), Savepoint::Begin).await?;
+            let outcome = match ev {
+                Some(ev) => self.apply(&mut cx, &id, version, ev, &rec).await,
+                None => Err(HandlerError::reject("internal: event decoded twice")),
+            };
+            match outcome {
+                Ok(_) => {
+                    store::savepoint(cx.db(), Savepoint::Release).await?;
+                    parked_store::unpark(cx.db(), consumer, &self.topic, self.partition, rec.offset).await?;
+                    processed += 1;
+                }
+                Err(err) => {
+                    store::savepoint(cx.db(), Savepoint::Rollback).await?;
+                    store::unclaim(cx.db(), consumer, std::slice::from_ref(&id.0)).await?;
+                    let attempts = (row.attempts.max(0) as u32) + 1;
+                    let msg = err.to_string();
+                    let class = err.class_name();
+                    if err.class() == FailureClass::Reject || attempts >= s.settings.max_attempts {
+                        let reason = if err.class() == FailureClass::Reject { "rejected" } else { "max-attempts" };
+                        let dl = DeadLetter::handler(&rec, &id, reason, &msg, &class, attempts as i32);
+                        self.dead_letter(cx.db(), dl).await?;
+                        parked_store::unpark(cx.db(), consumer, &self.topic, self.partition, rec.offset).await?;
+                        dead += 1;
+                        match s.settings.dead_key_policy {
+                            DeadKeyPolicy::Continue => continue,
+                            DeadKeyPolicy::Hold => {
+                                let held =
+                                    parked_store::hold_key(cx.db(), consumer, &self.topic, self.partition, key).await?;
+                                tracing::error!(key, held, "Holding the events behind a dead-lettered event until an operator releases the key (`oncely dlq release`).");
+                                break;
+                            }
+                        }
+                    }
+                    let retry_in = self.retry_delay(&err, attempts);
+                    parked_store::reschedule(
+                        cx.db(),
+                        consumer,
+                        &self.topic,
+                        self.partition,
+                        rec.offset,
+                        attempts as i32,
+                        retry_in,
+                        &msg,
+                        &class,
+                    )
+                    .await?;
+                    tracing::warn!(key, offset = rec.offset, event_id = %id, attempts, retry_in = ?retry_in, error = %msg, "A parked key failed again.");
+                    crate::metrics::inc(
+                        "oncely_parked_retries_total",
+                        "Failed retries of parked keys (poison detection).",
+                        &[("consumer", consumer), ("topic", &self.topic)],
+                        1,
+                    );
+                    break;
+                }
+            }
+        }
+        let Cx { tx, .. } = cx;
+        tx.commit().await?;
+        for (offset, id) in &duplicates {
+            events::DuplicateSkipped {
+                consumer,
+                topic: &self.topic,
+                partition: self.partition,
+                offset: *offset,
+                event_id: id.as_str(),
+            }
+            .emit();
+        }
+        count_events(consumer, &self.topic, "processed", processed);
+        count_events(consumer, &self.topic, "dead", dead);
+        if parked_store::key_queue_len(&s.pool, consumer, &self.topic, self.partition, key).await? == 0 {
+            self.parked.remove(key);
+            tracing::info!(key, "A parked key drained; its events flow again.");
+        }
+        Ok(true)
     }
 
     /// Applies one claimed event: version guard, then the handler (panics are
-    /// caught and become failures). Returns false for a stale event.
+    /// caught and become failures).
     async fn apply(
         &self,
         cx: &mut Cx,
@@ -455,18 +690,18 @@ impl Lane {
         version: Option<i64>,
         ev: Box<dyn Any + Send>,
         rec: &RawRecord,
-    ) -> Result<bool, HandlerError> {
+    ) -> Result<Applied, HandlerError> {
         let s = &self.shared;
         if let (Some(v), Some(g)) = (version, &s.version) {
             let et = g.entity_type.as_deref().unwrap_or(&self.topic);
             if !store::apply_version(cx.db(), &s.name, et, &rec.key_str(), v).await? {
-                return Ok(false);
+                return Ok(Applied::Stale);
             }
         }
         cx.event_id = Some(id.clone());
         let fut = s.handler.call(ev, cx);
         match AssertUnwindSafe(fut).catch_unwind().await {
-            Ok(r) => r.map(|()| true),
+            Ok(r) => r.map(|()| Applied::Done),
             Err(panic) => {
                 let msg = panic
                     .downcast_ref::<&str>()
@@ -498,7 +733,7 @@ impl Lane {
     /// After a lost fence another member owns the partition (this one is a
     /// zombie that has not noticed yet): stop processing and wait for the
     /// revoke. Returns false (the lane stops).
-    async fn resync(&mut self) -> bool {
+    async fn idle_until_revoked(&mut self) -> bool {
         tracing::error!(
             "The partition's database offset moved under this lane: another member owns it. Idling until the rebalance revokes it."
         );

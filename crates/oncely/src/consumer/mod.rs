@@ -85,6 +85,7 @@ pub(crate) struct Settings {
     pub backoff_max: Duration,
     pub max_record_bytes: usize,
     pub replay: bool,
+    pub dead_key_policy: crate::failure::DeadKeyPolicy,
 }
 
 /// State shared by the Kafka thread, the rebalance callback and the lanes.
@@ -456,6 +457,7 @@ impl ConsumerBuilder {
                 backoff_max: Duration::from_secs(60),
                 max_record_bytes: 8 * 1024 * 1024,
                 replay: false,
+                dead_key_policy: crate::failure::DeadKeyPolicy::Continue,
             },
             rate: None,
             spike: None,
@@ -568,9 +570,18 @@ impl ConsumerBuilder {
         self
     }
 
-    /// Attempts before a transiently failing event is dead-lettered. Default 10.
+    /// Attempts before a transiently failing event is dead-lettered (its key
+    /// stays parked, retried with backoff, meanwhile). Default 10.
     pub fn max_attempts(mut self, n: u32) -> Self {
         self.settings.max_attempts = n.max(1);
+        self
+    }
+
+    /// What happens to the events parked behind an event that was
+    /// dead-lettered. Default [`DeadKeyPolicy::Continue`](crate::failure::DeadKeyPolicy):
+    /// the next event of the key is tried at once (order among the survivors holds).
+    pub fn dead_key_policy(mut self, p: crate::failure::DeadKeyPolicy) -> Self {
+        self.settings.dead_key_policy = p;
         self
     }
 

@@ -7,7 +7,10 @@ use sqlx::{PgPool, Row};
 use crate::error::{Error, Result};
 
 /// `(version, name, sql)` of every migration, in order.
-pub const MIGRATIONS: &[(i64, &str, &str)] = &[(1, "core", include_str!("migrations/0001_core.sql"))];
+pub const MIGRATIONS: &[(i64, &str, &str)] = &[
+    (1, "core", include_str!("migrations/0001_core.sql")),
+    (5, "failure", include_str!("migrations/0005_failure.sql")),
+];
 
 /// Key of the advisory lock held while migrating (`hashtext('oncely.migrate')` is
 /// not stable across versions, so a fixed number).

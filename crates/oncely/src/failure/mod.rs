@@ -1,0 +1,172 @@
+//! The failure path: dead letters and their headers, the policy for events
+//! parked behind a dead key, and redrive.
+//!
+//! A transiently failing event is parked per key by the lane (see
+//! [`crate::consumer`]); after `max_attempts`, at once for a rejected event,
+//! and for bad input, the record is dead-lettered: indexed in
+//! `oncely.dead_letters` and published to `<topic>.<consumer>.dlt` through the
+//! outbox, in the transaction that moves the offset past it.
+
+use sqlx::PgConnection;
+
+use crate::envelope::{EventId, RawRecord};
+use crate::error::Result;
+use crate::store::{self, NewDeadLetter};
+
+pub mod redrive;
+
+/// What happens to the events parked behind an event that was dead-lettered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum DeadKeyPolicy {
+    /// The next event of the key becomes the head and is tried at once (default).
+    #[default]
+    Continue,
+    /// The key's remaining events are held until an operator releases the key
+    /// (`oncely dlq release`).
+    Hold,
+}
+
+/// Header: original topic (Spring Kafka's name).
+pub const H_DLT_TOPIC: &str = "kafka_dlt-original-topic";
+/// Header: original partition, 4-byte big-endian integer (as Spring Kafka writes it).
+pub const H_DLT_PARTITION: &str = "kafka_dlt-original-partition";
+/// Header: original offset, 8-byte big-endian integer.
+pub const H_DLT_OFFSET: &str = "kafka_dlt-original-offset";
+/// Header: original timestamp (ms), 8-byte big-endian integer.
+pub const H_DLT_TIMESTAMP: &str = "kafka_dlt-original-timestamp";
+/// Header: original consumer group.
+pub const H_DLT_GROUP: &str = "kafka_dlt-original-consumer-group";
+/// Header: the error message.
+pub const H_DLT_MESSAGE: &str = "kafka_dlt-exception-message";
+/// Header: the error's class name.
+pub const H_DLT_FQCN: &str = "kafka_dlt-exception-fqcn";
+/// Header: attempts made, decimal text.
+pub const H_ATTEMPTS: &str = "oncely-attempts";
+/// Header: the short reason code, e.g. `undecodable-payload`.
+pub const H_REASON: &str = "oncely-reason";
+
+/// The dead-letter topic of a consumer for `topic`.
+pub fn dlt_topic(topic: &str, consumer: &str) -> String {
+    format!("{topic}.{consumer}.dlt")
+}
+
+/// A record to dead-letter and why.
+#[derive(Debug, Clone, Copy)]
+pub struct DeadLetter<'a> {
+    /// The record as received.
+    pub record: &'a RawRecord,
+    /// Its identity, when it has one.
+    pub event_id: Option<&'a str>,
+    /// Short reason code.
+    pub reason: &'a str,
+    /// The error message.
+    pub error: &'a str,
+    /// The error's class name.
+    pub error_class: &'a str,
+    /// Attempts made.
+    pub attempts: i32,
+}
+
+impl<'a> DeadLetter<'a> {
+    /// Bad input: the record could not be decoded.
+    pub fn decode(record: &'a RawRecord, id: Option<&'a EventId>, reason: &'a str, error: &'a str) -> Self {
+        DeadLetter {
+            record,
+            event_id: id.map(EventId::as_str),
+            reason,
+            error,
+            error_class: "oncely::DecodeError",
+            attempts: 1,
+        }
+    }
+
+    /// The handler failed permanently or too often.
+    pub fn handler(
+        record: &'a RawRecord,
+        id: &'a EventId,
+        reason: &'a str,
+        error: &'a str,
+        error_class: &'a str,
+        attempts: i32,
+    ) -> Self {
+        DeadLetter { record, event_id: Some(id.as_str()), reason, error, error_class, attempts }
+    }
+
+    /// The dead-letter record's headers: the original ones, then Spring
+    /// Kafka's `kafka_dlt-*` headers, then `oncely-attempts` and `oncely-reason`.
+    pub fn headers(&self, consumer: &str) -> Vec<(String, Vec<u8>)> {
+        let mut h: Vec<(String, Vec<u8>)> = self
+            .record
+            .headers
+            .iter()
+            .filter(|(k, _)| !k.starts_with("kafka_dlt-") && k != H_ATTEMPTS && k != H_REASON)
+            .map(|(k, v)| (k.clone(), v.clone().unwrap_or_default()))
+            .collect();
+        h.push((H_DLT_TOPIC.into(), self.record.topic.clone().into_bytes()));
+        h.push((H_DLT_PARTITION.into(), self.record.partition.to_be_bytes().to_vec()));
+        h.push((H_DLT_OFFSET.into(), self.record.offset.to_be_bytes().to_vec()));
+        h.push((H_DLT_TIMESTAMP.into(), self.record.timestamp_ms.unwrap_or(0).to_be_bytes().to_vec()));
+        h.push((H_DLT_GROUP.into(), consumer.as_bytes().to_vec()));
+        h.push((H_DLT_MESSAGE.into(), self.error.as_bytes().to_vec()));
+        h.push((H_DLT_FQCN.into(), self.error_class.as_bytes().to_vec()));
+        h.push((H_ATTEMPTS.into(), self.attempts.to_string().into_bytes()));
+        h.push((H_REASON.into(), self.reason.as_bytes().to_vec()));
+        h
+    }
+}
+
+/// Dead-letters a record inside the caller's transaction: the index row in
+/// `oncely.dead_letters` and the dead-letter record in the outbox (published
+/// to `<topic>.<consumer>.dlt` by the relay). Returns the dead letter's id.
+pub async fn dead_letter(conn: &mut PgConnection, consumer: &str, dl: &DeadLetter<'_>) -> Result<i64> {
+    let id = store::insert_dead_letter(
+        conn,
+        &NewDeadLetter {
+            consumer,
+            record: dl.record,
+            event_id: dl.event_id,
+            reason: dl.reason,
+            error: dl.error,
+            error_class: dl.error_class,
+            attempts: dl.attempts,
+        },
+    )
+    .await?;
+    // WIP-OUTBOX: publish to the DLT through crate::outbox::enqueue_raw once it exists.
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dlt_headers_follow_spring_kafka() {
+        let rec = RawRecord {
+            topic: "orders".into(),
+            partition: 3,
+            offset: 42,
+            timestamp_ms: Some(1_700_000_000_000),
+            key: Some(b"k".to_vec()),
+            payload: Some(b"{}".to_vec()),
+            headers: vec![("ce_id".into(), Some(b"abc".to_vec())), (H_REASON.into(), Some(b"old".to_vec()))],
+        };
+        let id = EventId("s#abc".into());
+        let dl = DeadLetter::handler(&rec, &id, "max-attempts", "boom", "sqlx::Error", 10);
+        let h = dl.headers("payments");
+        let get = |k: &str| h.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).expect(k);
+        assert_eq!(get("ce_id"), b"abc");
+        assert_eq!(get(H_DLT_TOPIC), b"orders");
+        assert_eq!(get(H_DLT_PARTITION), 3i32.to_be_bytes());
+        assert_eq!(get(H_DLT_OFFSET), 42i64.to_be_bytes());
+        assert_eq!(get(H_DLT_TIMESTAMP), 1_700_000_000_000i64.to_be_bytes());
+        assert_eq!(get(H_DLT_GROUP), b"payments");
+        assert_eq!(get(H_DLT_MESSAGE), b"boom");
+        assert_eq!(get(H_DLT_FQCN), b"sqlx::Error");
+        assert_eq!(get(H_ATTEMPTS), b"10");
+        assert_eq!(get(H_REASON), b"max-attempts");
+        assert_eq!(h.iter().filter(|(n, _)| n == H_REASON).count(), 1, "a redriven record's old reason is replaced");
+        assert_eq!(dlt_topic("orders", "payments"), "orders.payments.dlt");
+    }
+}

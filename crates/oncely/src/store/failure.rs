@@ -1,0 +1,320 @@
+//! SQL of the failure path: parked events (per-key retry queues).
+
+use sqlx::{PgConnection, PgPool, Row};
+
+use crate::envelope::RawRecord;
+use crate::error::{Error, Result};
+
+/// A parked event as stored.
+#[derive(Debug, Clone)]
+pub struct ParkedRow {
+    /// The record as received.
+    pub record: RawRecord,
+    /// The entity key (the Kafka key as text).
+    pub entity_key: String,
+    /// Its identity, when known.
+    pub event_id: Option<String>,
+    /// `waiting` or `held`.
+    pub status: String,
+    /// Failed attempts so far (0 for events parked behind the head).
+    pub attempts: i32,
+    /// When the head is due (None behind the head).
+    pub next_attempt_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// The last error, for the head.
+    pub last_error: Option<String>,
+    /// When it was parked.
+    pub parked_at: chrono::DateTime<chrono::Utc>,
+}
+
+/// A parked event to insert.
+#[derive(Debug, Clone)]
+pub struct NewParked<'a> {
+    /// Consumer name.
+    pub consumer: &'a str,
+    /// The record.
+    pub record: &'a RawRecord,
+    /// Entity key.
+    pub entity_key: &'a str,
+    /// Identity, when known.
+    pub event_id: Option<&'a str>,
+    /// Attempts made (0 when parked behind another event).
+    pub attempts: i32,
+    /// Delay before the next attempt (for a head).
+    pub retry_in: Option<std::time::Duration>,
+    /// The error (for a head).
+    pub error: Option<&'a str>,
+    /// The error's class.
+    pub error_class: Option<&'a str>,
+}
+
+/// Parks an event (no-op if that record position is already parked).
+pub async fn park(conn: &mut PgConnection, p: &NewParked<'_>) -> Result<()> {
+    let (keys, values): (Vec<String>, Vec<Option<Vec<u8>>>) = p.record.headers.iter().cloned().unzip();
+    let retry_ms = p.retry_in.map(|d| d.as_millis() as i64);
+    sqlx::query(
+        r#"INSERT INTO oncely.parked
+             (consumer, topic, partition, "offset", entity_key, event_id, record_ts_ms, key, payload,
+              header_keys, header_values, attempts, next_attempt_at, last_error, error_class)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
+                   CASE WHEN $13::bigint IS NULL THEN NULL ELSE now() + make_interval(secs => $13::bigint / 1000.0) END,
+                   $14, $15)
+           ON CONFLICT DO NOTHING"#,
+    )
+    .bind(p.consumer)
+    .bind(&p.record.topic)
+    .bind(p.record.partition)
+    .bind(p.record.offset)
+    .bind(p.entity_key)
+    .bind(p.event_id)
+    .bind(p.record.timestamp_ms)
+    .bind(p.record.key.as_deref())
+    .bind(p.record.payload.as_deref())
+    .bind(&keys)
+    .bind(&values)
+    .bind(p.attempts)
+    .bind(retry_ms)
+    .bind(p.error)
+    .bind(p.error_class)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Keys with parked events in a partition (the new owner of a partition
+/// loads them at assignment).
+pub async fn parked_keys(pool: &PgPool, consumer: &str, topic: &str, partition: i32) -> Result<Vec<String>> {
+    let rows = sqlx::query(
+        "SELECT DISTINCT entity_key FROM oncely.parked WHERE consumer = $1 AND topic = $2 AND partition = $3",
+    )
+    .bind(consumer)
+    .bind(topic)
+    .bind(partition)
+    .fetch_all(pool)
+    .await?;
+    rows.iter().map(|r| r.try_get(0).map_err(Error::from)).collect()
+}
+
+/// Keys whose head is due now, and the earliest due time of the others.
+pub async fn due_keys(
+    pool: &PgPool,
+    consumer: &str,
+    topic: &str,
+    partition: i32,
+) -> Result<(Vec<String>, Option<std::time::Duration>)> {
+    // A key is due when its lowest waiting offset is due (or has no due time:
+    // a queue whose head was just dead-lettered drains at once).
+    let rows = sqlx::query(
+        r#"SELECT entity_key, EXTRACT(EPOCH FROM (coalesce(next_attempt_at, now()) - now()))::float8
+             FROM (SELECT DISTINCT ON (entity_key) entity_key, next_attempt_at, status
+                     FROM oncely.parked
+                    WHERE consumer = $1 AND topic = $2 AND partition = $3
+                    ORDER BY entity_key, "offset") heads
+            WHERE status = 'waiting'"#,
+    )
+    .bind(consumer)
+    .bind(topic)
+    .bind(partition)
+    .fetch_all(pool)
+    .await?;
+    let mut due = Vec::new();
+    let mut next: Option<f64> = None;
+    for r in rows {
+        let key: String = r.try_get(0)?;
+        let secs: f64 = r.try_get(1)?;
+        if secs <= 0.0 {
+            due.push(key);
+        } else {
+            next = Some(next.map_or(secs, |n| n.min(secs)));
+        }
+    }
+    Ok((due, next.map(std::time::Duration::from_secs_f64)))
+}
+
+/// The waiting events of one key, in offset order, locked for this transaction.
+pub async fn key_queue(
+    conn: &mut PgConnection,
+    consumer: &str,
+    topic: &str,
+    partition: i32,
+    entity_key: &str,
+) -> Result<Vec<ParkedRow>> {
+    let rows = sqlx::query(
+        r#"SELECT "offset", record_ts_ms, key, payload, header_keys, header_values, entity_key, event_id,
+                  status, attempts, next_attempt_at, last_error, parked_at
+             FROM oncely.parked
+            WHERE consumer = $1 AND topic = $2 AND partition = $3 AND entity_key = $4 AND status = 'waiting'
+            ORDER BY "offset"
+            FOR UPDATE"#,
+    )
+    .bind(consumer)
+    .bind(topic)
+    .bind(partition)
+    .bind(entity_key)
+    .fetch_all(&mut *conn)
+    .await?;
+    rows.iter().map(|r| row_to_parked(r, topic, partition)).collect()
+}
+
+fn row_to_parked(r: &sqlx::postgres::PgRow, topic: &str, partition: i32) -> Result<ParkedRow> {
+    let keys: Vec<String> = r.try_get("header_keys")?;
+    let values: Vec<Option<Vec<u8>>> = r.try_get("header_values")?;
+    Ok(ParkedRow {
+        record: RawRecord {
+            topic: topic.to_owned(),
+            partition,
+            offset: r.try_get("offset")?,
+            timestamp_ms: r.try_get("record_ts_ms")?,
+            key: r.try_get("key")?,
+            payload: r.try_get("payload")?,
+            headers: keys.into_iter().zip(values).collect(),
+        },
+        entity_key: r.try_get("entity_key")?,
+        event_id: r.try_get("event_id")?,
+        status: r.try_get("status")?,
+        attempts: r.try_get("attempts")?,
+        next_attempt_at: r.try_get("next_attempt_at")?,
+        last_error: r.try_get("last_error")?,
+        parked_at: r.try_get("parked_at")?,
+    })
+}
+
+/// Removes a parked event (applied, duplicate or dead-lettered).
+pub async fn unpark(conn: &mut PgConnection, consumer: &str, topic: &str, partition: i32, offset: i64) -> Result<()> {
+    sqlx::query(r#"DELETE FROM oncely.parked WHERE consumer = $1 AND topic = $2 AND partition = $3 AND "offset" = $4"#)
+        .bind(consumer)
+        .bind(topic)
+        .bind(partition)
+        .bind(offset)
+        .execute(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// Records a failed attempt of a head and when to try again.
+pub async fn reschedule(
+    conn: &mut PgConnection,
+    consumer: &str,
+    topic: &str,
+    partition: i32,
+    offset: i64,
+    attempts: i32,
+    retry_in: std::time::Duration,
+    error: &str,
+    error_class: &str,
+) -> Result<()> {
+    sqlx::query(
+        r#"UPDATE oncely.parked
+              SET attempts = $5, next_attempt_at = now() + make_interval(secs => $6::float8),
+                  last_error = $7, error_class = $8, updated_at = now()
+            WHERE consumer = $1 AND topic = $2 AND partition = $3 AND "offset" = $4"#,
+    )
+    .bind(consumer)
+    .bind(topic)
+    .bind(partition)
+    .bind(offset)
+    .bind(attempts)
+    .bind(retry_in.as_secs_f64())
+    .bind(error)
+    .bind(error_class)
+    .execute(&mut *conn)
+    .await?;
+    Ok(())
+}
+
+/// Holds every waiting event of a key (the `hold` policy after its head was
+/// dead-lettered). Returns how many were held.
+pub async fn hold_key(
+    conn: &mut PgConnection,
+    consumer: &str,
+    topic: &str,
+    partition: i32,
+    entity_key: &str,
+) -> Result<u64> {
+    Ok(sqlx::query(
+        "UPDATE oncely.parked SET status = 'held', updated_at = now()
+          WHERE consumer = $1 AND topic = $2 AND partition = $3 AND entity_key = $4 AND status = 'waiting'",
+    )
+    .bind(consumer)
+    .bind(topic)
+    .bind(partition)
+    .bind(entity_key)
+    .execute(&mut *conn)
+    .await?
+    .rows_affected())
+}
+
+/// Releases a held key: its events become waiting and due now. Returns how many.
+pub async fn release_key(pool: &PgPool, consumer: &str, entity_key: &str) -> Result<u64> {
+    Ok(sqlx::query(
+        "UPDATE oncely.parked SET status = 'waiting', next_attempt_at = now(), updated_at = now()
+          WHERE consumer = $1 AND entity_key = $2 AND status = 'held'",
+    )
+    .bind(consumer)
+    .bind(entity_key)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+/// Confirms this lane still owns the partition (the database offset is where
+/// it expects): the fence for transactions that do not advance the offset.
+pub async fn still_owner(
+    conn: &mut PgConnection,
+    consumer: &str,
+    topic: &str,
+    partition: i32,
+    expected: i64,
+) -> Result<bool> {
+    let n = sqlx::query(
+        "SELECT 1 FROM oncely.offsets WHERE consumer = $1 AND topic = $2 AND partition = $3 AND next_offset = $4 FOR UPDATE",
+    )
+    .bind(consumer)
+    .bind(topic)
+    .bind(partition)
+    .bind(expected)
+    .fetch_optional(&mut *conn)
+    .await?;
+    Ok(n.is_some())
+}
+
+/// Parked events of a consumer (all consumers when `None`), heads first.
+pub async fn list_parked(pool: &PgPool, consumer: Option<&str>, limit: i64) -> Result<Vec<ParkedRow>> {
+    let rows = sqlx::query(
+        r#"SELECT topic, partition, "offset", record_ts_ms, key, payload, header_keys, header_values, entity_key,
+                  event_id, status, attempts, next_attempt_at, last_error, parked_at
+             FROM oncely.parked
+            WHERE $1::text IS NULL OR consumer = $1
+            ORDER BY consumer, topic, partition, entity_key, "offset"
+            LIMIT $2"#,
+    )
+    .bind(consumer)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            let topic: String = r.try_get("topic")?;
+            let partition: i32 = r.try_get("partition")?;
+            row_to_parked(r, &topic, partition)
+        })
+        .collect()
+}
+
+/// How many events of a key are still parked (waiting or held).
+pub async fn key_queue_len(
+    pool: &PgPool,
+    consumer: &str,
+    topic: &str,
+    partition: i32,
+    entity_key: &str,
+) -> Result<i64> {
+    Ok(sqlx::query_scalar(
+        "SELECT count(*) FROM oncely.parked WHERE consumer = $1 AND topic = $2 AND partition = $3 AND entity_key = $4",
+    )
+    .bind(consumer)
+    .bind(topic)
+    .bind(partition)
+    .bind(entity_key)
+    .fetch_one(pool)
+    .await?)
+}
