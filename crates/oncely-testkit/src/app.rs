@@ -40,6 +40,8 @@ pub struct Behaviour {
     pub delay: Duration,
     /// Tag written with each row (which process applied it).
     pub tag: String,
+    /// Record a `charge-card` effect for every applied event.
+    pub charge: bool,
     applied: AtomicU64,
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -99,6 +101,9 @@ pub async fn record(ev: Event<SeqEvent>, cx: &mut Cx) -> Result<(), HandlerError
         .bind(&tag)
         .execute(cx.db())
         .await?;
+    if b.charge {
+        cx.effect("charge-card", &serde_json::json!({"order": key, "seq": ev.data.seq, "amount": 1000}))?;
+    }
     if hang == Some(count) {
         // The row is written inside the open batch transaction; the test kills
         // the process now, before the commit.
@@ -121,6 +126,27 @@ pub fn consumer(group: &str, topic: &str, pool: PgPool, behaviour: Behaviour) ->
         .kafka("session.timeout.ms", "6000")
         .kafka("heartbeat.interval.ms", "500")
         .force_inbox_retention(true)
+}
+
+/// The name of the test's effect.
+pub const CHARGE: &str = "charge-card";
+
+/// [`consumer`] with a `charge-card` effect run against the fake gateway at `gateway_url`.
+pub fn consumer_with_gateway(
+    group: &str,
+    topic: &str,
+    pool: PgPool,
+    mut behaviour: Behaviour,
+    gateway_url: &str,
+    opts: oncely::effects::EffectOptions,
+) -> Result<ConsumerBuilder> {
+    behaviour.charge = true;
+    let client = crate::gateway::GatewayClient::new(gateway_url, Duration::from_secs(5))?;
+    let charge = move |call: oncely::effects::EffectCall| {
+        let client = client.clone();
+        async move { client.charge(&call.key, &call.payload).await }
+    };
+    Ok(consumer(group, topic, pool, behaviour).effect_executor(CHARGE, charge, opts))
 }
 
 /// Publishes `per_key` events for each of `keys` keys (`k0`, `k1`, …), seq

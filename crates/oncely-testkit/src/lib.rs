@@ -15,6 +15,7 @@ use rdkafka::ClientConfig;
 use sqlx::{Connection, PgConnection, PgPool};
 
 pub mod app;
+pub mod gateway;
 
 /// Kafka bootstrap servers of the test broker (`ONCELY_KAFKA_BOOTSTRAP`, default `127.0.0.1:9092`).
 pub fn bootstrap() -> String {

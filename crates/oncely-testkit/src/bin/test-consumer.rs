@@ -1,7 +1,8 @@
 //! A consumer process for tests that kill it: `test-consumer GROUP TOPIC` with
 //! `DATABASE_URL`, `ONCELY_KAFKA_BOOTSTRAP` and optional settings in
 //! variables: `HANG_AFTER=N`, `DELAY_MS=N`, `MAX_BATCH=N`, `TAG=…`,
-//! `FAIL_KEYS=k1:3,k2:1`, `BACKOFF_MS=N`, `MAX_ATTEMPTS=N`,
+//! `FAIL_KEYS=k1:3,k2:1`, `BACKOFF_MS=N`, `MAX_ATTEMPTS=N`, `GATEWAY_URL=…`
+//! (charge every event), `EFFECT=at_most_once`, `EFFECT_LEASE_MS=N`,
 //! `REWIND=skip|replay|halt`. Prints `READY` once running; stops on SIGTERM.
 
 use std::time::Duration;
@@ -23,7 +24,21 @@ async fn main() -> anyhow::Result<()> {
     b.fail_times = var("FAIL_KEYS").map(|v| app::parse_fail_keys(&v)).unwrap_or_default();
     b.delay = Duration::from_millis(var("DELAY_MS").and_then(|v| v.parse().ok()).unwrap_or(0));
     let pool = oncely::store::connect(&oncely_testkit::database_url(), 10).await?;
-    let mut c = app::consumer(&group, &topic, pool, b).handle_sigterm(true);
+    let mut c = match var("GATEWAY_URL") {
+        Some(url) => {
+            let mut opts = match var("EFFECT").as_deref() {
+                Some("at_most_once") => oncely::effects::EffectOptions::at_most_once(),
+                _ => oncely::effects::EffectOptions::default(),
+            };
+            opts.backoff = (Duration::from_millis(50), Duration::from_millis(500));
+            app::consumer_with_gateway(&group, &topic, pool, b, &url, opts)?
+        }
+        None => app::consumer(&group, &topic, pool, b),
+    }
+    .handle_sigterm(true);
+    if let Some(ms) = var("EFFECT_LEASE_MS").and_then(|v| v.parse::<u64>().ok()) {
+        c = c.effect_lease(Duration::from_millis(ms));
+    }
     if let Some(ms) = var("BACKOFF_MS").and_then(|v| v.parse::<u64>().ok()) {
         c = c.retry_backoff(Duration::from_millis(ms), Duration::from_millis(ms * 4));
     }

@@ -123,6 +123,8 @@ pub struct Cx {
     pub(crate) event_id: Option<EventId>,
     pub(crate) replay: bool,
     pub(crate) state: Option<Arc<dyn Any + Send + Sync>>,
+    pub(crate) effects: Vec<crate::store::effects::NewIntent>,
+    pub(crate) registry: Arc<crate::effects::Registry>,
 }
 
 impl fmt::Debug for Cx {
@@ -149,9 +151,69 @@ impl Cx {
     }
 
     /// The state given to [`ConsumerBuilder::state`](super::ConsumerBuilder::state),
-    /// if it has type `S` (an HTTP client, settings, ...).
-    pub fn state<S: Send + Sync + 'static>(&self) -> Option<&S> {
-        self.state.as_deref().and_then(|s| s.downcast_ref::<S>())
+    /// if it has type `S` (an HTTP client, settings, ...). A shared handle, so
+    /// the handler can hold it while it uses [`db`](Self::db).
+    pub fn state<S: Send + Sync + 'static>(&self) -> Option<Arc<S>> {
+        self.state.clone().and_then(|s| s.downcast::<S>().ok())
+    }
+
+    /// Records the intent to run effect `name` with `payload` after the
+    /// transaction commits, keyed `<consumer>/<name>/<event identity>`: the
+    /// same key on every redelivery or replay, so the effect happens once in
+    /// outcome. Recording the same effect twice for one event is a no-op (use
+    /// [`effect_keyed`](Self::effect_keyed) for several calls of one effect).
+    /// In replay mode the intent is recorded as suppressed and never runs.
+    pub fn effect<P: serde::Serialize>(&mut self, name: &str, payload: &P) -> Result<(), HandlerError> {
+        self.push_effect(name, None, None, payload)
+    }
+
+    /// Like [`effect`](Self::effect), with a suffix in the key for several
+    /// calls of one effect per event (`.../receipt`, `.../reminder`).
+    pub fn effect_keyed<P: serde::Serialize>(
+        &mut self,
+        name: &str,
+        suffix: &str,
+        payload: &P,
+    ) -> Result<(), HandlerError> {
+        self.push_effect(name, Some(suffix), None, payload)
+    }
+
+    /// Like [`effect`](Self::effect), and the executor runs the intents of
+    /// this effect for `entity` one at a time in the order they were recorded.
+    pub fn effect_ordered<P: serde::Serialize>(
+        &mut self,
+        name: &str,
+        entity: &str,
+        payload: &P,
+    ) -> Result<(), HandlerError> {
+        self.push_effect(name, None, Some(entity), payload)
+    }
+
+    fn push_effect<P: serde::Serialize>(
+        &mut self,
+        name: &str,
+        suffix: Option<&str>,
+        entity: Option<&str>,
+        payload: &P,
+    ) -> Result<(), HandlerError> {
+        let event_id = self.event_id.as_ref().ok_or_else(|| HandlerError::reject("no event in context"))?;
+        let Some(semantics) = self.registry.semantics_of(name) else {
+            return Err(HandlerError::retry(format!(
+                "effect `{name}` is not registered with this consumer (effect_executor or effect_semantics)"
+            )));
+        };
+        let payload = serde_json::to_value(payload).map_err(HandlerError::reject)?;
+        self.effects.push(crate::store::effects::NewIntent {
+            key: crate::effects::intent_key(&self.consumer, name, event_id.as_str(), suffix),
+            consumer: self.consumer.to_string(),
+            effect: name.to_owned(),
+            event_id: event_id.0.clone(),
+            payload,
+            semantics: semantics.as_str(),
+            status: if self.replay { "suppressed" } else { "pending" },
+            ordering_key: entity.map(|e| format!("{name}/{e}")),
+        });
+        Ok(())
     }
 
     /// Whether the consumer runs in replay mode (side effects are suppressed).

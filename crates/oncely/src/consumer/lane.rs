@@ -367,8 +367,15 @@ impl Lane {
             .unzip();
 
         let tx = s.pool.begin().await?;
-        let mut cx =
-            Cx { tx, consumer: s.name.clone(), event_id: None, replay: s.settings.replay, state: s.state.clone() };
+        let mut cx = Cx {
+            tx,
+            consumer: s.name.clone(),
+            event_id: None,
+            replay: s.settings.replay,
+            state: s.state.clone(),
+            effects: Vec::new(),
+            registry: s.registry.clone(),
+        };
         let claimed = store::claim(cx.db(), consumer, &self.topic, self.partition, &ids, &offsets).await?;
         let mut first_seen: HashSet<String> = HashSet::new();
         let mut newly_parked: HashSet<String> = HashSet::new();
@@ -476,6 +483,9 @@ impl Lane {
             return Ok(Outcome::Fenced);
         }
         tx.commit().await?;
+        if processed > 0 && !s.registry.is_empty() {
+            s.effects_wake.notify_one();
+        }
 
         let mut duplicates = 0u64;
         for (offset, id, version, dup, key) in &skipped {
@@ -575,8 +585,15 @@ impl Lane {
         let consumer = &*s.name;
         let Some(expected) = self.db_next else { return Ok(true) };
         let tx = s.pool.begin().await?;
-        let mut cx =
-            Cx { tx, consumer: s.name.clone(), event_id: None, replay: s.settings.replay, state: s.state.clone() };
+        let mut cx = Cx {
+            tx,
+            consumer: s.name.clone(),
+            event_id: None,
+            replay: s.settings.replay,
+            state: s.state.clone(),
+            effects: Vec::new(),
+            registry: s.registry.clone(),
+        };
         if !parked_store::still_owner(cx.db(), consumer, &self.topic, self.partition, expected).await? {
             cx.tx.rollback().await?;
             return Ok(false);
@@ -596,8 +613,15 @@ impl Lane {
                 }
                 Prepared::Good { id, version, ev } => (id, version, ev),
             };
-            let claimed =
-                store::claim(cx.db(), consumer, &self.topic, self.partition, std::slice::from_ref(&id.0), &[rec.offset]).await?;
+            let claimed = store::claim(
+                cx.db(),
+                consumer,
+                &self.topic,
+                self.partition,
+                std::slice::from_ref(&id.0),
+                &[rec.offset],
+            )
+            .await?;
             if !claimed.contains(id.as_str()) {
                 parked_store::unpark(cx.db(), consumer, &self.topic, self.partition, rec.offset).await?;
                 duplicates.push((rec.offset, id));
@@ -662,6 +686,9 @@ impl Lane {
         }
         let Cx { tx, .. } = cx;
         tx.commit().await?;
+        if processed > 0 && !s.registry.is_empty() {
+            s.effects_wake.notify_one();
+        }
         for (offset, id) in &duplicates {
             events::DuplicateSkipped {
                 consumer,
@@ -699,9 +726,17 @@ impl Lane {
             }
         }
         cx.event_id = Some(id.clone());
+        cx.effects.clear();
         let fut = s.handler.call(ev, cx);
         match AssertUnwindSafe(fut).catch_unwind().await {
-            Ok(r) => r.map(|()| Applied::Done),
+            Ok(Ok(())) => {
+                if !cx.effects.is_empty() {
+                    let intents = std::mem::take(&mut cx.effects);
+                    crate::store::effects::record(cx.db(), &intents).await?;
+                }
+                Ok(Applied::Done)
+            }
+            Ok(Err(e)) => Err(e),
             Err(panic) => {
                 let msg = panic
                     .downcast_ref::<&str>()

@@ -105,6 +105,10 @@ pub(crate) struct Shared {
     pub state: Option<Arc<dyn std::any::Any + Send + Sync>>,
     /// Records of paused partitions waiting for room in their lane's channel.
     pub overflow: Mutex<HashMap<PartitionKey, VecDeque<Arc<RawRecord>>>>,
+    /// Effects this consumer may record (and run, when registered).
+    pub registry: Arc<crate::effects::Registry>,
+    /// Wakes the in-process effect executor after a commit.
+    pub effects_wake: Arc<tokio::sync::Notify>,
     /// Lanes ask the dispatcher to refill them here.
     pub wake: futures::channel::mpsc::UnboundedSender<(String, i32)>,
 }
@@ -411,6 +415,8 @@ pub struct ConsumerBuilder {
     migrate: bool,
     handle_sigterm: bool,
     state: Option<Arc<dyn std::any::Any + Send + Sync>>,
+    registry: crate::effects::Registry,
+    effect_lease: Duration,
 }
 
 impl std::fmt::Debug for ConsumerBuilder {
@@ -468,6 +474,8 @@ impl ConsumerBuilder {
             migrate: true,
             handle_sigterm: true,
             state: None,
+            registry: crate::effects::Registry::default(),
+            effect_lease: Duration::from_secs(60),
         }
     }
 
@@ -516,6 +524,34 @@ impl ConsumerBuilder {
     /// dependencies. Default: none.
     pub fn state<S: Send + Sync + 'static>(mut self, state: S) -> Self {
         self.state = Some(Arc::new(state));
+        self
+    }
+
+    /// Registers the function that runs effect `name` after commit (see
+    /// [`crate::effects`]); the consumer runs an executor in-process.
+    /// Handlers may only record effects that are registered or declared.
+    pub fn effect_executor(
+        mut self,
+        name: impl Into<String>,
+        f: impl crate::effects::EffectFn,
+        opts: crate::effects::EffectOptions,
+    ) -> Self {
+        self.registry.register(name, f, opts);
+        self
+    }
+
+    /// Declares an effect whose executor runs in another process, so
+    /// handlers may record it with the right semantics.
+    pub fn effect_semantics(mut self, name: impl Into<String>, semantics: crate::effects::Semantics) -> Self {
+        self.registry.declare(name, semantics);
+        self
+    }
+
+    /// Lease of a claimed effect intent: after it, an intent whose executor
+    /// died is taken up again (at-least-once) or marked unknown (at-most-once).
+    /// Default 60 s; keep it above the longest call.
+    pub fn effect_lease(mut self, d: Duration) -> Self {
+        self.effect_lease = d;
         self
     }
 
@@ -712,6 +748,9 @@ impl ConsumerBuilder {
         }
 
         let (wake_tx, wake_rx) = futures::channel::mpsc::unbounded();
+        let executor = crate::effects::Executor::new(pool.clone(), self.registry.clone()).lease(self.effect_lease);
+        let effects_wake = executor.waker();
+        let executor_task = tokio::spawn(executor.run(shutdown.clone()));
         let shared = Arc::new(Shared {
             name: Arc::from(self.name.as_str()),
             pool: pool.clone(),
@@ -728,6 +767,8 @@ impl ConsumerBuilder {
             state: self.state,
             overflow: Mutex::new(HashMap::new()),
             wake: wake_tx,
+            registry: Arc::new(self.registry),
+            effects_wake,
         });
         let consumer: Arc<KafkaConsumer> = Arc::new(cfg.create_with_context(Ctx(shared.clone()))?);
         let _ = shared.consumer.set(Arc::downgrade(&consumer));
@@ -768,6 +809,9 @@ impl ConsumerBuilder {
             .map_err(Error::Io)?;
         let result = done_rx.await.unwrap_or_else(|_| Err(Error::Config("the consumer thread panicked".into())));
         maintenance.abort();
+        if let Ok(Err(e)) = executor_task.await {
+            tracing::warn!(error = %e, "The effect executor stopped with an error.");
+        }
         tracing::info!(consumer = %self.name, "Consumer stopped.");
         result
     }

@@ -9,6 +9,7 @@ use crate::error::{Error, Result};
 /// `(version, name, sql)` of every migration, in order.
 pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "core", include_str!("migrations/0001_core.sql")),
+    (4, "effects", include_str!("migrations/0004_effects.sql")),
     (5, "failure", include_str!("migrations/0005_failure.sql")),
 ];
 

@@ -11,6 +11,7 @@ use sqlx::{Connection, PgPool, Row};
 
 use crate::error::{Error, Result};
 
+pub mod effects;
 pub mod failure;
 mod migrate;
 pub use migrate::{migrate, MIGRATIONS};
