@@ -34,6 +34,7 @@ pub(crate) enum Output {
 }
 
 mod common;
+mod demo;
 mod dlq;
 mod effects;
 mod offsets;
@@ -64,11 +65,7 @@ enum Command {
     /// Show the environment this invocation would act on.
     Env,
     /// Run the guided demonstration against the services from scripts/services.
-    Demo {
-        /// Print one JSON object with the results as the last line.
-        #[arg(long)]
-        json: bool,
-    },
+    Demo(demo::DemoArgs),
 }
 
 fn main() -> ExitCode {
@@ -145,12 +142,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Outbox(c) => return outbox::run(&cli, c).await,
         Command::Effects(c) => return effects::run(&cli, c).await,
         Command::Dlq(c) => return dlq::run(&cli, c).await,
-        Command::Demo { json } => {
-            println!("oncely demo: the guided demonstration is not built yet (issue: the proof).");
-            if *json {
-                println!("{}", serde_json::json!({ "demo": "not-built" }));
-            }
-        }
+        Command::Demo(a) => return demo::run(a).await,
     }
     Ok(ExitCode::SUCCESS)
 }

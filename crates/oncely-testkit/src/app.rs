@@ -114,6 +114,29 @@ pub async fn record(ev: Event<SeqEvent>, cx: &mut Cx) -> Result<(), HandlerError
     Ok(())
 }
 
+/// The test handler as a batch handler: one multi-row insert per batch; a
+/// panic key panics the whole call (so oncely isolates it event by event).
+pub async fn record_batch(evs: Vec<Event<SeqEvent>>, cx: &mut Cx) -> Result<(), HandlerError> {
+    let b = cx.state::<Behaviour>().ok_or_else(|| HandlerError::reject("no behaviour"))?;
+    if let Some(ev) = evs.iter().find(|e| b.panic_keys.contains(&e.data.key)) {
+        panic!("test batch handler told to panic for key {}", ev.data.key);
+    }
+    let ids: Vec<String> = evs.iter().map(|e| e.id.0.clone()).collect();
+    let keys: Vec<String> = evs.iter().map(|e| e.data.key.clone()).collect();
+    let seqs: Vec<i64> = evs.iter().map(|e| e.data.seq).collect();
+    sqlx::query(
+        "INSERT INTO applied (event_id, key, seq, tag)
+         SELECT i, k, s, $4 FROM unnest($1::text[], $2::text[], $3::int8[]) WITH ORDINALITY AS x(i, k, s, o) ORDER BY o",
+    )
+    .bind(&ids)
+    .bind(&keys)
+    .bind(&seqs)
+    .bind(&b.tag)
+    .execute(cx.db())
+    .await?;
+    Ok(())
+}
+
 /// A consumer of `topic` in group `group` with the test handler.
 pub fn consumer(group: &str, topic: &str, pool: PgPool, behaviour: Behaviour) -> ConsumerBuilder {
     Consumer::builder(group)

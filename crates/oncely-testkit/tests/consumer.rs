@@ -1,15 +1,13 @@
 //! The consumer runtime against the real broker and database, with real faults.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use oncely::consumer::events;
 use oncely::envelope::{CloudEventAttrs, VersionSource, H_ID, H_SOURCE, H_VERSION};
 use oncely::{Publisher, RewindPolicy};
+use oncely_testkit::process::TestConsumer;
 use oncely_testkit::{self as kit, app};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -75,36 +73,8 @@ async fn the_same_event_published_twice_is_applied_once() -> Result<()> {
     Ok(())
 }
 
-/// The child's stdout lines, read continuously so the pipe never fills.
-type Lines = tokio::sync::mpsc::UnboundedReceiver<String>;
-
-async fn spawn_process(db: &kit::TestDb, group: &str, topic: &str, envs: &[(&str, &str)]) -> Result<(Child, Lines)> {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_test-consumer"));
-    cmd.arg(group).arg(topic).env("DATABASE_URL", &db.url).env("ONCELY_KAFKA_BOOTSTRAP", kit::bootstrap());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true).spawn()?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut r = BufReader::new(stdout).lines();
-        while let Ok(Some(l)) = r.next_line().await {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    let first = tokio::time::timeout(WAIT, lines.recv()).await.context("no READY")?;
-    anyhow::ensure!(first.as_deref() == Some("READY"), "unexpected first line {first:?}");
-    Ok((child, lines))
-}
-
-fn signal(child: &Child, sig: &str) -> Result<()> {
-    let pid = child.id().context("pid")?;
-    let st = std::process::Command::new("kill").args([sig, &pid.to_string()]).status()?;
-    anyhow::ensure!(st.success(), "kill {sig} failed");
-    Ok(())
+async fn spawn_process(db: &kit::TestDb, group: &str, topic: &str, envs: &[(&str, &str)]) -> Result<TestConsumer> {
+    TestConsumer::spawn(std::path::Path::new(env!("CARGO_BIN_EXE_test-consumer")), &db.url, group, topic, envs).await
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -118,24 +88,15 @@ async fn sigkill_mid_batch_then_restart_applies_every_event_exactly_once() -> Re
 
     // The handler writes its row for the 137th event, then blocks inside the
     // open batch transaction: killed there, after the write, before the commit.
-    let (mut child, mut lines) =
-        spawn_process(&db, &group, &topic, &[("HANG_AFTER", "137"), ("MAX_BATCH", "50")]).await?;
-    loop {
-        let line = tokio::time::timeout(WAIT, lines.recv()).await.context("no HANGING")?;
-        if line.as_deref() == Some("HANGING") {
-            break;
-        }
-        anyhow::ensure!(line.is_some(), "consumer exited before hanging");
-    }
-    signal(&child, "-KILL")?;
-    child.wait().await?;
+    let mut child = spawn_process(&db, &group, &topic, &[("HANG_AFTER", "137"), ("MAX_BATCH", "50")]).await?;
+    child.wait_line("HANGING", WAIT).await?;
+    child.kill9().await?;
     let before = kit::count(&db.pool, "SELECT count(*) FROM applied").await?;
     assert!(before < 137, "the hanging batch was not committed ({before} rows)");
 
-    let (mut child2, _lines2) = spawn_process(&db, &group, &topic, &[]).await?;
+    let child2 = spawn_process(&db, &group, &topic, &[]).await?;
     wait_offsets(&db, &group, published.len() as i64).await?;
-    child2.start_kill()?;
-    child2.wait().await?;
+    child2.kill9().await?;
     app::check_exactly_once_in_order(&db.pool, &published).await?;
     Ok(())
 }
@@ -150,16 +111,18 @@ async fn rebalances_during_load_keep_exactly_once_and_per_key_order() -> Result<
     let first = app::publish_seq(&topic, 30, 20).await?;
 
     let slow = [("DELAY_MS", "2"), ("MAX_BATCH", "20")];
-    let (mut a, _la) = spawn_process(&db, &group, &topic, &[slow[0], slow[1], ("TAG", "a")]).await?;
+    let a = spawn_process(&db, &group, &topic, &[slow[0], slow[1], ("TAG", "a")]).await?;
     wait_rows(&db, 100).await?;
     // B joins while A is busy: partitions move from A to B.
-    let (mut b, _lb) = spawn_process(&db, &group, &topic, &[slow[0], slow[1], ("TAG", "b")]).await?;
-    kit::wait_until(WAIT, "member b to apply events", || async {
-        Ok(kit::count(&db.pool, "SELECT count(*) FROM applied WHERE tag = 'b'").await? > 0)
+    let b = spawn_process(&db, &group, &topic, &[slow[0], slow[1], ("TAG", "b")]).await?;
+    let admin = oncely::admin::kafka::KafkaAdmin::new(&kit::bootstrap(), &[])?;
+    kit::wait_until(WAIT, "both members to own partitions", || async {
+        let g = admin.describe_consumer_groups(&[group.as_str()]).await?;
+        Ok(g.first().is_some_and(|g| g.members.len() == 2 && g.members.iter().all(|m| !m.assignment.is_empty())))
     })
     .await?;
-    // More load while both run, then B leaves gracefully (SIGTERM): its
-    // partitions move back to A.
+    // More load while both run: B applies its share. Then B leaves gracefully
+    // (SIGTERM): its partitions move back to A.
     let publisher = Publisher::new(&kit::bootstrap(), "/tests/seq")?;
     let mut second = Vec::new();
     for seq in 21..=30 {
@@ -168,12 +131,14 @@ async fn rebalances_during_load_keep_exactly_once_and_per_key_order() -> Result<
             second.push(publisher.publish(&topic, &ev.key, "test.seq", &ev).await?);
         }
     }
-    signal(&b, "-TERM")?;
-    tokio::time::timeout(WAIT, b.wait()).await??;
+    kit::wait_until(WAIT, "member b to apply events", || async {
+        Ok(kit::count(&db.pool, "SELECT count(*) FROM applied WHERE tag = 'b'").await? > 0)
+    })
+    .await?;
+    b.terminate(WAIT).await?;
     let all: Vec<_> = first.into_iter().chain(second).collect();
     wait_offsets(&db, &group, all.len() as i64).await?;
-    a.start_kill()?;
-    a.wait().await?;
+    a.kill9().await?;
     app::check_exactly_once_in_order(&db.pool, &all).await?;
     let tags = kit::count(&db.pool, "SELECT count(DISTINCT tag) FROM applied").await?;
     assert_eq!(tags, 2, "both members applied events");
@@ -353,5 +318,42 @@ async fn bad_input_is_dead_lettered_and_the_partition_keeps_flowing() -> Result<
     assert_eq!(r[2].0, "invalid-header-encoding");
     assert!(r[2].1.contains("ce_id"), "{}", r[2].1);
     assert_eq!(r[3].0, "oversized-record");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_batch_handler_applies_each_event_once_and_isolates_a_failing_one() -> Result<()> {
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    app::setup(&db.pool).await?;
+    let (topic, group) = (kit::unique("orders"), kit::unique("g"));
+    kit::create_topic(&topic, 2).await?;
+    let published = app::publish_seq(&topic, 8, 6).await?;
+    // A duplicate of one event.
+    let publisher = Publisher::new(&kit::bootstrap(), "/tests/seq")?;
+    let first = published[0].clone();
+    let attrs = CloudEventAttrs { id: first.ce_id.clone(), ..CloudEventAttrs::new_now("/tests/seq", "test.seq") };
+    publisher.publish_attrs(&topic, "k0", &attrs, &app::SeqEvent { key: "k0".into(), seq: 1 }).await?;
+    let mut b = app::Behaviour::tagged("batch");
+    b.panic_keys.insert("k5".into());
+    let c = start(
+        app::consumer(&group, &topic, db.pool.clone(), b)
+            .batch_handler(app::record_batch)
+            .max_attempts(2)
+            .retry_backoff(Duration::from_millis(10), Duration::from_millis(20)),
+    );
+    wait_offsets(&db, &group, published.len() as i64 + 1).await?;
+    kit::wait_until(WAIT, "k5 to be dead-lettered", || async {
+        Ok(kit::count(&db.pool, "SELECT count(*) FROM oncely.parked").await? == 0
+            && kit::count(&db.pool, "SELECT count(*) FROM oncely.dead_letters").await? == 6)
+    })
+    .await?;
+    c.stop().await?;
+    let k5: Vec<_> = published.iter().skip(5).step_by(8).map(|p| p.event_id.clone()).collect();
+    assert_eq!(k5.len(), 6);
+    let rest: Vec<_> = published.into_iter().filter(|p| !k5.contains(&p.event_id)).collect();
+    app::check_exactly_once_in_order(&db.pool, &rest).await?;
+    assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM applied").await?, 42);
+    assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM applied WHERE key = 'k5'").await?, 0);
     Ok(())
 }

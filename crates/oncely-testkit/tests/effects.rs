@@ -1,7 +1,6 @@
 //! Side effects against the real broker and database and the fake payment
 //! gateway over HTTP.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -10,9 +9,8 @@ use oncely::envelope::CloudEventAttrs;
 use oncely::store::effects as intents;
 use oncely::Publisher;
 use oncely_testkit::gateway::{Control, FakeGateway};
+use oncely_testkit::process::TestConsumer;
 use oncely_testkit::{self as kit, app};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -73,34 +71,8 @@ async fn the_same_event_delivered_twice_charges_once() -> Result<()> {
     Ok(())
 }
 
-type Lines = tokio::sync::mpsc::UnboundedReceiver<String>;
-
-async fn spawn_process(db: &kit::TestDb, group: &str, topic: &str, envs: &[(&str, &str)]) -> Result<(Child, Lines)> {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_test-consumer"));
-    cmd.arg(group).arg(topic).env("DATABASE_URL", &db.url).env("ONCELY_KAFKA_BOOTSTRAP", kit::bootstrap());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true).spawn()?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut r = BufReader::new(stdout).lines();
-        while let Ok(Some(l)) = r.next_line().await {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    let first = tokio::time::timeout(WAIT, lines.recv()).await.context("no READY")?;
-    anyhow::ensure!(first.as_deref() == Some("READY"), "unexpected first line {first:?}");
-    Ok((child, lines))
-}
-
-fn sigkill(child: &Child) -> Result<()> {
-    let pid = child.id().context("pid")?;
-    anyhow::ensure!(std::process::Command::new("kill").args(["-9", &pid.to_string()]).status()?.success());
-    Ok(())
+async fn spawn_process(db: &kit::TestDb, group: &str, topic: &str, envs: &[(&str, &str)]) -> Result<TestConsumer> {
+    TestConsumer::spawn(std::path::Path::new(env!("CARGO_BIN_EXE_test-consumer")), &db.url, group, topic, envs).await
 }
 
 async fn wait_accepted(gw: &FakeGateway, n: u64) -> Result<()> {
@@ -121,16 +93,14 @@ async fn a_crash_after_the_gateway_charged_repeats_the_call_with_the_same_key() 
     gw.control(Control { hang_after_accept_next: 1, ..Control::default() });
     let url = gw.url();
     let envs = [("GATEWAY_URL", url.as_str()), ("EFFECT_LEASE_MS", "1500")];
-    let (mut a, _la) = spawn_process(&db, &group, &topic, &envs).await?;
+    let a = spawn_process(&db, &group, &topic, &envs).await?;
     wait_accepted(&gw, 1).await?;
-    sigkill(&a)?;
-    a.wait().await?;
+    a.kill9().await?;
     assert_eq!(statuses(&db).await?, vec![("running".to_string(), 1)], "the outcome was never recorded");
 
-    let (mut b, _lb) = spawn_process(&db, &group, &topic, &envs).await?;
+    let b = spawn_process(&db, &group, &topic, &envs).await?;
     wait_status(&db, "done", 1).await?;
-    sigkill(&b)?;
-    b.wait().await?;
+    b.kill9().await?;
     let s = gw.stats();
     assert_eq!(s.charge_calls, 2, "the call was repeated after the crash: {s:?}");
     assert_eq!(s.distinct_charges, 1, "with the same idempotency key: one charge: {s:?}");
@@ -149,17 +119,15 @@ async fn an_interrupted_at_most_once_effect_is_never_resent_and_waits_for_an_ope
     gw.control(Control { hang_after_accept_next: 1, ..Control::default() });
     let url = gw.url();
     let envs = [("GATEWAY_URL", url.as_str()), ("EFFECT", "at_most_once"), ("EFFECT_LEASE_MS", "1000")];
-    let (mut a, _la) = spawn_process(&db, &group, &topic, &envs).await?;
+    let a = spawn_process(&db, &group, &topic, &envs).await?;
     wait_accepted(&gw, 1).await?;
-    sigkill(&a)?;
-    a.wait().await?;
-    let (mut b, _lb) = spawn_process(&db, &group, &topic, &envs).await?;
+    a.kill9().await?;
+    let b = spawn_process(&db, &group, &topic, &envs).await?;
     wait_status(&db, "unknown", 1).await?;
     // `unknown` is never claimed again: the restarted executor took it up
     // (expired lease) and did not call.
     assert_eq!(gw.stats().charge_calls, 1);
-    sigkill(&b)?;
-    b.wait().await?;
+    b.kill9().await?;
     let all = intents::list(&db.pool, Some("unknown"), None, 10).await?;
     assert_eq!(all.len(), 1);
     assert!(all[0].last_error.as_deref().unwrap_or("").contains("oncely effects resolve"), "{:?}", all[0]);

@@ -1,13 +1,11 @@
 //! The failure path against the real broker and database: per-key parking,
 //! retries, restarts and partition moves.
 
-use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use oncely_testkit::process::TestConsumer;
 use oncely_testkit::{self as kit, app};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
 use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(90);
@@ -60,35 +58,8 @@ async fn a_failing_key_waits_in_order_while_other_keys_go_on() -> Result<()> {
     Ok(())
 }
 
-type Lines = tokio::sync::mpsc::UnboundedReceiver<String>;
-
-async fn spawn_process(db: &kit::TestDb, group: &str, topic: &str, envs: &[(&str, &str)]) -> Result<(Child, Lines)> {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_test-consumer"));
-    cmd.arg(group).arg(topic).env("DATABASE_URL", &db.url).env("ONCELY_KAFKA_BOOTSTRAP", kit::bootstrap());
-    for (k, v) in envs {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::inherit()).kill_on_drop(true).spawn()?;
-    let stdout = child.stdout.take().context("stdout")?;
-    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        let mut r = BufReader::new(stdout).lines();
-        while let Ok(Some(l)) = r.next_line().await {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    let first = tokio::time::timeout(WAIT, lines.recv()).await.context("no READY")?;
-    anyhow::ensure!(first.as_deref() == Some("READY"), "unexpected first line {first:?}");
-    Ok((child, lines))
-}
-
-fn signal(child: &Child, sig: &str) -> Result<()> {
-    let pid = child.id().context("pid")?;
-    let st = std::process::Command::new("kill").args([sig, &pid.to_string()]).status()?;
-    anyhow::ensure!(st.success(), "kill {sig} failed");
-    Ok(())
+async fn spawn_process(db: &kit::TestDb, group: &str, topic: &str, envs: &[(&str, &str)]) -> Result<TestConsumer> {
+    TestConsumer::spawn(std::path::Path::new(env!("CARGO_BIN_EXE_test-consumer")), &db.url, group, topic, envs).await
 }
 
 async fn wait_parked(db: &kit::TestDb, key: &str) -> Result<()> {
@@ -105,18 +76,15 @@ async fn parked_keys_survive_a_sigkill_and_resume_in_order() -> Result<()> {
     kit::create_topic(&topic, 2).await?;
     let published = app::publish_seq(&topic, 6, 6).await?;
     // k2 keeps failing in the first process (its backoff is long).
-    let (mut a, _la) =
+    let a =
         spawn_process(&db, &group, &topic, &[("FAIL_KEYS", "k2:1000"), ("BACKOFF_MS", "200"), ("TAG", "a")]).await?;
     wait_parked(&db, "k2").await?;
-    signal(&a, "-KILL")?;
-    a.wait().await?;
+    a.kill9().await?;
     assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM applied WHERE key = 'k2'").await?, 0);
     // The restarted process fails k2 twice more, then succeeds.
-    let (mut b, _lb) =
-        spawn_process(&db, &group, &topic, &[("FAIL_KEYS", "k2:2"), ("BACKOFF_MS", "50"), ("TAG", "b")]).await?;
+    let b = spawn_process(&db, &group, &topic, &[("FAIL_KEYS", "k2:2"), ("BACKOFF_MS", "50"), ("TAG", "b")]).await?;
     wait_drained(&db, &group, published.len() as i64).await?;
-    signal(&b, "-TERM")?;
-    b.wait().await?;
+    b.terminate(WAIT).await?;
     app::check_exactly_once_in_order(&db.pool, &published).await?;
     assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM applied WHERE key = 'k2' AND tag = 'b'").await?, 6);
     Ok(())
@@ -130,18 +98,88 @@ async fn a_parked_key_moves_with_its_partition_to_another_member() -> Result<()>
     let (topic, group) = (kit::unique("orders"), kit::unique("g"));
     kit::create_topic(&topic, 2).await?;
     let published = app::publish_seq(&topic, 6, 6).await?;
-    let (mut a, _la) =
+    let a =
         spawn_process(&db, &group, &topic, &[("FAIL_KEYS", "k3:1000"), ("BACKOFF_MS", "200"), ("TAG", "a")]).await?;
     wait_parked(&db, "k3").await?;
     // B joins (never fails), then A leaves gracefully: B owns every partition,
     // takes over k3's parked queue and drains it.
-    let (mut b, _lb) = spawn_process(&db, &group, &topic, &[("BACKOFF_MS", "50"), ("TAG", "b")]).await?;
-    signal(&a, "-TERM")?;
-    tokio::time::timeout(WAIT, a.wait()).await??;
+    let b = spawn_process(&db, &group, &topic, &[("BACKOFF_MS", "50"), ("TAG", "b")]).await?;
+    a.terminate(WAIT).await?;
     wait_drained(&db, &group, published.len() as i64).await?;
-    signal(&b, "-TERM")?;
-    b.wait().await?;
+    b.terminate(WAIT).await?;
     app::check_exactly_once_in_order(&db.pool, &published).await?;
     assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM applied WHERE key = 'k3' AND tag = 'b'").await?, 6);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_key_failing_past_max_attempts_reaches_the_dlt_with_every_header() -> Result<()> {
+    use oncely::failure::*;
+    use rdkafka::consumer::{BaseConsumer, Consumer};
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    app::setup(&db.pool).await?;
+    let (topic, group) = (kit::unique("orders"), kit::unique("g"));
+    kit::create_topic(&topic, 2).await?;
+    let published = app::publish_seq(&topic, 4, 3).await?;
+    let mut b = app::Behaviour::tagged("d");
+    b.fail_times.insert("k1".into(), 1000);
+    let token = CancellationToken::new();
+    let c = tokio::spawn(
+        app::consumer(&group, &topic, db.pool.clone(), b)
+            .max_attempts(2)
+            .retry_backoff(Duration::from_millis(20), Duration::from_millis(40))
+            .run(token.clone()),
+    );
+    let relay = oncely::outbox::relay::Relay::builder(db.pool.clone(), kit::bootstrap()).build()?;
+    let r = tokio::spawn(relay.run(token.clone()));
+    wait_drained(&db, &group, published.len() as i64).await?;
+
+    let dlt = dlt_topic(&topic, &group);
+    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", kit::bootstrap())
+        .set("group.id", kit::unique("dlt-reader"))
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    consumer.subscribe(&[&dlt])?;
+    let mut records = Vec::new();
+    let deadline = std::time::Instant::now() + WAIT;
+    while records.len() < 3 {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "read {} dead letters from {dlt}", records.len());
+        if let Some(m) = consumer.poll(Duration::from_millis(200)) {
+            records.push(oncely::envelope::RawRecord::from_message(&m?));
+        }
+    }
+    token.cancel();
+    c.await??;
+    r.await??;
+    for rec in &records {
+        assert_eq!(rec.key_str(), "k1");
+        let h = |name: &str| rec.header(name).flatten().map(<[u8]>::to_vec).with_context(|| format!("header {name}"));
+        assert_eq!(h(H_DLT_TOPIC)?, topic.as_bytes());
+        assert_eq!(h(H_DLT_PARTITION)?.len(), 4);
+        assert_eq!(h(H_DLT_OFFSET)?.len(), 8);
+        assert_eq!(h(H_DLT_TIMESTAMP)?.len(), 8);
+        assert_eq!(h(H_DLT_GROUP)?, group.as_bytes());
+        assert!(String::from_utf8(h(H_DLT_MESSAGE)?)?.contains("k1 fails"));
+        assert_eq!(h(H_DLT_FQCN)?, b"oncely::HandlerError::Retry");
+        assert_eq!(h(H_ATTEMPTS)?, b"2");
+        assert_eq!(h(H_REASON)?, b"max-attempts");
+        assert!(h("ce_id").is_ok(), "the original headers are kept");
+    }
+    // Nothing lost: every produced event is applied or on the DLT (and indexed).
+    let applied = kit::count(&db.pool, "SELECT count(*) FROM applied").await?;
+    let indexed = kit::count(&db.pool, "SELECT count(*) FROM oncely.dead_letters").await?;
+    assert_eq!(applied + records.len() as i64, published.len() as i64);
+    assert_eq!(indexed, records.len() as i64);
+    app::check_exactly_once_in_order(
+        &db.pool,
+        &published
+            .iter()
+            .filter(|p| !records.iter().any(|r| r.header("ce_id").flatten() == Some(p.ce_id.as_bytes())))
+            .cloned()
+            .collect::<Vec<_>>(),
+    )
+    .await?;
     Ok(())
 }

@@ -1,5 +1,17 @@
-//! Operator tools over the Kafka Admin API.
+//! Operator tools over the Kafka Admin API: the safe Admin API wrapper
+//! ([`kafka`]), offset-reset plans ([`plan`]), previews and guarded execution
+//! ([`reset`]), snapshots, the audit log, and lag with Burrow's statuses
+//! ([`lag`]), all run through a [`session::Session`] that checks the live
+//! cluster id first.
 
+pub mod audit;
 pub mod kafka;
+pub mod lag;
+pub mod parse;
+pub mod plan;
+pub mod records;
+pub mod reset;
+pub mod session;
+pub mod snapshots;
 
 pub use kafka::KafkaAdmin;

@@ -164,7 +164,20 @@ impl Cx {
     /// [`effect_keyed`](Self::effect_keyed) for several calls of one effect).
     /// In replay mode the intent is recorded as suppressed and never runs.
     pub fn effect<P: serde::Serialize>(&mut self, name: &str, payload: &P) -> Result<(), HandlerError> {
-        self.push_effect(name, None, None, payload)
+        let event_id = self.event_id.clone().ok_or_else(|| {
+            HandlerError::reject("no current event: a batch handler records effects with Cx::effect_for")
+        })?;
+        self.push_effect(&event_id, name, None, None, payload)
+    }
+
+    /// [`effect`](Self::effect) for one event of a batch handler's batch.
+    pub fn effect_for<P: serde::Serialize>(
+        &mut self,
+        event: &EventId,
+        name: &str,
+        payload: &P,
+    ) -> Result<(), HandlerError> {
+        self.push_effect(event, name, None, None, payload)
     }
 
     /// Like [`effect`](Self::effect), with a suffix in the key for several
@@ -175,7 +188,8 @@ impl Cx {
         suffix: &str,
         payload: &P,
     ) -> Result<(), HandlerError> {
-        self.push_effect(name, Some(suffix), None, payload)
+        let event_id = self.event_id.clone().ok_or_else(|| HandlerError::reject("no current event"))?;
+        self.push_effect(&event_id, name, Some(suffix), None, payload)
     }
 
     /// Like [`effect`](Self::effect), and the executor runs the intents of
@@ -186,17 +200,18 @@ impl Cx {
         entity: &str,
         payload: &P,
     ) -> Result<(), HandlerError> {
-        self.push_effect(name, None, Some(entity), payload)
+        let event_id = self.event_id.clone().ok_or_else(|| HandlerError::reject("no current event"))?;
+        self.push_effect(&event_id, name, None, Some(entity), payload)
     }
 
     fn push_effect<P: serde::Serialize>(
         &mut self,
+        event_id: &EventId,
         name: &str,
         suffix: Option<&str>,
         entity: Option<&str>,
         payload: &P,
     ) -> Result<(), HandlerError> {
-        let event_id = self.event_id.as_ref().ok_or_else(|| HandlerError::reject("no event in context"))?;
         let Some(semantics) = self.registry.semantics_of(name) else {
             return Err(HandlerError::retry(format!(
                 "effect `{name}` is not registered with this consumer (effect_executor or effect_semantics)"
@@ -219,6 +234,33 @@ impl Cx {
     /// Whether the consumer runs in replay mode (side effects are suppressed).
     pub fn is_replay(&self) -> bool {
         self.replay
+    }
+
+    /// Publishes an event through the transactional outbox, in the batch's
+    /// transaction: it exists exactly when the handler's writes commit. JSON
+    /// `data`, a fresh UUIDv7 `ce_id`, `ce_source` `/oncely/<consumer>`. To
+    /// continue the incoming event's trace or set other attributes, use
+    /// [`publish_event`](Self::publish_event) with
+    /// [`OutgoingEvent::caused_by`](crate::outbox::OutgoingEvent::caused_by).
+    pub async fn publish<T: serde::Serialize + ?Sized>(
+        &mut self,
+        topic: &str,
+        key: &str,
+        ce_type: &str,
+        data: &T,
+    ) -> crate::Result<crate::outbox::Enqueued> {
+        let ev = crate::outbox::OutgoingEvent::json(ce_type, data)?.source(format!("/oncely/{}", self.consumer));
+        crate::outbox::enqueue(&mut self.tx, topic, key, &ev).await
+    }
+
+    /// [`publish`](Self::publish) of an event built by the caller.
+    pub async fn publish_event(
+        &mut self,
+        topic: &str,
+        key: &str,
+        event: &crate::outbox::OutgoingEvent,
+    ) -> crate::Result<crate::outbox::Enqueued> {
+        crate::outbox::enqueue(&mut self.tx, topic, key, event).await
     }
 }
 
@@ -243,11 +285,42 @@ where
     }
 }
 
+/// A batch handler function: implemented for every `async fn(Vec<Event<T>>,
+/// &mut Cx) -> Result<(), HandlerError>`. It receives the new (claimed,
+/// non-duplicate) events of a batch in offset order, so it can write them with
+/// one multi-row statement. If it fails, oncely runs the events again one at a
+/// time (a one-element vector each, in a savepoint) to find the failing one.
+pub trait BatchHandlerFn<'a, T>: Send + Sync + 'static {
+    /// The handler's future.
+    type Fut: Future<Output = Result<(), HandlerError>> + Send + 'a;
+    /// Calls the handler.
+    fn call(&self, evs: Vec<Event<T>>, cx: &'a mut Cx) -> Self::Fut;
+}
+
+impl<'a, T, F, Fut> BatchHandlerFn<'a, T> for F
+where
+    F: Fn(Vec<Event<T>>, &'a mut Cx) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'a,
+    T: 'a,
+{
+    type Fut = Fut;
+    fn call(&self, evs: Vec<Event<T>>, cx: &'a mut Cx) -> Fut {
+        (self)(evs, cx)
+    }
+}
+
 /// The runtime's view of a handler: decode, then call. Type-erased so the
 /// runtime is not generic over the event type.
 pub(crate) trait ErasedHandler: Send + Sync + 'static {
     fn decode(&self, id: EventId, record: Arc<RawRecord>) -> Result<Box<dyn Any + Send>, DecodeError>;
-    fn call<'a>(&'a self, ev: Box<dyn Any + Send>, cx: &'a mut Cx) -> BoxFuture<'a, Result<(), HandlerError>>;
+    /// Whether the handler takes a whole batch at once.
+    fn is_batch(&self) -> bool;
+    /// Calls the handler; a per-event handler gets exactly one event.
+    fn call<'a>(&'a self, evs: Vec<Box<dyn Any + Send>>, cx: &'a mut Cx) -> BoxFuture<'a, Result<(), HandlerError>>;
+}
+
+fn downcast_all<T: 'static>(evs: Vec<Box<dyn Any + Send>>) -> Option<Vec<Event<T>>> {
+    evs.into_iter().map(|e| e.downcast::<Event<T>>().ok().map(|b| *b)).collect()
 }
 
 pub(crate) struct Typed<T, H> {
@@ -264,10 +337,43 @@ where
         Ok(Box::new(decode_event::<T>(id, record)?))
     }
 
-    fn call<'a>(&'a self, ev: Box<dyn Any + Send>, cx: &'a mut Cx) -> BoxFuture<'a, Result<(), HandlerError>> {
-        match ev.downcast::<Event<T>>() {
-            Ok(ev) => Box::pin(self.handler.call(*ev, cx)),
-            Err(_) => Box::pin(async { Err(HandlerError::reject("internal: event type mismatch")) }),
+    fn is_batch(&self) -> bool {
+        false
+    }
+
+    fn call<'a>(&'a self, evs: Vec<Box<dyn Any + Send>>, cx: &'a mut Cx) -> BoxFuture<'a, Result<(), HandlerError>> {
+        match downcast_all::<T>(evs) {
+            Some(mut v) if v.len() == 1 => match v.pop() {
+                Some(ev) => Box::pin(self.handler.call(ev, cx)),
+                None => Box::pin(async { Err(HandlerError::reject("internal: no event")) }),
+            },
+            _ => Box::pin(async { Err(HandlerError::reject("internal: event type mismatch")) }),
+        }
+    }
+}
+
+pub(crate) struct TypedBatch<T, H> {
+    pub(crate) handler: H,
+    pub(crate) _t: PhantomData<fn() -> T>,
+}
+
+impl<T, H> ErasedHandler for TypedBatch<T, H>
+where
+    T: DecodePayload,
+    H: for<'a> BatchHandlerFn<'a, T>,
+{
+    fn decode(&self, id: EventId, record: Arc<RawRecord>) -> Result<Box<dyn Any + Send>, DecodeError> {
+        Ok(Box::new(decode_event::<T>(id, record)?))
+    }
+
+    fn is_batch(&self) -> bool {
+        true
+    }
+
+    fn call<'a>(&'a self, evs: Vec<Box<dyn Any + Send>>, cx: &'a mut Cx) -> BoxFuture<'a, Result<(), HandlerError>> {
+        match downcast_all::<T>(evs) {
+            Some(v) => Box::pin(self.handler.call(v, cx)),
+            None => Box::pin(async { Err(HandlerError::reject("internal: event type mismatch")) }),
         }
     }
 }

@@ -383,6 +383,7 @@ impl Lane {
         // Logged and counted only once the transaction commits.
         let mut skipped: Vec<(i64, EventId, Option<i64>, bool, String)> = Vec::new();
         let (mut processed, mut dead, mut parked) = (0u64, 0u64, 0u64);
+        let mut batch_evs: Vec<Box<dyn Any + Send>> = Vec::new();
 
         for i in 0..batch.len() {
             let rec = &batch[i];
@@ -417,6 +418,20 @@ impl Lane {
             }
             if !claimed.contains(id.as_str()) || !first_seen.insert(id.0.clone()) {
                 skipped.push((rec.offset, id, None, true, String::new()));
+                continue;
+            }
+            if !careful && s.handler.is_batch() {
+                // Batch handler: apply the version guard now, call once below.
+                if let (Some(v), Some(g)) = (version, &s.version) {
+                    let et = g.entity_type.as_deref().unwrap_or(&self.topic);
+                    if !store::apply_version(cx.db(), consumer, et, &key, v).await? {
+                        skipped.push((rec.offset, id, version, false, key));
+                        continue;
+                    }
+                }
+                if let Some(ev) = ev {
+                    batch_evs.push(ev);
+                }
                 continue;
             }
             if careful {
@@ -468,6 +483,16 @@ impl Lane {
                     parked_store::park(cx.db(), &p).await?;
                     newly_parked.insert(key);
                     parked += 1;
+                }
+            }
+        }
+        if !batch_evs.is_empty() {
+            let n = batch_evs.len() as u64;
+            match self.call_handler(&mut cx, None, batch_evs).await {
+                Ok(()) => processed += n,
+                Err(_) => {
+                    cx.tx.rollback().await?;
+                    return Ok(Outcome::NeedCareful);
                 }
             }
         }
@@ -725,16 +750,27 @@ impl Lane {
                 return Ok(Applied::Stale);
             }
         }
-        cx.event_id = Some(id.clone());
+        self.call_handler(cx, Some(id), vec![ev]).await.map(|()| Applied::Done)
+    }
+
+    /// Calls the handler (panics are caught and become failures) and records
+    /// the effects it asked for.
+    async fn call_handler(
+        &self,
+        cx: &mut Cx,
+        id: Option<&EventId>,
+        evs: Vec<Box<dyn Any + Send>>,
+    ) -> Result<(), HandlerError> {
+        cx.event_id = id.cloned();
         cx.effects.clear();
-        let fut = s.handler.call(ev, cx);
+        let fut = self.shared.handler.call(evs, cx);
         match AssertUnwindSafe(fut).catch_unwind().await {
             Ok(Ok(())) => {
                 if !cx.effects.is_empty() {
                     let intents = std::mem::take(&mut cx.effects);
                     crate::store::effects::record(cx.db(), &intents).await?;
                 }
-                Ok(Applied::Done)
+                Ok(())
             }
             Ok(Err(e)) => Err(e),
             Err(panic) => {

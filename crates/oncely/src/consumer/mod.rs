@@ -38,8 +38,8 @@ mod handler;
 mod lane;
 
 pub use guard::SpikeGuard;
-pub use handler::{Cx, FailureClass, HandlerError, HandlerFn};
-use handler::{ErasedHandler, Typed};
+pub use handler::{BatchHandlerFn, Cx, FailureClass, HandlerError, HandlerFn};
+use handler::{ErasedHandler, Typed, TypedBatch};
 
 /// Commit metadata oncely's consumers write with their Kafka commits; an
 /// offset committed with any other metadata was moved by someone else.
@@ -417,6 +417,7 @@ pub struct ConsumerBuilder {
     state: Option<Arc<dyn std::any::Any + Send + Sync>>,
     registry: crate::effects::Registry,
     effect_lease: Duration,
+    create_dlt_topics: bool,
 }
 
 impl std::fmt::Debug for ConsumerBuilder {
@@ -476,6 +477,7 @@ impl ConsumerBuilder {
             state: None,
             registry: crate::effects::Registry::default(),
             effect_lease: Duration::from_secs(60),
+            create_dlt_topics: true,
         }
     }
 
@@ -552,6 +554,21 @@ impl ConsumerBuilder {
     /// Default 60 s; keep it above the longest call.
     pub fn effect_lease(mut self, d: Duration) -> Self {
         self.effect_lease = d;
+        self
+    }
+
+    /// A batch handler instead of a per-event one:
+    /// `async fn(Vec<Event<T>>, &mut Cx) -> Result<(), HandlerError>` gets the
+    /// new events of each batch at once (write them with one multi-row
+    /// statement). Duplicates are already removed and the version guard
+    /// applied. On failure the events are retried one at a time to isolate
+    /// the failing one. Record effects with [`Cx::effect_for`].
+    pub fn batch_handler<T, H>(mut self, handler: H) -> Self
+    where
+        T: DecodePayload,
+        H: for<'a> BatchHandlerFn<'a, T>,
+    {
+        self.handler = Some(Arc::new(TypedBatch { handler, _t: PhantomData }));
         self
     }
 
@@ -683,6 +700,15 @@ impl ConsumerBuilder {
         self
     }
 
+    /// Create the dead-letter topics (`<topic>.<consumer>.dlt`, as many
+    /// partitions as the topic, the broker's default replication) at start if
+    /// they are missing. Default true; turn it off where topics are managed
+    /// elsewhere (the relay then retries until the topic exists).
+    pub fn create_dlt_topics(mut self, yes: bool) -> Self {
+        self.create_dlt_topics = yes;
+        self
+    }
+
     /// Stop gracefully on SIGTERM. Default true.
     pub fn handle_sigterm(mut self, yes: bool) -> Self {
         self.handle_sigterm = yes;
@@ -721,6 +747,9 @@ impl ConsumerBuilder {
         }
         let retention_days = self.inbox_retention.as_secs().div_ceil(86_400).max(1) as i32;
         check_retention(&bootstrap, &self.topics, self.inbox_retention, self.force_inbox_retention, &self.name).await?;
+        if self.create_dlt_topics {
+            ensure_dlt_topics(&bootstrap, &self.topics, &self.name).await?;
+        }
         store::register_consumer(&pool, &self.name, retention_days).await?;
         store::ensure_inbox_partitions(&pool, 3).await?;
 
@@ -966,6 +995,39 @@ async fn maintain_inbox(pool: PgPool, shutdown: CancellationToken) {
             _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
         }
     }
+}
+
+/// Creates the missing dead-letter topics of `consumer` for `topics`.
+fn ensure_dlt_topics<'a>(
+    bootstrap: &'a str,
+    topics: &'a [String],
+    consumer: &'a str,
+) -> futures::future::BoxFuture<'a, Result<()>> {
+    Box::pin(async move {
+        use rdkafka::admin::{NewTopic, TopicReplication};
+        use rdkafka::types::RDKafkaErrorCode;
+        let admin = crate::admin::kafka::KafkaAdmin::new(bootstrap, &[])?;
+        let client: AdminClient<DefaultClientContext> =
+            ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
+        for topic in topics {
+            let partitions = admin.topic_partitions(topic).await?.len() as i32;
+            let dlt = crate::failure::dlt_topic(topic, consumer);
+            let new = NewTopic::new(&dlt, partitions.max(1), TopicReplication::Fixed(-1));
+            let res = client
+                .create_topics([&new], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))))
+                .await?;
+            for r in res {
+                match r {
+                    Ok(t) => tracing::info!(consumer, topic = %t, "Created the dead-letter topic."),
+                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+                    Err((t, e)) => {
+                        return Err(Error::Config(format!("cannot create the dead-letter topic {t}: {e}")));
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
 }
 
 /// Refuses an inbox retention shorter than a topic's `retention.ms` (or a

@@ -133,7 +133,14 @@ pub async fn dead_letter(conn: &mut PgConnection, consumer: &str, dl: &DeadLette
         },
     )
     .await?;
-    // WIP-OUTBOX: publish to the DLT through crate::outbox::enqueue_raw once it exists.
+    crate::outbox::enqueue_raw(
+        conn,
+        &dlt_topic(&dl.record.topic, consumer),
+        dl.record.key.as_deref(),
+        dl.record.payload.as_deref(),
+        &dl.headers(consumer),
+    )
+    .await?;
     Ok(id)
 }
 

@@ -318,3 +318,93 @@ pub async fn key_queue_len(
     .fetch_one(pool)
     .await?)
 }
+
+/// A dead letter as indexed in `oncely.dead_letters`.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct DeadLetterRow {
+    /// Its id.
+    pub id: i64,
+    /// Consumer.
+    pub consumer: String,
+    /// The original record.
+    #[serde(skip)]
+    pub record: RawRecord,
+    /// Identity, when known.
+    pub event_id: Option<String>,
+    /// Reason code.
+    pub reason: String,
+    /// Error message.
+    pub error: String,
+    /// Error class.
+    pub error_class: String,
+    /// Attempts made.
+    pub attempts: i32,
+    /// When it was dead-lettered.
+    pub created_at: chrono::DateTime<chrono::Utc>,
+    /// Last redrive.
+    pub redriven_at: Option<chrono::DateTime<chrono::Utc>>,
+    /// Times redriven.
+    pub redrive_count: i32,
+}
+
+const DL_COLUMNS: &str = r#"id, consumer, topic, partition, "offset", record_ts_ms, event_id, key, payload,
+    header_keys, header_values, reason, error, error_class, attempts, created_at, redriven_at, redrive_count"#;
+
+fn to_dead_letter(r: &sqlx::postgres::PgRow) -> Result<DeadLetterRow> {
+    let keys: Vec<String> = r.try_get("header_keys")?;
+    let values: Vec<Option<Vec<u8>>> = r.try_get("header_values")?;
+    Ok(DeadLetterRow {
+        id: r.try_get("id")?,
+        consumer: r.try_get("consumer")?,
+        record: RawRecord {
+            topic: r.try_get("topic")?,
+            partition: r.try_get("partition")?,
+            offset: r.try_get("offset")?,
+            timestamp_ms: r.try_get("record_ts_ms")?,
+            key: r.try_get("key")?,
+            payload: r.try_get("payload")?,
+            headers: keys.into_iter().zip(values).collect(),
+        },
+        event_id: r.try_get("event_id")?,
+        reason: r.try_get("reason")?,
+        error: r.try_get("error")?,
+        error_class: r.try_get("error_class")?,
+        attempts: r.try_get("attempts")?,
+        created_at: r.try_get("created_at")?,
+        redriven_at: r.try_get("redriven_at")?,
+        redrive_count: r.try_get("redrive_count")?,
+    })
+}
+
+/// Dead letters, oldest first, optionally of one consumer and only those
+/// never redriven.
+pub async fn list_dead_letters(
+    pool: &PgPool,
+    consumer: Option<&str>,
+    only_not_redriven: bool,
+    limit: i64,
+) -> Result<Vec<DeadLetterRow>> {
+    let sql = format!(
+        "SELECT {DL_COLUMNS} FROM oncely.dead_letters
+          WHERE ($1::text IS NULL OR consumer = $1) AND (NOT $2 OR redriven_at IS NULL)
+          ORDER BY id LIMIT $3"
+    );
+    let rows = sqlx::query(&sql).bind(consumer).bind(only_not_redriven).bind(limit).fetch_all(pool).await?;
+    rows.iter().map(to_dead_letter).collect()
+}
+
+/// Dead letters by id (missing ids are left out).
+pub async fn get_dead_letters(pool: &PgPool, ids: &[i64]) -> Result<Vec<DeadLetterRow>> {
+    let sql = format!("SELECT {DL_COLUMNS} FROM oncely.dead_letters WHERE id = ANY($1) ORDER BY id");
+    let rows = sqlx::query(&sql).bind(ids).fetch_all(pool).await?;
+    rows.iter().map(to_dead_letter).collect()
+}
+
+/// Records that a dead letter was redriven.
+pub async fn mark_redriven(pool: &PgPool, id: i64) -> Result<()> {
+    sqlx::query("UPDATE oncely.dead_letters SET redriven_at = now(), redrive_count = redrive_count + 1 WHERE id = $1")
+        .bind(id)
+        .execute(pool)
+        .await?;
+    Ok(())
+}

@@ -9,6 +9,8 @@ use crate::error::{Error, Result};
 /// `(version, name, sql)` of every migration, in order.
 pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (1, "core", include_str!("migrations/0001_core.sql")),
+    (2, "outbox", include_str!("migrations/0002_outbox.sql")),
+    (3, "operator", include_str!("migrations/0003_operator.sql")),
     (4, "effects", include_str!("migrations/0004_effects.sql")),
     (5, "failure", include_str!("migrations/0005_failure.sql")),
 ];

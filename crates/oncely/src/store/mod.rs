@@ -11,9 +11,11 @@ use sqlx::{Connection, PgPool, Row};
 
 use crate::error::{Error, Result};
 
+pub mod admin;
 pub mod effects;
 pub mod failure;
 mod migrate;
+pub mod outbox;
 pub use migrate::{migrate, MIGRATIONS};
 
 /// Opens a pool to `url` with `max` connections.

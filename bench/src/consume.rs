@@ -1,0 +1,623 @@
+//! `bench consume`: oncely's consumer against the consumers teams write
+//! without it, on the same data, measured in one run.
+//!
+//! - **oncely**: the runtime with a handler that inserts one row per event.
+//! - **baseline**: the best plain at-least-once consumer a good engineer writes
+//!   without oncely: the same per-partition parallelism and batching, one
+//!   multi-row insert per batch, no inbox, offsets committed to Kafka after
+//!   the insert.
+//! - **naive**: the per-event "check, then insert, then commit" pattern from
+//!   the incident write-ups.
+//!
+//! Each variant runs in a child process of its own so its peak RSS is its own.
+
+use std::collections::HashMap;
+use std::process::Stdio;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use oncely::envelope::{owned_headers, CloudEventAttrs};
+use oncely::{Cx, Event, HandlerError};
+use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
+use rdkafka::message::Message;
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+/// Options of `bench consume`.
+#[derive(Debug, Clone, Args)]
+pub struct ConsumeArgs {
+    /// Events to produce and consume.
+    #[arg(long, default_value_t = 1_000_000)]
+    pub events: u64,
+    /// Partitions of the topic.
+    #[arg(long, default_value_t = 12)]
+    pub partitions: i32,
+    /// Distinct keys.
+    #[arg(long, default_value_t = 10_000)]
+    pub keys: u64,
+    /// Events the naive consumer is given (it is slow; its rate is measured on these).
+    #[arg(long, default_value_t = 20_000)]
+    pub naive_events: u64,
+    /// Also run oncely with this many rows already in its inbox (0: skip).
+    #[arg(long, default_value_t = 0)]
+    pub prefill_inbox: u64,
+    /// Print one JSON object as the last line.
+    #[arg(long)]
+    pub json: bool,
+    /// Internal: run one variant in this process (oncely, baseline, naive).
+    #[arg(long, hide = true)]
+    pub variant: Option<String>,
+    /// Internal: the topic to consume.
+    #[arg(long, hide = true)]
+    pub topic: Option<String>,
+    /// Internal: the consumer name / group for the variant.
+    #[arg(long, hide = true)]
+    pub group: Option<String>,
+}
+
+/// What one variant measured.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct VariantResult {
+    /// Variant name.
+    pub variant: String,
+    /// Events consumed.
+    pub events: u64,
+    /// Wall time from the first record to the last commit.
+    pub seconds: f64,
+    /// events / seconds.
+    pub events_per_s: f64,
+    /// Batch latency percentiles (ms), where the variant has batches.
+    pub batch_p50_ms: Option<f64>,
+    /// 99th percentile.
+    pub batch_p99_ms: Option<f64>,
+    /// Peak resident set size of the process (MB).
+    pub peak_rss_mb: f64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct BenchEvent {
+    key: String,
+    seq: u64,
+    amount: i64,
+}
+
+fn bootstrap() -> String {
+    std::env::var("ONCELY_KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+fn database_url() -> String {
+    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://oncely:oncely@127.0.0.1:5432/oncely".into())
+}
+
+fn peak_rss_mb() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
+    if sorted.is_empty() {
+        return None;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted.get(i).copied()
+}
+
+/// Entry point of `bench consume`.
+pub async fn run(args: ConsumeArgs) -> Result<()> {
+    if let Some(v) = &args.variant {
+        let topic = args.topic.clone().context("--topic")?;
+        let group = args.group.clone().context("--group")?;
+        let r = match v.as_str() {
+            "oncely" => run_oncely(&topic, &group, args.events, false).await?,
+            "oncely-batch" => run_oncely(&topic, &group, args.events, true).await?,
+            "baseline" => run_baseline(&topic, &group, args.events).await?,
+            "naive" => run_naive(&topic, &group, args.naive_events).await?,
+            other => bail!("unknown variant {other}"),
+        };
+        println!("{}", serde_json::to_string(&r)?);
+        return Ok(());
+    }
+
+    let pool = oncely::store::connect(&database_url(), 4).await?;
+    oncely::store::migrate(&pool).await?;
+    setup_tables(&pool).await?;
+    let topic = format!("bench-consume-{:08x}", fastrand::u32(..));
+    create_topic(&topic, args.partitions).await?;
+    eprintln!("producing {} events to {topic} ({} partitions, {} keys)…", args.events, args.partitions, args.keys);
+    let t = Instant::now();
+    produce(&topic, args.events, args.keys).await?;
+    eprintln!("produced in {:.1}s", t.elapsed().as_secs_f64());
+
+    let mut results: HashMap<String, VariantResult> = HashMap::new();
+    for v in ["oncely", "oncely-batch", "baseline", "naive"] {
+        let group = format!("bench-{v}-{:08x}", fastrand::u32(..));
+        eprintln!("running {v}…");
+        let r = child(&args, v, &topic, &group).await?;
+        eprintln!(
+            "  {v}: {:.0} events/s ({} events in {:.1}s), peak RSS {:.0} MB",
+            r.events_per_s, r.events, r.seconds, r.peak_rss_mb
+        );
+        results.insert(v.to_owned(), r);
+    }
+    let mut prefilled = None;
+    if args.prefill_inbox > 0 {
+        let group = format!("bench-oncely-prefilled-{:08x}", fastrand::u32(..));
+        eprintln!("prefilling the inbox with {} rows for {group}…", args.prefill_inbox);
+        prefill_inbox(&pool, &group, args.prefill_inbox).await?;
+        // The batch handler: the claim's share of the work is largest there.
+        let r = child(&args, "oncely-batch", &topic, &group).await?;
+        eprintln!("  oncely (batch handler) with {} inbox rows: {:.0} events/s", args.prefill_inbox, r.events_per_s);
+        prefilled = Some(r);
+    }
+
+    let o = &results["oncely"];
+    let ob = &results["oncely-batch"];
+    let b = &results["baseline"];
+    let n = &results["naive"];
+    println!();
+    println!("variant     events/s   p50 batch ms   p99 batch ms   peak RSS MB");
+    for r in [o, ob, b, n] {
+        println!(
+            "{:<10} {:>9.0}   {:>12}   {:>12}   {:>11.0}",
+            r.variant,
+            r.events_per_s,
+            r.batch_p50_ms.map_or("-".into(), |v| format!("{v:.1}")),
+            r.batch_p99_ms.map_or("-".into(), |v| format!("{v:.1}")),
+            r.peak_rss_mb
+        );
+    }
+    println!(
+        "per-event handler: oncely / baseline = {:.2}x, oncely / naive = {:.1}x",
+        o.events_per_s / b.events_per_s,
+        o.events_per_s / n.events_per_s
+    );
+    println!(
+        "batch handler:     oncely / baseline = {:.2}x, oncely / naive = {:.1}x",
+        ob.events_per_s / b.events_per_s,
+        ob.events_per_s / n.events_per_s
+    );
+    if let Some(p) = &prefilled {
+        println!(
+            "oncely (batch handler) with {} rows in the inbox: {:.0} events/s ({:.0}% of the empty-inbox run)",
+            args.prefill_inbox,
+            p.events_per_s,
+            100.0 * p.events_per_s / ob.events_per_s
+        );
+    }
+    if args.json {
+        println!(
+            "{}",
+            json!({
+                "events": args.events,
+                "partitions": args.partitions,
+                "keys": args.keys,
+                "oncely_events_per_s": o.events_per_s,
+                "oncely_batch_handler_events_per_s": ob.events_per_s,
+                "batch_ratio_vs_baseline": ob.events_per_s / b.events_per_s,
+                "oncely_batch_handler_peak_rss_mb": ob.peak_rss_mb,
+                "baseline_events_per_s": b.events_per_s,
+                "naive_events_per_s": n.events_per_s,
+                "naive_events": n.events,
+                "ratio_vs_baseline": o.events_per_s / b.events_per_s,
+                "ratio_vs_naive": o.events_per_s / n.events_per_s,
+                "oncely_batch_p50_ms": o.batch_p50_ms,
+                "oncely_batch_p99_ms": o.batch_p99_ms,
+                "baseline_batch_p50_ms": b.batch_p50_ms,
+                "baseline_batch_p99_ms": b.batch_p99_ms,
+                "peak_rss_mb": o.peak_rss_mb,
+                "baseline_peak_rss_mb": b.peak_rss_mb,
+                "prefilled_inbox_rows": args.prefill_inbox,
+                "prefilled_events_per_s": prefilled.as_ref().map(|p| p.events_per_s),
+            })
+        );
+    }
+    Ok(())
+}
+
+async fn child(args: &ConsumeArgs, variant: &str, topic: &str, group: &str) -> Result<VariantResult> {
+    let exe = std::env::current_exe()?;
+    let out = tokio::process::Command::new(exe)
+        .args(["consume", "--variant", variant, "--topic", topic, "--group", group])
+        .args(["--events", &args.events.to_string(), "--naive-events", &args.naive_events.to_string()])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .output()
+        .await?;
+    if !out.status.success() {
+        bail!("variant {variant} failed: {}", out.status);
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().last().context("no result line")?;
+    Ok(serde_json::from_str(line)?)
+}
+
+async fn setup_tables(pool: &PgPool) -> Result<()> {
+    for t in ["bench_oncely", "bench_baseline", "bench_naive"] {
+        sqlx::query(&format!(
+            "CREATE TABLE IF NOT EXISTS {t} (id bigserial PRIMARY KEY, consumer text NOT NULL, event_id text NOT NULL,
+                 key text NOT NULL, seq bigint NOT NULL, amount bigint NOT NULL)"
+        ))
+        .execute(pool)
+        .await?;
+    }
+    sqlx::query("CREATE UNIQUE INDEX IF NOT EXISTS bench_naive_event ON bench_naive (consumer, event_id)")
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+async fn create_topic(topic: &str, partitions: i32) -> Result<()> {
+    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap()).create()?;
+    let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
+    for r in admin.create_topics([&t], &AdminOptions::new()).await? {
+        r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
+    }
+    Ok(())
+}
+
+async fn produce(topic: &str, events: u64, keys: u64) -> Result<()> {
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "20")
+        .set("batch.size", "1000000")
+        .set("compression.type", "lz4")
+        .set("queue.buffering.max.messages", "500000")
+        .create()?;
+    let mut inflight = futures::stream::FuturesUnordered::new();
+    use futures::StreamExt;
+    for seq in 0..events {
+        let key = format!("key-{}", seq % keys);
+        let attrs = CloudEventAttrs::new_now("/bench/producer", "bench.event");
+        let payload = serde_json::to_vec(&BenchEvent { key: key.clone(), seq, amount: (seq % 1000) as i64 })?;
+        let headers = owned_headers(&attrs.to_headers());
+        let producer = producer.clone();
+        let topic = topic.to_owned();
+        inflight.push(async move {
+            let rec = FutureRecord::to(&topic).key(&key).payload(&payload).headers(headers);
+            producer.send(rec, Duration::from_secs(60)).await.map(|_| ()).map_err(|(e, _)| e)
+        });
+        if inflight.len() >= 50_000 {
+            if let Some(r) = inflight.next().await {
+                r?;
+            }
+        }
+    }
+    while let Some(r) = inflight.next().await {
+        r?;
+    }
+    Ok(())
+}
+
+/// Waits until `done()` reaches `target`, returns the elapsed seconds from
+/// the first progress.
+async fn wait_for(target: u64, done: impl Fn() -> u64) -> Result<f64> {
+    let start = Instant::now();
+    let mut first: Option<Instant> = None;
+    let deadline = Duration::from_secs(3600);
+    loop {
+        let n = done();
+        if n > 0 && first.is_none() {
+            first = Some(Instant::now());
+        }
+        if n >= target {
+            return Ok(first.map_or(0.0, |f| f.elapsed().as_secs_f64()));
+        }
+        if start.elapsed() > deadline {
+            bail!("only {n} of {target} events after {deadline:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn bench_handler(ev: Event<BenchEvent>, cx: &mut Cx) -> Result<(), HandlerError> {
+    sqlx::query("INSERT INTO bench_oncely (consumer, event_id, key, seq, amount) VALUES ($1, $2, $3, $4, $5)")
+        .bind(cx.consumer().to_owned())
+        .bind(ev.id.as_str())
+        .bind(&ev.data.key)
+        .bind(ev.data.seq as i64)
+        .bind(ev.data.amount)
+        .execute(cx.db())
+        .await?;
+    Ok(())
+}
+
+async fn bench_batch_handler(evs: Vec<Event<BenchEvent>>, cx: &mut Cx) -> Result<(), HandlerError> {
+    let mut ids = Vec::with_capacity(evs.len());
+    let mut keys = Vec::with_capacity(evs.len());
+    let mut seqs = Vec::with_capacity(evs.len());
+    let mut amounts = Vec::with_capacity(evs.len());
+    for ev in &evs {
+        ids.push(ev.id.0.clone());
+        keys.push(ev.data.key.clone());
+        seqs.push(ev.data.seq as i64);
+        amounts.push(ev.data.amount);
+    }
+    sqlx::query(
+        "INSERT INTO bench_oncely (consumer, event_id, key, seq, amount)
+         SELECT $1, * FROM unnest($2::text[], $3::text[], $4::int8[], $5::int8[])",
+    )
+    .bind(cx.consumer().to_owned())
+    .bind(&ids)
+    .bind(&keys)
+    .bind(&seqs)
+    .bind(&amounts)
+    .execute(cx.db())
+    .await?;
+    Ok(())
+}
+
+async fn run_oncely(topic: &str, group: &str, events: u64, batch: bool) -> Result<VariantResult> {
+    let pool = oncely::store::connect(&database_url(), 16).await?;
+    let token = CancellationToken::new();
+    let consumer = oncely::Consumer::builder(group)
+        .bootstrap_servers(bootstrap())
+        .pool(pool.clone())
+        .topic(topic)
+        .handle_sigterm(false)
+        .force_inbox_retention(true);
+    let consumer = if batch { consumer.batch_handler(bench_batch_handler) } else { consumer.handler(bench_handler) };
+    let run = tokio::spawn(consumer.run(token.clone()));
+    let g = group.to_owned();
+    let t = topic.to_owned();
+    let seconds = wait_for(events, move || {
+        oncely::consumer::events::events_counted(&g, &t, "processed")
+            + oncely::consumer::events::events_counted(&g, &t, "duplicate")
+    })
+    .await?;
+    token.cancel();
+    run.await??;
+    let (p50, p99) = histogram_percentiles(&oncely::metrics::render(), group);
+    Ok(VariantResult {
+        variant: if batch { "oncely-batch".into() } else { "oncely".into() },
+        events,
+        seconds,
+        events_per_s: events as f64 / seconds,
+        batch_p50_ms: p50,
+        batch_p99_ms: p99,
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
+
+/// p50 and p99 (upper bucket bounds, ms) of `oncely_batch_seconds` for a consumer.
+fn histogram_percentiles(text: &str, consumer: &str) -> (Option<f64>, Option<f64>) {
+    let mut buckets: Vec<(f64, f64)> = Vec::new();
+    for line in text.lines() {
+        if !line.starts_with("oncely_batch_seconds_bucket") || !line.contains(&format!("consumer=\"{consumer}\"")) {
+            continue;
+        }
+        let le = line.split("le=\"").nth(1).and_then(|s| s.split('"').next());
+        let count = line.rsplit(' ').next().and_then(|c| c.parse::<f64>().ok());
+        if let (Some(le), Some(count)) = (le, count) {
+            let le = if le == "+Inf" { f64::INFINITY } else { le.parse().unwrap_or(f64::INFINITY) };
+            buckets.push((le, count));
+        }
+    }
+    buckets.sort_by(|a, b| a.0.total_cmp(&b.0));
+    let total = buckets.last().map_or(0.0, |b| b.1);
+    let q = |p: f64| buckets.iter().find(|(_, c)| *c >= p * total).map(|(le, _)| le * 1000.0);
+    if total == 0.0 {
+        (None, None)
+    } else {
+        (q(0.5), q(0.99))
+    }
+}
+
+/// The baseline: per-partition tasks, batches of up to 500 or 20 ms, one
+/// multi-row insert per batch, then the Kafka commit.
+async fn run_baseline(topic: &str, group: &str, events: u64) -> Result<VariantResult> {
+    let pool = oncely::store::connect(&database_url(), 16).await?;
+    let consumer: Arc<StreamConsumer> = Arc::new(
+        ClientConfig::new()
+            .set("bootstrap.servers", bootstrap())
+            .set("group.id", group)
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()?,
+    );
+    consumer.subscribe(&[topic])?;
+    let done = Arc::new(AtomicU64::new(0));
+    let latencies = Arc::new(std::sync::Mutex::new(Vec::<f64>::new()));
+    let mut lanes: HashMap<i32, tokio::sync::mpsc::Sender<(i32, i64, String, BenchEvent)>> = HashMap::new();
+    let token = CancellationToken::new();
+    let start = Instant::now();
+    let mut first: Option<Instant> = None;
+    while done.load(Ordering::Relaxed) < events {
+        let m = tokio::select! {
+            m = consumer.recv() => m?,
+            _ = tokio::time::sleep(Duration::from_millis(100)) => continue,
+        };
+        first.get_or_insert_with(Instant::now);
+        let p = m.partition();
+        let ev: BenchEvent = serde_json::from_slice(m.payload().unwrap_or_default())?;
+        let id = m
+            .headers()
+            .and_then(|h| {
+                use rdkafka::message::Headers;
+                h.iter()
+                    .find(|h| h.key == "ce_id")
+                    .and_then(|h| h.value)
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            })
+            .unwrap_or_default();
+        let tx = lanes.entry(p).or_insert_with(|| {
+            let (tx, rx) = tokio::sync::mpsc::channel(2000);
+            tokio::spawn(baseline_lane(
+                rx,
+                pool.clone(),
+                consumer.clone(),
+                topic.to_owned(),
+                group.to_owned(),
+                done.clone(),
+                latencies.clone(),
+                token.clone(),
+            ));
+            tx
+        });
+        tx.send((p, m.offset(), id, ev)).await?;
+        if start.elapsed() > Duration::from_secs(3600) {
+            bail!("baseline timed out");
+        }
+    }
+    token.cancel();
+    let seconds = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
+    let mut l = latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    l.sort_by(f64::total_cmp);
+    Ok(VariantResult {
+        variant: "baseline".into(),
+        events,
+        seconds,
+        events_per_s: events as f64 / seconds,
+        batch_p50_ms: percentile(&l, 0.5),
+        batch_p99_ms: percentile(&l, 0.99),
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn baseline_lane(
+    mut rx: tokio::sync::mpsc::Receiver<(i32, i64, String, BenchEvent)>,
+    pool: PgPool,
+    consumer: Arc<StreamConsumer>,
+    topic: String,
+    group: String,
+    done: Arc<AtomicU64>,
+    latencies: Arc<std::sync::Mutex<Vec<f64>>>,
+    token: CancellationToken,
+) {
+    let mut batch = Vec::with_capacity(500);
+    loop {
+        let Some(first) = (tokio::select! { m = rx.recv() => m, _ = token.cancelled() => None }) else { return };
+        batch.push(first);
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(20);
+        while batch.len() < 500 {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(m)) => batch.push(m),
+                _ => break,
+            }
+        }
+        let t = Instant::now();
+        let (ids, keys, seqs, amounts): (Vec<String>, Vec<String>, Vec<i64>, Vec<i64>) = batch.iter().fold(
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new()),
+            |(mut a, mut b, mut c, mut d), (_, _, id, ev)| {
+                a.push(id.clone());
+                b.push(ev.key.clone());
+                c.push(ev.seq as i64);
+                d.push(ev.amount);
+                (a, b, c, d)
+            },
+        );
+        let r = sqlx::query(
+            "INSERT INTO bench_baseline (consumer, event_id, key, seq, amount)
+             SELECT $1, * FROM unnest($2::text[], $3::text[], $4::int8[], $5::int8[])",
+        )
+        .bind(&group)
+        .bind(&ids)
+        .bind(&keys)
+        .bind(&seqs)
+        .bind(&amounts)
+        .execute(&pool)
+        .await;
+        if let Err(e) = r {
+            eprintln!("baseline insert failed: {e}");
+            return;
+        }
+        let (p, last) = batch.last().map(|(p, o, _, _)| (*p, *o)).unwrap_or_default();
+        let mut tpl = TopicPartitionList::new();
+        if tpl.add_partition_offset(&topic, p, Offset::Offset(last + 1)).is_ok() {
+            let _ = consumer.commit(&tpl, CommitMode::Async);
+        }
+        if let Ok(mut l) = latencies.lock() {
+            l.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        done.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        batch.clear();
+    }
+}
+
+/// The naive pattern: per event, check the processed table, insert, commit
+/// the offset.
+async fn run_naive(topic: &str, group: &str, events: u64) -> Result<VariantResult> {
+    let pool = oncely::store::connect(&database_url(), 2).await?;
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap())
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let mut n = 0u64;
+    let mut first: Option<Instant> = None;
+    while n < events {
+        let m = consumer.recv().await?;
+        first.get_or_insert_with(Instant::now);
+        let ev: BenchEvent = serde_json::from_slice(m.payload().unwrap_or_default())?;
+        let id = format!("{}-{}-{}", m.topic(), m.partition(), m.offset());
+        let seen: Option<i64> = sqlx::query_scalar("SELECT id FROM bench_naive WHERE consumer = $1 AND event_id = $2")
+            .bind(group)
+            .bind(&id)
+            .fetch_optional(&pool)
+            .await?;
+        if seen.is_none() {
+            sqlx::query("INSERT INTO bench_naive (consumer, event_id, key, seq, amount) VALUES ($1, $2, $3, $4, $5)")
+                .bind(group)
+                .bind(&id)
+                .bind(&ev.key)
+                .bind(ev.seq as i64)
+                .bind(ev.amount)
+                .execute(&pool)
+                .await?;
+        }
+        consumer.commit_message(&m, CommitMode::Sync)?;
+        n += 1;
+    }
+    let seconds = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
+    Ok(VariantResult {
+        variant: "naive".into(),
+        events: n,
+        seconds,
+        events_per_s: n as f64 / seconds,
+        batch_p50_ms: None,
+        batch_p99_ms: None,
+        peak_rss_mb: peak_rss_mb(),
+    })
+}
+
+async fn prefill_inbox(pool: &PgPool, consumer: &str, rows: u64) -> Result<()> {
+    // Spread over the live day partitions like a week of traffic would be.
+    let days = oncely::store::inbox_partition_days(pool).await?;
+    let today = chrono::Utc::now().date_naive();
+    let live: Vec<_> = days.into_iter().filter(|d| *d <= today).collect();
+    let per = rows / live.len().max(1) as u64;
+    for day in live {
+        sqlx::query(
+            r#"INSERT INTO oncely.inbox (consumer, event_id, topic, partition, "offset", received_on)
+               SELECT $1, 'prefill-' || $3::text || '-' || g, 'prefill', 0, g, $2 FROM generate_series(1, $4::bigint) g"#,
+        )
+        .bind(consumer)
+        .bind(day)
+        .bind(day.to_string())
+        .bind(per as i64)
+        .execute(pool)
+        .await?;
+    }
+    sqlx::query("ANALYZE oncely.inbox").execute(pool).await?;
+    Ok(())
+}

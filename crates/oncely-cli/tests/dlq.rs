@@ -1,0 +1,117 @@
+//! `oncely dlq` and `oncely effects` run as the built binary against the real
+//! broker and database.
+
+use std::process::Output;
+use std::time::Duration;
+
+use anyhow::Result;
+use oncely_testkit::{self as kit, app};
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(90);
+
+fn oncely(db: &kit::TestDb, args: &[&str]) -> Result<Output> {
+    Ok(std::process::Command::new(env!("CARGO_BIN_EXE_oncely"))
+        .args(args)
+        .env_remove("ONCELY_CONFIG")
+        .env("ONCELY_BOOTSTRAP_SERVERS", kit::bootstrap())
+        .env("ONCELY_DATABASE_URL", &db.url)
+        .current_dir(std::env::temp_dir())
+        .output()?)
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+async fn offsets(db: &kit::TestDb, group: &str) -> Result<i64> {
+    kit::count(
+        &db.pool,
+        &format!("SELECT coalesce(sum(next_offset), 0)::bigint FROM oncely.offsets WHERE consumer = '{group}'"),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_fixed_dead_letter_redriven_is_applied_once_and_a_second_redrive_changes_nothing() -> Result<()> {
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    app::setup(&db.pool).await?;
+    let (topic, group) = (kit::unique("orders"), kit::unique("g"));
+    kit::create_topic(&topic, 1).await?;
+    let published = app::publish_seq(&topic, 3, 1).await?;
+
+    // A bug rejects k2: it is dead-lettered at once.
+    let b = app::Behaviour::tagged("buggy");
+    b.reject_keys.lock().map_err(|_| anyhow::anyhow!("lock"))?.insert("k2".into());
+    let token = CancellationToken::new();
+    let c = tokio::spawn(app::consumer(&group, &topic, db.pool.clone(), b).run(token.clone()));
+    kit::wait_until(WAIT, "the batch to commit", || async { Ok(offsets(&db, &group).await? >= 3) }).await?;
+    token.cancel();
+    c.await??;
+    let id: i64 = sqlx::query_scalar("SELECT id FROM oncely.dead_letters").fetch_one(&db.pool).await?;
+    assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM applied WHERE key = 'k2'").await?, 0);
+
+    // The fix is deployed.
+    let token = CancellationToken::new();
+    let c = tokio::spawn(
+        app::consumer(&group, &topic, db.pool.clone(), app::Behaviour::tagged("fixed")).run(token.clone()),
+    );
+
+    // Dry run by default: nothing is published.
+    let dry = oncely(&db, &["dlq", "redrive", "--id", &id.to_string()])?;
+    assert!(dry.status.success(), "{dry:?}");
+    assert!(stdout(&dry).contains("Dry run"), "{}", stdout(&dry));
+    let list = oncely(&db, &["-o", "json", "dlq", "list"])?;
+    let listed: serde_json::Value = serde_json::from_slice(&list.stdout)?;
+    assert_eq!(listed.as_array().map(Vec::len), Some(1), "{listed}");
+
+    let run = oncely(&db, &["dlq", "redrive", "--id", &id.to_string(), "--execute"])?;
+    assert!(run.status.success(), "{run:?}");
+    kit::wait_until(WAIT, "the redriven event to be applied", || async {
+        Ok(kit::count(&db.pool, "SELECT count(*) FROM applied WHERE key = 'k2'").await? == 1)
+    })
+    .await?;
+    let before = offsets(&db, &group).await?;
+    // A second redrive of the same dead letter: consumed, and skipped as a duplicate.
+    let again = oncely(&db, &["dlq", "redrive", "--id", &id.to_string(), "--execute"])?;
+    assert!(again.status.success(), "{again:?}");
+    kit::wait_until(WAIT, "the second redrive to be consumed", || async { Ok(offsets(&db, &group).await? > before) })
+        .await?;
+    token.cancel();
+    c.await??;
+    assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM applied WHERE key = 'k2'").await?, 1);
+    assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM applied").await?, published.len() as i64);
+    assert_eq!(oncely::consumer::events::events_counted(&group, &topic, "duplicate"), 1);
+    let redrives = kit::count(&db.pool, "SELECT count(*) FROM oncely.audit_log WHERE action = 'dlq.redrive'").await?;
+    assert_eq!(redrives, 2, "both redrives are audited");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unknown_effect_is_resolved_by_the_operator_and_audited() -> Result<()> {
+    let db = kit::TestDb::new().await?;
+    let key = "pay/charge-card//tests#1";
+    sqlx::query(
+        "INSERT INTO oncely.effects (key, consumer, effect, event_id, payload, semantics, status)
+         VALUES ($1, 'pay', 'charge-card', '/tests#1', '{}', 'at_most_once', 'unknown')",
+    )
+    .bind(key)
+    .execute(&db.pool)
+    .await?;
+    let listed = oncely(&db, &["-o", "json", "effects", "list", "--status", "unknown"])?;
+    assert!(listed.status.success(), "{listed:?}");
+    assert!(stdout(&listed).contains(key));
+    let out = oncely(&db, &["effects", "resolve", key, "--as", "done", "--reason", "charge found at the gateway"])?;
+    assert!(out.status.success(), "{out:?}");
+    let status: String =
+        sqlx::query_scalar("SELECT status FROM oncely.effects WHERE key = $1").bind(key).fetch_one(&db.pool).await?;
+    assert_eq!(status, "done");
+    // Resolving again is refused (it is not unknown any more): exit code 2.
+    let again = oncely(&db, &["effects", "resolve", key, "--as", "done"])?;
+    assert_eq!(again.status.code(), Some(2), "{again:?}");
+    let audited =
+        kit::count(&db.pool, "SELECT count(*) FROM oncely.audit_log WHERE action = 'effects.resolve'").await?;
+    assert_eq!(audited, 2, "the resolution and the refused attempt are both audited");
+    Ok(())
+}

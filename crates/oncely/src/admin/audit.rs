@@ -1,0 +1,302 @@
+//! The audit log of operator actions (`oncely.audit_log`): who (OS user and
+//! host), where (environment, cluster id), what (command line, action, group,
+//! before and after), the result and when.
+//!
+//! Every command that changes something records its action **before**
+//! executing it ([`record_start`]) and its outcome after ([`record_result`]),
+//! so a crash in between still leaves a `started` row naming who did what.
+//! Refusals of an attempted change are recorded too ([`record_refused`]).
+//!
+//! ```no_run
+//! # async fn run(pool: sqlx::PgPool) -> oncely::Result<()> {
+//! use oncely::admin::audit::{self, AuditEntry, AuditOutcome};
+//! use serde_json::json;
+//!
+//! let entry = AuditEntry::new("prod", "dlq.redrive")
+//!     .cluster_id("Zq0m3yJxQ8e2kq1uQm9L0A")
+//!     .group("payment-service")
+//!     .details(json!({ "dead_letters": [17, 18] }));
+//! let id = audit::record_start(&pool, &entry).await?;
+//! // ... do it ...
+//! audit::record_result(&pool, id, &AuditOutcome::succeeded(Some(json!({ "redriven": 2 })))).await?;
+//! # Ok(()) }
+//! ```
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::Value;
+use sqlx::PgPool;
+
+use crate::error::Result;
+use crate::store;
+
+/// Who runs an action: the OS user and the host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Actor {
+    /// OS user name.
+    pub os_user: String,
+    /// Host name.
+    pub host: String,
+}
+
+impl Actor {
+    /// The user and host this process runs as (`?` for what cannot be found).
+    pub fn current() -> Self {
+        let os_user = whoami::fallible::username()
+            .ok()
+            .or_else(|| std::env::var("USER").ok())
+            .filter(|u| !u.is_empty())
+            .unwrap_or_else(|| "?".into());
+        let host = whoami::fallible::hostname().ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "?".into());
+        Actor { os_user, host }
+    }
+}
+
+/// This process's command line, each argument quoted when it needs to be, so
+/// that it can be pasted back into a shell.
+pub fn current_command_line() -> String {
+    std::env::args_os()
+        .map(|a| {
+            let a = a.to_string_lossy().into_owned();
+            let plain = !a.is_empty() && a.chars().all(|c| c.is_ascii_alphanumeric() || "-_./:=,@+%".contains(c));
+            if plain {
+                a
+            } else {
+                format!("'{}'", a.replace('\'', r"'\''"))
+            }
+        })
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+/// An action about to run, as recorded by [`record_start`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditEntry {
+    /// Who.
+    pub actor: Actor,
+    /// The environment (from `oncely.toml`).
+    pub environment: String,
+    /// The live Kafka cluster id, when the action concerns Kafka.
+    pub cluster_id: Option<String>,
+    /// The command line.
+    pub command_line: String,
+    /// A dotted action name: `offsets.reset`, `offsets.undo`, `dlq.redrive`, ...
+    pub action: String,
+    /// The consumer group (oncely consumer name) it concerns, if any.
+    pub group: Option<String>,
+    /// The state before (offset actions: a list of partition offsets).
+    pub before: Option<Value>,
+    /// Anything else worth keeping (the target, the plan, ids, ...); an object.
+    pub details: Value,
+}
+
+impl AuditEntry {
+    /// An entry for `action` in `environment`, by the current OS user on this
+    /// host, with this process's command line; no cluster, group, before or
+    /// details yet.
+    pub fn new(environment: &str, action: &str) -> Self {
+        AuditEntry {
+            actor: Actor::current(),
+            environment: environment.to_owned(),
+            cluster_id: None,
+            command_line: current_command_line(),
+            action: action.to_owned(),
+            group: None,
+            before: None,
+            details: Value::Object(Default::default()),
+        }
+    }
+
+    /// Sets the cluster id.
+    pub fn cluster_id(mut self, id: &str) -> Self {
+        self.cluster_id = Some(id.to_owned());
+        self
+    }
+
+    /// Sets the group.
+    pub fn group(mut self, group: &str) -> Self {
+        self.group = Some(group.to_owned());
+        self
+    }
+
+    /// Sets the state before.
+    pub fn before(mut self, before: Value) -> Self {
+        self.before = Some(before);
+        self
+    }
+
+    /// Sets the details (should be a JSON object: outcomes merge into it).
+    pub fn details(mut self, details: Value) -> Self {
+        self.details = details;
+        self
+    }
+}
+
+/// How an action ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditResult {
+    /// Recorded, not finished (what a crash mid-action leaves).
+    Started,
+    /// Done.
+    Succeeded,
+    /// Tried and failed.
+    Failed,
+    /// A safety check refused it; nothing was changed.
+    Refused,
+}
+
+impl AuditResult {
+    /// The value stored in `result`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditResult::Started => "started",
+            AuditResult::Succeeded => "succeeded",
+            AuditResult::Failed => "failed",
+            AuditResult::Refused => "refused",
+        }
+    }
+}
+
+/// The outcome of an action, for [`record_result`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditOutcome {
+    /// Result.
+    pub result: AuditResult,
+    /// State after.
+    pub after: Option<Value>,
+    /// The error or the reason for a refusal.
+    pub error: Option<String>,
+    /// Merged (top-level keys) into the entry's details.
+    pub details: Option<Value>,
+}
+
+impl AuditOutcome {
+    /// Succeeded, with the state after.
+    pub fn succeeded(after: Option<Value>) -> Self {
+        AuditOutcome { result: AuditResult::Succeeded, after, error: None, details: None }
+    }
+
+    /// Failed with `error` (the state after, if known, can be added with
+    /// [`AuditOutcome::after`]).
+    pub fn failed(error: impl Into<String>) -> Self {
+        AuditOutcome { result: AuditResult::Failed, after: None, error: Some(error.into()), details: None }
+    }
+
+    /// Refused for `reason`.
+    pub fn refused(reason: impl Into<String>) -> Self {
+        AuditOutcome { result: AuditResult::Refused, after: None, error: Some(reason.into()), details: None }
+    }
+
+    /// Sets the state after.
+    pub fn after(mut self, after: Value) -> Self {
+        self.after = Some(after);
+        self
+    }
+
+    /// Details to merge into the entry's.
+    pub fn details(mut self, details: Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+}
+
+/// A row of the audit log.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditRecord {
+    /// Id (offset resets stamp `oncely:reset:<id>` as commit metadata).
+    pub id: i64,
+    /// When it was recorded (before it ran).
+    pub started_at: DateTime<Utc>,
+    /// When its outcome was recorded.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// OS user.
+    pub os_user: String,
+    /// Host.
+    pub host: String,
+    /// Environment.
+    pub environment: String,
+    /// Cluster id.
+    pub cluster_id: Option<String>,
+    /// Command line.
+    pub command_line: String,
+    /// Action.
+    pub action: String,
+    /// Group.
+    pub group: Option<String>,
+    /// State before.
+    pub before: Option<Value>,
+    /// State after.
+    pub after: Option<Value>,
+    /// Details.
+    pub details: Value,
+    /// `started`, `succeeded`, `failed` or `refused`.
+    pub result: String,
+    /// Error or refusal reason.
+    pub error: Option<String>,
+}
+
+/// Which audit records to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// Started at or after.
+    pub since: Option<DateTime<Utc>>,
+    /// Of this group.
+    pub group: Option<String>,
+    /// Of this action, or of actions starting with it followed by a dot
+    /// (`offsets` matches `offsets.reset`).
+    pub action: Option<String>,
+    /// At most this many (the newest). Default: no limit.
+    pub limit: Option<i64>,
+}
+
+/// Records `entry` as started, before the action runs; returns its id.
+pub async fn record_start(pool: &PgPool, entry: &AuditEntry) -> Result<i64> {
+    store::admin::insert_audit(pool, entry, AuditResult::Started, None).await
+}
+
+/// Records the outcome of the action recorded as `id`.
+pub async fn record_result(pool: &PgPool, id: i64, outcome: &AuditOutcome) -> Result<()> {
+    store::admin::finish_audit(pool, id, outcome).await
+}
+
+/// Records an attempted action that a safety check refused (nothing ran).
+pub async fn record_refused(pool: &PgPool, entry: &AuditEntry, reason: &str) -> Result<i64> {
+    store::admin::insert_audit(pool, entry, AuditResult::Refused, Some(reason)).await
+}
+
+/// Audit records, oldest first.
+pub async fn list(pool: &PgPool, filter: &AuditFilter) -> Result<Vec<AuditRecord>> {
+    store::admin::list_audit(pool, filter).await
+}
+
+/// The record with this id.
+pub async fn get(pool: &PgPool, id: i64) -> Result<Option<AuditRecord>> {
+    store::admin::get_audit(pool, id).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_are_built_with_who_and_what() {
+        let e = AuditEntry::new("prod", "offsets.reset").cluster_id("C").group("g").before(serde_json::json!([]));
+        assert_eq!(e.environment, "prod");
+        assert_eq!(e.action, "offsets.reset");
+        assert_eq!((e.cluster_id.as_deref(), e.group.as_deref()), (Some("C"), Some("g")));
+        assert!(!e.actor.os_user.is_empty() && !e.actor.host.is_empty());
+        assert!(!e.command_line.is_empty());
+        assert!(e.details.is_object());
+    }
+
+    #[test]
+    fn outcomes() {
+        let o = AuditOutcome::refused("group is active");
+        assert_eq!((o.result, o.error.as_deref()), (AuditResult::Refused, Some("group is active")));
+        let o = AuditOutcome::failed("boom").after(serde_json::json!([1]));
+        assert_eq!(o.result.as_str(), "failed");
+        assert!(o.after.is_some());
+        assert_eq!(AuditResult::Succeeded.as_str(), "succeeded");
+    }
+}

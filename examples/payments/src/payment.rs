@@ -1,0 +1,135 @@
+//! payment-service: an oncely consumer of `orders`, keyed by order id.
+//!
+//! On `OrderCreated`, in the batch's transaction: the payment row, a
+//! `charge-card` intent (run after commit against the gateway with the
+//! idempotency key `<consumer>/charge-card/<event identity>`), and
+//! `PaymentSucceeded` through the outbox. A redelivered `OrderCreated` never
+//! reaches the handler (the inbox holds its identity), so the card is charged
+//! once however often the event arrives.
+//!
+//! On `OrderConfirmed`: the payment's order status. Per-key order means it is
+//! applied after the order's `OrderCreated`; `history` records the order.
+
+use std::sync::Arc;
+
+use anyhow::Result;
+use oncely::effects::{EffectCall, EffectOptions};
+use oncely::{Consumer, ConsumerBuilder, Cx, Event, HandlerError};
+use oncely_testkit::gateway::GatewayClient;
+use serde_json::Value;
+use sqlx::PgPool;
+
+use crate::events::{
+    ChargeRequest, OrderConfirmed, OrderCreated, PaymentSucceeded, ORDER_CONFIRMED, ORDER_CREATED, PAYMENT_SUCCEEDED,
+};
+
+/// The effect that charges the card.
+pub const CHARGE_CARD: &str = "charge-card";
+
+/// What the handler needs besides the transaction.
+#[derive(Debug)]
+struct Deps {
+    payments_topic: String,
+}
+
+/// The payment-service consumer: group `group`, reading `orders_topic`,
+/// publishing to `payments_topic`, charging through the gateway at `gateway_url`.
+pub fn consumer(
+    group: &str,
+    common: &crate::Common,
+    opts: &crate::ConsumerOpts,
+    pool: PgPool,
+    gateway_url: &str,
+) -> Result<ConsumerBuilder> {
+    opts.validate()?;
+    let gateway = GatewayClient::new(gateway_url, opts.call_timeout())?;
+    let charge = move |call: EffectCall| {
+        let gateway = gateway.clone();
+        async move { gateway.charge(&call.key, &call.payload).await }
+    };
+    let b = Consumer::builder(group)
+        .bootstrap_servers(&common.bootstrap_servers)
+        .pool(pool)
+        .topic(&common.orders_topic)
+        .handler(on_order_event)
+        .state(Deps { payments_topic: common.payments_topic.clone() })
+        .effect_executor(CHARGE_CARD, charge, EffectOptions::default());
+    Ok(opts.apply(b))
+}
+
+/// The handler: dispatches on `ce_type`; other types are not ours and are skipped.
+pub async fn on_order_event(ev: Event<Value>, cx: &mut Cx) -> Result<(), HandlerError> {
+    match ev.attrs.ty.as_str() {
+        ORDER_CREATED => {
+            let data: OrderCreated = serde_json::from_value(ev.data.clone()).map_err(HandlerError::reject)?;
+            on_order_created(&ev, data, cx).await
+        }
+        ORDER_CONFIRMED => {
+            let data: OrderConfirmed = serde_json::from_value(ev.data.clone()).map_err(HandlerError::reject)?;
+            on_order_confirmed(data, cx).await
+        }
+        other => {
+            tracing::debug!(event_id = %ev.id, ce_type = other, "Ignored an event of another type.");
+            Ok(())
+        }
+    }
+}
+
+async fn on_order_created(ev: &Event<Value>, o: OrderCreated, cx: &mut Cx) -> Result<(), HandlerError> {
+    let deps: Arc<Deps> = cx.state::<Deps>().ok_or_else(|| HandlerError::reject("payment-service state missing"))?;
+    if o.order_id != ev.key() {
+        return Err(HandlerError::reject(format!("event key {:?} is not its order id {:?}", ev.key(), o.order_id)));
+    }
+    let inserted = sqlx::query(
+        "INSERT INTO payments (order_id, order_event_id, customer, amount_cents, currency, history)
+         VALUES ($1, $2, $3, $4, $5, ARRAY['OrderCreated'])
+         ON CONFLICT (order_id) DO NOTHING",
+    )
+    .bind(&o.order_id)
+    .bind(ev.id.as_str())
+    .bind(&o.customer)
+    .bind(o.amount_cents)
+    .bind(&o.currency)
+    .execute(cx.db())
+    .await?;
+    if inserted.rows_affected() == 0 {
+        // Not a redelivery (the inbox drops those before the handler): a
+        // second, distinct OrderCreated for one order is an upstream bug.
+        return Err(HandlerError::reject(format!(
+            "order {} already has a payment; event {} is a second OrderCreated for it",
+            o.order_id, ev.id
+        )));
+    }
+    let charge = ChargeRequest {
+        order_id: o.order_id.clone(),
+        customer: o.customer,
+        amount: o.amount_cents,
+        currency: o.currency.clone(),
+    };
+    cx.effect(CHARGE_CARD, &charge)?;
+    let paid = PaymentSucceeded {
+        order_id: o.order_id.clone(),
+        amount_cents: o.amount_cents,
+        currency: o.currency,
+        order_event_id: ev.id.to_string(),
+    };
+    cx.publish(&deps.payments_topic, &o.order_id, PAYMENT_SUCCEEDED, &paid).await?;
+    Ok(())
+}
+
+async fn on_order_confirmed(o: OrderConfirmed, cx: &mut Cx) -> Result<(), HandlerError> {
+    let updated = sqlx::query(
+        "UPDATE payments SET order_status = 'confirmed', history = history || 'OrderConfirmed'::text,
+                updated_at = clock_timestamp()
+         WHERE order_id = $1",
+    )
+    .bind(&o.order_id)
+    .execute(cx.db())
+    .await?;
+    if updated.rows_affected() == 0 {
+        // Only possible if the order's OrderCreated was dead-lettered: park
+        // the key (and what follows it) until an operator redrives it.
+        return Err(HandlerError::retry(format!("order {} has no payment yet", o.order_id)));
+    }
+    Ok(())
+}

@@ -1,0 +1,93 @@
+//! The application's own tables, next to oncely's schema.
+//!
+//! - `orders`: written by the order-service.
+//! - `payments`: written by the payment-service, one row per order; `history`
+//!   lists the order events in the order they were applied, which makes
+//!   per-key order visible.
+//! - `naive_processed`: the naive dispatcher's "processed" table, written
+//!   *after* the webhook is sent (the pattern of the incident).
+
+use anyhow::{Context, Result};
+use sqlx::PgPool;
+
+/// Advisory lock key serializing concurrent migrations (several processes
+/// start at once; `CREATE TABLE IF NOT EXISTS` alone races on the catalog).
+const MIGRATION_LOCK: i64 = 0x7061_796d_656e_7473; // "payments"
+
+const TABLES: &[&str] = &[
+    "CREATE TABLE IF NOT EXISTS orders (
+        id           text        PRIMARY KEY,
+        customer     text        NOT NULL,
+        amount_cents bigint      NOT NULL CHECK (amount_cents > 0),
+        currency     text        NOT NULL,
+        status       text        NOT NULL DEFAULT 'created' CHECK (status IN ('created', 'confirmed')),
+        created_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
+        confirmed_at timestamptz
+    )",
+    "CREATE TABLE IF NOT EXISTS payments (
+        order_id       text        PRIMARY KEY,
+        order_event_id text        NOT NULL,
+        customer       text        NOT NULL,
+        amount_cents   bigint      NOT NULL,
+        currency       text        NOT NULL,
+        order_status   text        NOT NULL DEFAULT 'created',
+        history        text[]      NOT NULL DEFAULT '{}',
+        created_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
+        updated_at     timestamptz NOT NULL DEFAULT clock_timestamp()
+    )",
+    "CREATE TABLE IF NOT EXISTS naive_processed (
+        event_id     text        PRIMARY KEY,
+        topic        text        NOT NULL,
+        partition    integer     NOT NULL,
+        kafka_offset bigint      NOT NULL,
+        processed_at timestamptz NOT NULL DEFAULT clock_timestamp()
+    )",
+];
+
+/// Applies oncely's migrations and creates the application's tables.
+/// Idempotent and safe to run from several processes at once.
+pub async fn migrate(pool: &PgPool) -> Result<()> {
+    oncely::store::migrate(pool).await.context("applying oncely's migrations")?;
+    let mut tx = pool.begin().await?;
+    sqlx::query("SELECT pg_advisory_xact_lock($1)").bind(MIGRATION_LOCK).execute(&mut *tx).await?;
+    for ddl in TABLES {
+        sqlx::query(ddl).execute(&mut *tx).await.context("creating the application's tables")?;
+    }
+    // The inbox's daily partitions too, while the lock is held (on another
+    // connection of the pool): consumers create them at start without a
+    // lock, and two starting at once on a fresh day race on the catalog.
+    oncely::store::ensure_inbox_partitions(pool, 3).await.context("creating the inbox partitions")?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// Connects to `url` with a pool of `max` connections.
+pub async fn connect(url: &str, max: u32) -> Result<PgPool> {
+    oncely::store::connect(url, max).await.with_context(|| format!("connecting to {}", redact(url)))
+}
+
+/// `url` without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redact_hides_the_password_only() {
+        assert_eq!(redact("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact("postgres://h/db"), "postgres://h/db");
+    }
+}
