@@ -235,7 +235,10 @@ async fn child(args: &ConsumeArgs, variant: &str, topic: &str, group: &str) -> R
         .args(["--events", &args.events.to_string(), "--naive-events", &args.naive_events.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
-        .output()
+        // spawn, not output(): output() pipes stderr too, and a child whose
+        // logs fill an unread pipe blocks.
+        .spawn()?
+        .wait_with_output()
         .await?;
     if !out.status.success() {
         bail!("variant {variant} failed: {}", out.status);

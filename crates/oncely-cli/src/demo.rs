@@ -122,6 +122,8 @@ struct Report {
     webhooks_before_rewind: u64,
     naive_redelivered: u64,
     oncely_redelivered: u64,
+    oncely_rewinds_detected: u64,
+    oncely_duplicates_dropped: u64,
     guard_preview_shown: bool,
     guard_refused: bool,
     guard_executed: bool,
@@ -199,6 +201,7 @@ struct Proc {
     child: Child,
     log: PathBuf,
     url: Option<String>,
+    metrics: Option<String>,
 }
 
 /// Starts and stops the services.
@@ -238,7 +241,7 @@ impl Procs {
                 let _ = tx.send(l);
             }
         });
-        let mut url = None;
+        let (mut url, mut metrics) = (None, None);
         let deadline = tokio::time::Instant::now() + START_TIMEOUT;
         loop {
             match tokio::time::timeout_at(deadline, rx.recv()).await {
@@ -246,6 +249,8 @@ impl Procs {
                 Ok(Some(l)) => {
                     if let Some(u) = l.strip_prefix("LISTEN ") {
                         url = Some(u.trim().to_owned());
+                    } else if let Some(u) = l.strip_prefix("METRICS ") {
+                        metrics = Some(u.trim().to_owned());
                     }
                 }
                 Ok(None) => {
@@ -257,12 +262,17 @@ impl Procs {
         }
         // Keep draining stdout so the child never blocks on a full pipe.
         tokio::spawn(async move { while rx.recv().await.is_some() {} });
-        self.running.insert(name.to_owned(), Proc { name: name.to_owned(), args: args.to_vec(), child, log, url });
+        self.running
+            .insert(name.to_owned(), Proc { name: name.to_owned(), args: args.to_vec(), child, log, url, metrics });
         Ok(())
     }
 
     fn url(&self, name: &str) -> Result<String> {
         self.running.get(name).and_then(|p| p.url.clone()).with_context(|| format!("{name} has no address"))
+    }
+
+    fn metrics_url(&self, name: &str) -> Result<String> {
+        self.running.get(name).and_then(|p| p.metrics.clone()).with_context(|| format!("{name} serves no metrics"))
     }
 
     /// Stops `name` gracefully (SIGTERM), killing it if it does not exit in time.
@@ -384,7 +394,6 @@ struct Demo {
     kafka: AdminClient<DefaultClientContext>,
     http: reqwest::Client,
     procs: Procs,
-    created_db: bool,
     created_topics: bool,
 }
 
@@ -435,16 +444,23 @@ impl Demo {
             redact(&args.database_url)
         ));
 
-        let dir = std::env::temp_dir().join(format!("oncely-demo-{id}"));
-        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        sqlx::query(&format!("CREATE DATABASE \"{}\"", names.database))
-            .execute(&mut conn)
-            .await
-            .with_context(|| format!("creating database {}", names.database))?;
-        let _ = conn.close().await;
-        let db_url = with_database(&args.database_url, &names.database);
         let kafka: AdminClient<DefaultClientContext> =
             ClientConfig::new().set("bootstrap.servers", &args.bootstrap_servers).create()?;
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+
+        // What the run creates: a directory for the logs, a database.
+        let dir = std::env::temp_dir().join(format!("oncely-demo-{id}"));
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let created = sqlx::query(&format!("CREATE DATABASE \"{}\"", names.database))
+            .execute(&mut conn)
+            .await
+            .with_context(|| format!("creating database {}", names.database));
+        let _ = conn.close().await;
+        if let Err(e) = created {
+            let _ = std::fs::remove_dir_all(&dir);
+            return Err(e);
+        }
+        let db_url = with_database(&args.database_url, &names.database);
         let owned = DemoArgsOwned {
             payments: args.payments,
             bootstrap: args.bootstrap_servers.clone(),
@@ -467,24 +483,12 @@ impl Demo {
             Ok(p) => p,
             Err(e) => {
                 drop_database(&args.database_url, &names.database).await;
+                let _ = std::fs::remove_dir_all(&dir);
                 return Err(e).context("connecting to the demo's database");
             }
         };
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
-        let mut demo = Demo {
-            id,
-            args: owned,
-            names,
-            dir,
-            db_url,
-            pool,
-            admin,
-            kafka,
-            http,
-            procs,
-            created_db: true,
-            created_topics: false,
-        };
+        let mut demo =
+            Demo { id, args: owned, names, dir, db_url, pool, admin, kafka, http, procs, created_topics: false };
         if let Err(e) = demo.start_app(out).await {
             demo.teardown(out, true).await;
             return Err(e);
@@ -505,14 +509,18 @@ impl Demo {
             self.names.payments,
             self.dir.display()
         ));
-        let st = std::process::Command::new(&self.procs.bin)
-            .args(&self.procs.common)
-            .arg("migrate")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
+        let migrate =
+            Command::new(&self.procs.bin).args(&self.procs.common).arg("migrate").stdin(Stdio::null()).output();
+        let m = tokio::time::timeout(START_TIMEOUT, migrate)
+            .await
+            .map_err(|_| anyhow::anyhow!("payments migrate did not finish in {START_TIMEOUT:?}"))?
             .context("running payments migrate")?;
-        anyhow::ensure!(st.success(), "payments migrate failed ({st})");
+        anyhow::ensure!(
+            m.status.success(),
+            "payments migrate failed ({}): {}",
+            m.status,
+            String::from_utf8_lossy(&m.stderr)
+        );
         let n = &self.names;
         let consumer = |group: &str| -> Vec<String> {
             vec![
@@ -526,6 +534,8 @@ impl Demo {
                 "6000".into(),
                 "--call-timeout-ms".into(),
                 "4000".into(),
+                "--metrics-addr".into(),
+                "127.0.0.1:0".into(),
             ]
         };
         let any_port = "127.0.0.1:0".to_string();
@@ -628,14 +638,21 @@ impl Demo {
         .await?;
         let s2 = self.stats(&gw).await?;
         let rows = self.count("SELECT count(*) FROM payments WHERE order_id = $1", &first).await?;
+        let metrics = self.scrape(&self.procs.metrics_url("payment-service")?).await?;
+        let skipped = counter(
+            &metrics,
+            "oncely_events_total",
+            &[("consumer", &group), ("topic", &topic), ("outcome", "duplicate")],
+        );
         out.check(
             report,
             1,
             "a duplicate is skipped",
-            rows == 1 && s2.charge_calls == s.charge_calls && s2.distinct_charges == s.distinct_charges,
+            rows == 1 && skipped == 1 && s2.charge_calls == s.charge_calls && s2.distinct_charges == s.distinct_charges,
             format!(
                 "the same OrderCreated (ce_id {ce_id}) published again at {topic}[{partition}]@{offset}: \
-                 the inbox already holds it; still {rows} payment row, {} charge, {} gateway call",
+                 payment-service counted {skipped} duplicate (its inbox holds the identity); still {rows} payment \
+                 row, {} charge, {} gateway call",
                 s2.distinct_charges, s2.charge_calls
             ),
         );
@@ -873,6 +890,20 @@ impl Demo {
             )
             .await? as u64;
         out.line(&format!("  both caught up again ({:.1} s)", t1.elapsed().as_secs_f64()));
+        let metrics = self.scrape(&self.procs.metrics_url("webhook-dispatcher")?).await?;
+        let (g, t) = (self.names.webhook_group.as_str(), payments_topic.as_str());
+        let rewinds = counter(&metrics, "oncely_rewinds_total", &[("consumer", g), ("topic", t)]);
+        let dropped =
+            counter(&metrics, "oncely_events_total", &[("consumer", g), ("topic", t), ("outcome", "duplicate")]);
+        let reprocessed =
+            counter(&metrics, "oncely_events_total", &[("consumer", g), ("topic", t), ("outcome", "processed")]);
+        out.line(&format!(
+            "  oncely's dispatcher noticed the rewind on {rewinds} of {PARTITIONS} partitions (oncely_rewinds_total) \
+             and, with policy replay, re-read: {} records dropped as duplicates by the inbox, {reprocessed} handled",
+            fmt_n(dropped)
+        ));
+        report.oncely_rewinds_detected = rewinds;
+        report.oncely_duplicates_dropped = dropped;
         report.orders = orders;
         report.payments = self.count_all("SELECT count(*) FROM payments").await? as u64;
         report.gateway_calls = s.charge_calls;
@@ -901,14 +932,19 @@ impl Demo {
             report,
             2,
             "oncely's dispatcher sent no duplicate",
-            report.oncely_duplicate_webhooks == 0 && s.distinct_webhooks == orders && intents == orders,
+            report.oncely_duplicate_webhooks == 0
+                && s.distinct_webhooks == orders
+                && intents == orders
+                && dropped == total as u64
+                && reprocessed == 0,
             format!(
-                "{} duplicate webhooks ({} deliveries for {} payments, {} intents): every re-read record was \
-                 dropped by the inbox",
+                "{} duplicate webhooks ({} deliveries for {} payments, {} intents): the {} re-read records were \
+                 all dropped by the inbox",
                 report.oncely_duplicate_webhooks,
                 fmt_n(s.webhook_calls),
                 fmt_n(s.distinct_webhooks),
-                fmt_n(intents)
+                fmt_n(intents),
+                fmt_n(dropped)
             ),
         );
         out.check(
@@ -1033,6 +1069,11 @@ impl Demo {
     async fn stats(&self, base: &str) -> Result<Stats> {
         let r = self.http.get(format!("{base}/stats")).send().await.with_context(|| format!("GET {base}/stats"))?;
         Ok(r.error_for_status()?.json().await?)
+    }
+
+    async fn scrape(&self, url: &str) -> Result<String> {
+        let r = self.http.get(url).send().await.with_context(|| format!("GET {url}"))?;
+        Ok(r.error_for_status()?.text().await?)
     }
 
     async fn control(&self, base: &str, body: Value) -> Result<()> {
@@ -1177,9 +1218,7 @@ impl Demo {
             }
         }
         self.pool.close().await;
-        if self.created_db {
-            drop_database(&self.args.admin_db_url, &self.names.database).await;
-        }
+        drop_database(&self.args.admin_db_url, &self.names.database).await;
         if failed {
             out.line(&format!("\n  logs kept in {}", self.dir.display()));
         } else if let Err(e) = std::fs::remove_dir_all(&self.dir) {
@@ -1256,6 +1295,27 @@ fn show(out: &Out, text: &str, max: usize) {
     if lines.len() > max {
         out.line(&format!("      … ({} more lines)", lines.len() - max));
     }
+}
+
+/// The sum of Prometheus counter `name` over the series whose labels include
+/// `labels`, in the text exposition format.
+fn counter(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    let mut sum = 0.0;
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else { continue };
+        let Some((series, value)) = rest.rsplit_once(' ') else { continue };
+        let series = series.trim();
+        let set = match series.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+            Some(set) => set,
+            None if series.is_empty() => "",
+            None => continue, // another metric whose name starts with `name`
+        };
+        let has = |k: &str, v: &str| set.split(',').any(|kv| kv == format!("{k}=\"{v}\""));
+        if labels.iter().all(|(k, v)| has(k, v)) {
+            sum += value.trim().parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    sum as u64
 }
 
 /// Prints the last `n` lines of `text`, indented.
@@ -1429,12 +1489,21 @@ fn print_summary(out: &Out, r: &Report) {
     if r.ok {
         let _ = write!(t, "  all {} checks passed", r.checks.len());
     } else {
-        let _ = write!(t, "  FAILED: {} of {} checks", failed.len(), r.checks.len());
+        match &r.error {
+            Some(e) => {
+                let _ = write!(
+                    t,
+                    "  FAILED: stopped before the end: {e} ({} checks done, {} failed)",
+                    r.checks.len(),
+                    failed.len()
+                );
+            }
+            None => {
+                let _ = write!(t, "  FAILED: {} of {} checks", failed.len(), r.checks.len());
+            }
+        }
         for c in failed {
             let _ = write!(t, "\n    ✗ {} (part {}): {}", c.name, c.part, c.detail);
-        }
-        if let Some(e) = &r.error {
-            let _ = write!(t, "\n    stopped: {e}");
         }
     }
     out.line(&t);
@@ -1465,6 +1534,19 @@ mod tests {
         assert_eq!(with_database("postgres://u:p@h:5432/oncely", "x"), "postgres://u:p@h:5432/x");
         assert_eq!(with_database("postgres://u@h/db?sslmode=disable", "x"), "postgres://u@h/x?sslmode=disable");
         assert_eq!(redact("postgres://u:p@h/db"), "postgres://u:***@h/db");
+    }
+
+    #[test]
+    fn counters_are_summed_over_matching_series() {
+        let text = "# TYPE oncely_events_total counter\n\
+            oncely_events_total{consumer=\"c\",topic=\"t\",outcome=\"duplicate\"} 12\n\
+            oncely_events_total{consumer=\"c\",topic=\"t\",outcome=\"processed\"} 3\n\
+            oncely_events_total{consumer=\"d\",topic=\"t\",outcome=\"duplicate\"} 5\n\
+            oncely_events_totally{consumer=\"c\"} 7\n";
+        assert_eq!(counter(text, "oncely_events_total", &[("consumer", "c"), ("outcome", "duplicate")]), 12);
+        assert_eq!(counter(text, "oncely_events_total", &[("consumer", "c")]), 15);
+        assert_eq!(counter(text, "oncely_events_total", &[("outcome", "duplicate")]), 17);
+        assert_eq!(counter(text, "oncely_events_total", &[("consumer", "x")]), 0);
     }
 
     #[test]

@@ -92,3 +92,19 @@ async fn migrations_apply_once_even_when_run_concurrently() -> anyhow::Result<()
     assert!(days.contains(&today), "today's inbox partition exists: {days:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn consumers_starting_together_create_inbox_partitions_without_racing() -> anyhow::Result<()> {
+    let db = kit::TestDb::new().await?;
+    // Four consumers start at once and each ensures partitions ten days ahead.
+    let p = &db.pool;
+    let (a, b, c, d) = tokio::join!(
+        oncely::store::ensure_inbox_partitions(p, 10),
+        oncely::store::ensure_inbox_partitions(p, 10),
+        oncely::store::ensure_inbox_partitions(p, 10),
+        oncely::store::ensure_inbox_partitions(p, 10)
+    );
+    let created = a? + b? + c? + d?;
+    assert_eq!(created, 8, "days +3..+10 created exactly once between them");
+    Ok(())
+}

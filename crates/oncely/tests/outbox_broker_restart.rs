@@ -6,6 +6,7 @@
 mod outbox_support;
 
 use std::collections::HashSet;
+use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
@@ -14,13 +15,23 @@ use oncely_testkit::{self as kit, app::SeqEvent};
 use outbox_support::{read_to_end, relay, start, wait_drained, WAIT};
 use sqlx::PgPool;
 
+/// Runs `scripts/services <cmd>`. Its output goes to a file, not to a pipe:
+/// `start-kafka` leaves a shell (the broker's parent) holding its stdout and
+/// stderr, and a pipe would stay open until the broker stops.
 fn services(cmd: &str) -> Result<()> {
+    let log = std::env::temp_dir().join(format!("{}.log", kit::unique("outbox-services")));
+    let file = std::fs::File::create(&log)?;
     let status = std::process::Command::new(kit::repo_root().join("scripts/services"))
         .arg(cmd)
+        .stdin(Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
         .status()
         .with_context(|| format!("running scripts/services {cmd}"))?;
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
     if !status.success() {
-        bail!("scripts/services {cmd} failed: {status}");
+        bail!("scripts/services {cmd} failed: {status}\n{output}");
     }
     Ok(())
 }

@@ -20,7 +20,8 @@
 //! Every process takes the same connection flags (`--bootstrap-servers`,
 //! `--database-url`, `--orders-topic`, `--payments-topic`, or their variables),
 //! logs to stderr, and prints `READY` on stdout once it is up; servers print
-//! `LISTEN <url>` just before. SIGTERM or SIGINT stops a process gracefully.
+//! `LISTEN <url>` just before (and consumers given `--metrics-addr`,
+//! `METRICS <url>`). SIGTERM or SIGINT stops a process gracefully.
 //! `oncely demo` drives them; a torture harness can do the same.
 
 use std::io::Write as _;
@@ -77,7 +78,8 @@ pub struct ConsumerOpts {
     /// Timeout of one HTTP call to the gateway or the merchant.
     #[arg(long, default_value_t = 10_000)]
     pub call_timeout_ms: u64,
-    /// Serve Prometheus metrics on this address (`GET /metrics`).
+    /// Serve Prometheus metrics on this address (`GET /metrics`); port 0 picks
+    /// a free one, printed as `METRICS <url>` before `READY`.
     #[arg(long)]
     pub metrics_addr: Option<std::net::SocketAddr>,
 }
@@ -105,10 +107,21 @@ impl ConsumerOpts {
             .effect_lease(Duration::from_millis(self.effect_lease_ms))
             // Signals are handled by the process (SIGTERM and SIGINT alike).
             .handle_sigterm(false);
-        if let Some(addr) = self.metrics_addr {
-            b = b.metrics_addr(addr);
-        }
         b
+    }
+
+    /// Serves the process's metrics if `--metrics-addr` was given, and prints
+    /// `METRICS <url>` (the bound address: port 0 picks a free one).
+    pub async fn serve_metrics(&self, shutdown: CancellationToken) -> Result<()> {
+        if let Some(addr) = self.metrics_addr {
+            let bound =
+                oncely::metrics::serve(addr, shutdown).await.with_context(|| format!("serving metrics on {addr}"))?;
+            tracing::info!(addr = %bound, "Serving metrics.");
+            let mut out = std::io::stdout().lock();
+            let _ = writeln!(out, "METRICS http://{bound}/metrics");
+            let _ = out.flush();
+        }
+        Ok(())
     }
 
     /// The call timeout.

@@ -14,8 +14,11 @@ use sqlx::PgPool;
 /// start at once; `CREATE TABLE IF NOT EXISTS` alone races on the catalog).
 const MIGRATION_LOCK: i64 = 0x7061_796d_656e_7473; // "payments"
 
+/// In schema `public`, named explicitly: with the default search path
+/// (`"$user", public`) and a role named `oncely`, an unqualified name would
+/// land in oncely's own schema.
 const TABLES: &[&str] = &[
-    "CREATE TABLE IF NOT EXISTS orders (
+    "CREATE TABLE IF NOT EXISTS public.orders (
         id           text        PRIMARY KEY,
         customer     text        NOT NULL,
         amount_cents bigint      NOT NULL CHECK (amount_cents > 0),
@@ -24,7 +27,7 @@ const TABLES: &[&str] = &[
         created_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
         confirmed_at timestamptz
     )",
-    "CREATE TABLE IF NOT EXISTS payments (
+    "CREATE TABLE IF NOT EXISTS public.payments (
         order_id       text        PRIMARY KEY,
         order_event_id text        NOT NULL,
         customer       text        NOT NULL,
@@ -35,7 +38,7 @@ const TABLES: &[&str] = &[
         created_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
         updated_at     timestamptz NOT NULL DEFAULT clock_timestamp()
     )",
-    "CREATE TABLE IF NOT EXISTS naive_processed (
+    "CREATE TABLE IF NOT EXISTS public.naive_processed (
         event_id     text        PRIMARY KEY,
         topic        text        NOT NULL,
         partition    integer     NOT NULL,

@@ -44,19 +44,31 @@ pub(crate) struct LaneHandle {
     /// Set by the dispatcher when it paused the partition because the
     /// channel was full; the lane then asks to be refilled.
     pub paused: Arc<AtomicBool>,
+    /// Set by the lane when it asked for a refill, cleared by the dispatcher.
+    pub refill_asked: Arc<AtomicBool>,
+}
+
+/// Records a lane's channel holds. Large enough that a paused partition is
+/// resumed only after thousands of records (a pause makes librdkafka drop its
+/// prefetch for the partition: pausing for every few records halves
+/// throughput), small enough to bound memory.
+pub(crate) fn channel_capacity(max_batch: usize) -> usize {
+    (max_batch * 20).max(10_000)
 }
 
 pub(crate) fn spawn(shared: Arc<Shared>, topic: String, partition: i32, start: StartDecision) -> LaneHandle {
     let stop = shared.shutdown.child_token();
     let position = Arc::new(AtomicI64::new(-1));
-    let (tx, rx) = mpsc::channel(shared.settings.max_batch * 2);
+    let (tx, rx) = mpsc::channel(channel_capacity(shared.settings.max_batch));
     let paused = Arc::new(AtomicBool::new(false));
+    let refill_asked = Arc::new(AtomicBool::new(false));
     let lane = Lane {
         shared: shared.clone(),
         topic: topic.clone(),
         partition,
         rx,
         paused: paused.clone(),
+        refill_asked: refill_asked.clone(),
         stop: stop.clone(),
         db_next: start.db_next,
         next_read: start.seek,
@@ -70,7 +82,7 @@ pub(crate) fn spawn(shared: Arc<Shared>, topic: String, partition: i32, start: S
     };
     let span = tracing::info_span!("lane", consumer = &*shared.name, topic = %topic, partition);
     let join = shared.rt.spawn(lane.run().instrument(span));
-    LaneHandle { topic, partition, stop, join, position, tx, paused }
+    LaneHandle { topic, partition, stop, join, position, tx, paused, refill_asked }
 }
 
 struct Lane {
@@ -79,6 +91,7 @@ struct Lane {
     partition: i32,
     rx: mpsc::Receiver<Arc<RawRecord>>,
     paused: Arc<AtomicBool>,
+    refill_asked: Arc<AtomicBool>,
     stop: CancellationToken,
     /// The database offset the next batch must find (the fence).
     db_next: Option<i64>,
@@ -284,7 +297,11 @@ impl Lane {
                 return false;
             };
             self.accept(rec);
-            if self.paused.load(Ordering::Acquire) {
+            // Ask for a refill once the channel is half empty, once per pause.
+            if self.paused.load(Ordering::Acquire)
+                && self.rx.len() <= channel_capacity(self.shared.settings.max_batch) / 2
+                && !self.refill_asked.swap(true, Ordering::AcqRel)
+            {
                 self.shared.refill(&self.topic, self.partition);
             }
             if deadline.is_none() {
@@ -350,6 +367,20 @@ impl Lane {
         Ok(())
     }
 
+    /// Opens a transaction and the handler context around it.
+    async fn begin(&self) -> Result<Cx> {
+        let s = &self.shared;
+        Ok(Cx {
+            tx: s.pool.begin().await?,
+            consumer: s.name.clone(),
+            event_id: None,
+            replay: s.settings.replay,
+            state: s.state.clone(),
+            effects: Vec::new(),
+            registry: s.registry.clone(),
+        })
+    }
+
     /// Runs one batch transaction. `careful` runs each event in a savepoint, so
     /// one failing event does not undo the others.
     async fn process(&self, batch: &[Arc<RawRecord>], careful: bool) -> Result<Outcome> {
@@ -366,16 +397,7 @@ impl Lane {
             })
             .unzip();
 
-        let tx = s.pool.begin().await?;
-        let mut cx = Cx {
-            tx,
-            consumer: s.name.clone(),
-            event_id: None,
-            replay: s.settings.replay,
-            state: s.state.clone(),
-            effects: Vec::new(),
-            registry: s.registry.clone(),
-        };
+        let mut cx = self.begin().await?;
         let claimed = store::claim(cx.db(), consumer, &self.topic, self.partition, &ids, &offsets).await?;
         let mut first_seen: HashSet<String> = HashSet::new();
         let mut newly_parked: HashSet<String> = HashSet::new();
@@ -609,16 +631,7 @@ impl Lane {
         let s = self.shared.clone();
         let consumer = &*s.name;
         let Some(expected) = self.db_next else { return Ok(true) };
-        let tx = s.pool.begin().await?;
-        let mut cx = Cx {
-            tx,
-            consumer: s.name.clone(),
-            event_id: None,
-            replay: s.settings.replay,
-            state: s.state.clone(),
-            effects: Vec::new(),
-            registry: s.registry.clone(),
-        };
+        let mut cx = self.begin().await?;
         if !parked_store::still_owner(cx.db(), consumer, &self.topic, self.partition, expected).await? {
             cx.tx.rollback().await?;
             return Ok(false);

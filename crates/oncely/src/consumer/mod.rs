@@ -923,12 +923,14 @@ fn dispatch(shared: &Shared, consumer: &KafkaConsumer, rec: Arc<RawRecord>) {
     match lane.tx.try_send(rec) {
         Ok(()) => {}
         Err(tokio::sync::mpsc::error::TrySendError::Full(rec)) => {
+            lane.refill_asked.store(false, std::sync::atomic::Ordering::Release);
             lane.paused.store(true, std::sync::atomic::Ordering::Release);
             let mut tpl = TopicPartitionList::new();
             tpl.add_partition(&key.0, key.1);
             if let Err(e) = consumer.pause(&tpl) {
                 tracing::warn!(error = %e, "Cannot pause a partition for backpressure.");
             }
+            tracing::debug!(topic = %key.0, partition = key.1, "Paused a partition: its lane is full.");
             overflow.insert(key, VecDeque::from([rec]));
         }
         Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {}
@@ -940,23 +942,35 @@ fn dispatch(shared: &Shared, consumer: &KafkaConsumer, rec: Arc<RawRecord>) {
 fn refill(shared: &Shared, consumer: &KafkaConsumer, topic: String, partition: i32) {
     let key = (topic, partition);
     let Ok(mut overflow) = shared.overflow.lock() else { return };
-    let Some(q) = overflow.get_mut(&key) else { return };
     let Ok(lanes) = shared.lanes.lock() else { return };
     let Some(lane) = lanes.get(&key) else {
         overflow.remove(&key);
         return;
     };
+    // Whatever happens below, the lane may ask again (a request that arrives
+    // after the partition was resumed must not leave this set for the next pause).
+    lane.refill_asked.store(false, std::sync::atomic::Ordering::Release);
+    let Some(q) = overflow.get_mut(&key) else { return };
     while let Some(rec) = q.pop_front() {
         match lane.tx.try_send(rec) {
             Ok(()) => {}
             Err(tokio::sync::mpsc::error::TrySendError::Full(rec)) => {
                 q.push_front(rec);
+                tracing::debug!(topic = %key.0, partition = key.1, left = q.len(), "Refilled a full lane; it stays paused.");
                 return;
             }
             Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => break,
         }
     }
     overflow.remove(&key);
+    // Resume only with room for many records (hysteresis), else stay paused:
+    // the lane asks again when its channel is half empty.
+    if lane.tx.capacity() < lane.tx.max_capacity() / 2 {
+        tracing::debug!(topic = %key.0, partition = key.1, free = lane.tx.capacity(), "Refilled a lane; it stays paused.");
+        overflow.insert(key, VecDeque::new());
+        return;
+    }
+    tracing::debug!(topic = %key.0, partition = key.1, "Resumed a partition.");
     lane.paused.store(false, std::sync::atomic::Ordering::Release);
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition(&key.0, key.1);

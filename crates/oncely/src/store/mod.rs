@@ -32,8 +32,12 @@ pub async fn connect(url: &str, max: u32) -> Result<PgPool> {
 ///
 /// The primary key contains the day partition, so `ON CONFLICT` alone catches
 /// only a duplicate of the same day; `NOT EXISTS` also looks in every older
-/// partition. Two members racing on one partition are serialised by the offset
-/// fence (see [`advance_offset`]), so the check-then-insert cannot let both in.
+/// partition (today's is pruned at run time: `ON CONFLICT` covers it). The
+/// `OFFSET 0` keeps the check a per-identity index probe: as a join, the
+/// planner may choose to hash every identity the consumer ever claimed (the
+/// row estimate of `unnest` is a guess). Two members racing on one partition
+/// are serialised by the offset fence (see [`advance_offset`]), so the
+/// check-then-insert cannot let both in.
 pub async fn claim(
     conn: &mut PgConnection,
     consumer: &str,
@@ -46,7 +50,10 @@ pub async fn claim(
         r#"INSERT INTO oncely.inbox (consumer, event_id, topic, partition, "offset", received_on)
            SELECT $1, x.id, $2, $3, x.off, (now() AT TIME ZONE 'UTC')::date
              FROM unnest($4::text[], $5::int8[]) WITH ORDINALITY AS x(id, off, ord)
-            WHERE NOT EXISTS (SELECT 1 FROM oncely.inbox i WHERE i.consumer = $1 AND i.event_id = x.id)
+            WHERE NOT EXISTS (SELECT 1 FROM oncely.inbox i
+                               WHERE i.consumer = $1 AND i.event_id = x.id
+                                 AND i.received_on < (now() AT TIME ZONE 'UTC')::date
+                              OFFSET 0)
             ORDER BY x.ord
            ON CONFLICT DO NOTHING
            RETURNING event_id"#,
