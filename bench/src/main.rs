@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod consume;
 mod outbox;
+mod torture;
 
 #[derive(Debug, Parser)]
 #[command(name = "oncely-bench", about = "oncely's benchmarks")]
@@ -20,6 +21,8 @@ enum Bench {
     Consume(consume::ConsumeArgs),
     /// The transactional outbox's relay: throughput, and commit-to-publish latency with NOTIFY and polling only.
     Outbox(outbox::OutboxArgs),
+    /// The whole payments pipeline under injected faults (kills, rebalances, rewinds, broker and database restarts), then its invariants.
+    Torture(torture::TortureArgs),
 }
 
 #[tokio::main]
@@ -34,5 +37,6 @@ async fn main() -> anyhow::Result<()> {
     match Cli::parse().bench {
         Bench::Consume(a) => consume::run(a).await,
         Bench::Outbox(a) => outbox::run(a).await,
+        Bench::Torture(a) => torture::run(a).await,
     }
 }

@@ -1398,18 +1398,7 @@ async fn drop_database(admin_url: &str, name: &str) {
 
 /// `url` with its database replaced by `db`.
 fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let prefix = match base.rfind('/') {
-        Some(i) if i > "postgres://".len() => &base[..i],
-        _ => base,
-    };
-    match query {
-        Some(q) => format!("{prefix}/{db}?{q}"),
-        None => format!("{prefix}/{db}"),
-    }
+    oncely::store::with_database(url, db)
 }
 
 /// `url` without its password.

@@ -15,8 +15,22 @@ use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(90);
 
-async fn gateway() -> Result<FakeGateway> {
-    FakeGateway::start("127.0.0.1:0".parse()?).await
+/// A fresh database, fake gateway, topic and group.
+struct Setup {
+    db: kit::TestDb,
+    gw: FakeGateway,
+    topic: String,
+    group: String,
+}
+
+async fn setup(partitions: i32) -> Result<Setup> {
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    app::setup(&db.pool).await?;
+    let gw = FakeGateway::start("127.0.0.1:0".parse()?).await?;
+    let (topic, group) = (kit::unique("orders"), kit::unique("payments"));
+    kit::create_topic(&topic, partitions).await?;
+    Ok(Setup { db, gw, topic, group })
 }
 
 fn fast(mut o: EffectOptions) -> EffectOptions {
@@ -36,12 +50,7 @@ async fn wait_status(db: &kit::TestDb, status: &str, n: i64) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_same_event_delivered_twice_charges_once() -> Result<()> {
-    kit::init_tracing();
-    let db = kit::TestDb::new().await?;
-    app::setup(&db.pool).await?;
-    let gw = gateway().await?;
-    let (topic, group) = (kit::unique("orders"), kit::unique("payments"));
-    kit::create_topic(&topic, 1).await?;
+    let Setup { db, gw, topic, group } = setup(1).await?;
     let publisher = Publisher::new(&kit::bootstrap(), "/tests/effects")?;
     let attrs = CloudEventAttrs::new_now("/tests/effects", "test.seq");
     let ev = app::SeqEvent { key: "order-1".into(), seq: 1 };
@@ -81,12 +90,7 @@ async fn wait_accepted(gw: &FakeGateway, n: u64) -> Result<()> {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_crash_after_the_gateway_charged_repeats_the_call_with_the_same_key() -> Result<()> {
-    kit::init_tracing();
-    let db = kit::TestDb::new().await?;
-    app::setup(&db.pool).await?;
-    let gw = gateway().await?;
-    let (topic, group) = (kit::unique("orders"), kit::unique("payments"));
-    kit::create_topic(&topic, 1).await?;
+    let Setup { db, gw, topic, group } = setup(1).await?;
     app::publish_seq(&topic, 1, 1).await?;
     // The gateway charges, then never answers: the consumer dies before it
     // records the outcome.
@@ -109,12 +113,7 @@ async fn a_crash_after_the_gateway_charged_repeats_the_call_with_the_same_key() 
 
 #[tokio::test(flavor = "multi_thread")]
 async fn an_interrupted_at_most_once_effect_is_never_resent_and_waits_for_an_operator() -> Result<()> {
-    kit::init_tracing();
-    let db = kit::TestDb::new().await?;
-    app::setup(&db.pool).await?;
-    let gw = gateway().await?;
-    let (topic, group) = (kit::unique("orders"), kit::unique("payments"));
-    kit::create_topic(&topic, 1).await?;
+    let Setup { db, gw, topic, group } = setup(1).await?;
     app::publish_seq(&topic, 1, 1).await?;
     gw.control(Control { hang_after_accept_next: 1, ..Control::default() });
     let url = gw.url();
@@ -145,12 +144,7 @@ async fn an_interrupted_at_most_once_effect_is_never_resent_and_waits_for_an_ope
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_failing_gateway_is_retried_with_backoff_then_dead_after_max_attempts() -> Result<()> {
-    kit::init_tracing();
-    let db = kit::TestDb::new().await?;
-    app::setup(&db.pool).await?;
-    let gw = gateway().await?;
-    let (topic, group) = (kit::unique("orders"), kit::unique("payments"));
-    kit::create_topic(&topic, 1).await?;
+    let Setup { db, gw, topic, group } = setup(1).await?;
     gw.control(Control { fail_next: 3, ..Control::default() });
     let mut opts = fast(EffectOptions::default());
     opts.max_attempts = 5;
@@ -182,12 +176,7 @@ async fn a_failing_gateway_is_retried_with_backoff_then_dead_after_max_attempts(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn replay_mode_rebuilds_state_without_calling_the_gateway() -> Result<()> {
-    kit::init_tracing();
-    let db = kit::TestDb::new().await?;
-    app::setup(&db.pool).await?;
-    let gw = gateway().await?;
-    let (topic, group) = (kit::unique("orders"), kit::unique("projection"));
-    kit::create_topic(&topic, 2).await?;
+    let Setup { db, gw, topic, group } = setup(2).await?;
     let published = app::publish_seq(&topic, 5, 4).await?;
     let token = CancellationToken::new();
     let c = app::consumer_with_gateway(
@@ -209,5 +198,52 @@ async fn replay_mode_rebuilds_state_without_calling_the_gateway() -> Result<()> 
     app::check_exactly_once_in_order(&db.pool, &published).await?;
     assert_eq!(statuses(&db).await?, vec![("suppressed".to_string(), published.len() as i64)]);
     assert_eq!(gw.stats().charge_calls, 0, "no call in replay mode");
+    Ok(())
+}
+
+/// Records one intent per event, ordered per entity (the order key).
+async fn ordered_handler(ev: oncely::Event<app::SeqEvent>, cx: &mut oncely::Cx) -> Result<(), oncely::HandlerError> {
+    let payload = serde_json::json!({"order": ev.data.key, "seq": ev.data.seq});
+    cx.effect_ordered(app::CHARGE, &ev.data.key, &payload)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn ordered_intents_of_one_entity_run_one_at_a_time_in_order() -> Result<()> {
+    let Setup { db, gw, topic, group } = setup(1).await?;
+    app::publish_seq(&topic, 1, 3).await?;
+    let calls = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let seen = calls.clone();
+    let client = oncely_testkit::gateway::GatewayClient::new(&gw.url(), Duration::from_secs(5))?;
+    let charge = move |call: oncely::effects::EffectCall| {
+        let client = client.clone();
+        let seen = seen.clone();
+        async move {
+            let label = call.payload["seq"].to_string();
+            let r = client.charge(&call.key, &call.payload).await;
+            if let Ok(mut s) = seen.lock() {
+                s.push(label);
+            }
+            r
+        }
+    };
+    // The gateway is slow: unordered intents would overlap.
+    gw.control(Control { delay_ms: 50, ..Control::default() });
+    let token = CancellationToken::new();
+    let c = oncely::Consumer::builder(&group)
+        .bootstrap_servers(kit::bootstrap())
+        .pool(db.pool.clone())
+        .topic(&topic)
+        .handler(ordered_handler)
+        .handle_sigterm(false)
+        .force_inbox_retention(true)
+        .effect_executor(app::CHARGE, charge, fast(EffectOptions::default()));
+    let run = tokio::spawn(c.run(token.clone()));
+    wait_status(&db, "done", 3).await?;
+    token.cancel();
+    run.await??;
+    // Recorded in one batch, all due at once, yet each waited for the one before.
+    let got = calls.lock().map(|c| c.clone()).unwrap_or_default();
+    assert_eq!(got, vec!["1", "2", "3"]);
     Ok(())
 }

@@ -183,3 +183,47 @@ async fn a_key_failing_past_max_attempts_reaches_the_dlt_with_every_header() -> 
     .await?;
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn under_the_hold_policy_a_dead_keys_queue_waits_for_the_operator() -> Result<()> {
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    app::setup(&db.pool).await?;
+    let (topic, group) = (kit::unique("orders"), kit::unique("g"));
+    kit::create_topic(&topic, 1).await?;
+    let published = app::publish_seq(&topic, 3, 4).await?;
+    // k1's first event fails on both of its attempts (three handler calls:
+    // the batch's optimistic run, its careful re-run, one retry), so with
+    // max_attempts 2 it is dead-lettered; later events of k1 then succeed.
+    let mut b = app::Behaviour::tagged("h");
+    b.fail_times.insert("k1".into(), 3);
+    let token = CancellationToken::new();
+    let c = tokio::spawn(
+        app::consumer(&group, &topic, db.pool.clone(), b)
+            .max_attempts(2)
+            .retry_backoff(Duration::from_millis(20), Duration::from_millis(40))
+            .dead_key_policy(oncely::failure::DeadKeyPolicy::Hold)
+            .run(token.clone()),
+    );
+    kit::wait_until(WAIT, "k1's later events to be held", || async {
+        Ok(kit::count(&db.pool, "SELECT count(*) FROM oncely.parked WHERE status = 'held'").await? == 3)
+    })
+    .await?;
+    assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM applied WHERE key = 'k1'").await?, 0);
+    assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM applied WHERE key <> 'k1'").await?, 8, "other keys go on");
+    // The operator releases the key: the held events apply, in order.
+    let released = oncely::store::failure::release_key(&db.pool, &group, "k1").await?;
+    assert_eq!(released, 3);
+    kit::wait_until(WAIT, "the released events to apply", || async {
+        Ok(kit::count(&db.pool, "SELECT count(*) FROM applied WHERE key = 'k1'").await? == 3)
+    })
+    .await?;
+    token.cancel();
+    c.await??;
+    let seqs: Vec<i64> =
+        sqlx::query_scalar("SELECT seq FROM applied WHERE key = 'k1' ORDER BY n").fetch_all(&db.pool).await?;
+    assert_eq!(seqs, vec![2, 3, 4]);
+    assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM oncely.dead_letters").await?, 1);
+    assert_eq!(published.len(), 12);
+    Ok(())
+}

@@ -34,6 +34,7 @@ use rdkafka::ClientConfig;
 use tokio_util::sync::CancellationToken;
 
 pub mod events;
+pub mod harness;
 pub mod naive;
 pub mod orders;
 pub mod payment;

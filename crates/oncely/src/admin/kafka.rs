@@ -52,6 +52,10 @@ pub struct ErrorCode(pub i32);
 impl ErrorCode {
     /// `UNKNOWN_TOPIC_OR_PARTITION` (3).
     pub const UNKNOWN_TOPIC_OR_PARTITION: ErrorCode = ErrorCode(3);
+    /// `COORDINATOR_LOAD_IN_PROGRESS` (14): retriable.
+    pub const COORDINATOR_LOAD_IN_PROGRESS: ErrorCode = ErrorCode(14);
+    /// `NOT_COORDINATOR` (16): retriable.
+    pub const NOT_COORDINATOR: ErrorCode = ErrorCode(16);
     /// `COORDINATOR_NOT_AVAILABLE` (15).
     pub const COORDINATOR_NOT_AVAILABLE: ErrorCode = ErrorCode(15);
     /// `ILLEGAL_GENERATION` (22).
@@ -207,6 +211,24 @@ pub enum AdminError {
 }
 
 impl AdminError {
+    /// Whether the request may succeed if sent again shortly: the group
+    /// coordinator is loading, moving or not elected yet (a fresh or just
+    /// restarted broker loads `__consumer_offsets` first).
+    pub fn is_retriable(&self) -> bool {
+        let retriable = |c: ErrorCode| {
+            c == ErrorCode::COORDINATOR_LOAD_IN_PROGRESS
+                || c == ErrorCode::COORDINATOR_NOT_AVAILABLE
+                || c == ErrorCode::NOT_COORDINATOR
+        };
+        match self {
+            AdminError::Request { code, .. } | AdminError::Target { code, .. } => retriable(*code),
+            AdminError::Partitions { failures, .. } => {
+                !failures.is_empty() && failures.iter().all(|f| retriable(f.code))
+            }
+            _ => false,
+        }
+    }
+
     /// Whether this is the broker refusing an offset change for an active group.
     pub fn is_group_active(&self) -> bool {
         matches!(self, AdminError::GroupActive { .. })
@@ -462,6 +484,27 @@ impl KafkaAdmin {
         self
     }
 
+    /// Runs a group request again, with backoff, while it fails with a
+    /// retriable coordinator error, until the request timeout.
+    async fn with_retry<T, F, Fut>(&self, mut f: F) -> AdminResult<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = AdminResult<T>>,
+    {
+        let deadline = tokio::time::Instant::now() + self.settings.timeout;
+        let mut delay = Duration::from_millis(100);
+        loop {
+            match f().await {
+                Err(e) if e.is_retriable() && tokio::time::Instant::now() + delay < deadline => {
+                    tracing::debug!(error = %e, retry_in = ?delay, "Retrying an Admin API request.");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(1));
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// Runs `f` with the client on tokio's blocking pool.
     async fn blocking<T, F>(&self, op: &'static str, f: F) -> AdminResult<T>
     where
@@ -483,6 +526,10 @@ impl KafkaAdmin {
     /// Every consumer group and its state (ListConsumerGroups). Fails if any
     /// broker could not answer, rather than return a partial list.
     pub async fn list_consumer_groups(&self) -> AdminResult<Vec<GroupListing>> {
+        self.with_retry(|| self.list_consumer_groups_once()).await
+    }
+
+    async fn list_consumer_groups_once(&self) -> AdminResult<Vec<GroupListing>> {
         let (mut groups, errors) =
             self.blocking("ListConsumerGroups", |c, s| ffi::list_groups(c.inner().native_ptr(), s)).await?;
         if let Some((code, message)) = errors.into_iter().next() {
@@ -495,11 +542,16 @@ impl KafkaAdmin {
     /// Describes `groups` (DescribeConsumerGroups), in the order given. A group
     /// the broker does not know comes back in state `Dead` with no members.
     pub async fn describe_consumer_groups(&self, groups: &[impl AsRef<str>]) -> AdminResult<Vec<GroupDescription>> {
+        let names: Vec<String> = groups.iter().map(|g| g.as_ref().to_owned()).collect();
+        self.with_retry(|| self.describe_consumer_groups_once(&names)).await
+    }
+
+    async fn describe_consumer_groups_once(&self, groups: &[String]) -> AdminResult<Vec<GroupDescription>> {
         const OP: &str = "DescribeConsumerGroups";
         if groups.is_empty() {
             return Ok(Vec::new());
         }
-        let names: Vec<String> = groups.iter().map(|g| g.as_ref().to_owned()).collect();
+        let names: Vec<String> = groups.iter().map(|g| AsRef::<str>::as_ref(g).to_owned()).collect();
         let asked = names.clone();
         let results = self.blocking(OP, move |c, s| ffi::describe_groups(c.inner().native_ptr(), s, &names)).await?;
         let mut by_id = BTreeMap::new();
@@ -532,6 +584,14 @@ impl KafkaAdmin {
         group: &str,
         partitions: Option<&[(String, i32)]>,
     ) -> AdminResult<Vec<GroupOffset>> {
+        self.with_retry(|| self.list_consumer_group_offsets_once(group, partitions)).await
+    }
+
+    async fn list_consumer_group_offsets_once(
+        &self,
+        group: &str,
+        partitions: Option<&[(String, i32)]>,
+    ) -> AdminResult<Vec<GroupOffset>> {
         const OP: &str = "ListConsumerGroupOffsets";
         if partitions.is_some_and(|p| p.is_empty()) {
             return Ok(Vec::new());
@@ -553,6 +613,14 @@ impl KafkaAdmin {
     /// [`AdminError::GroupActive`] when the group has members. On success,
     /// returns what the broker committed.
     pub async fn alter_consumer_group_offsets(
+        &self,
+        group: &str,
+        offsets: &[(String, i32, i64, String)],
+    ) -> AdminResult<Vec<GroupOffset>> {
+        self.with_retry(|| self.alter_consumer_group_offsets_once(group, offsets)).await
+    }
+
+    async fn alter_consumer_group_offsets_once(
         &self,
         group: &str,
         offsets: &[(String, i32, i64, String)],

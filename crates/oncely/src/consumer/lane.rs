@@ -48,6 +48,9 @@ pub(crate) struct LaneHandle {
     pub refill_asked: Arc<AtomicBool>,
 }
 
+/// How often a lane with held keys looks for keys an operator released.
+const HELD_KEY_CHECK: Duration = Duration::from_secs(2);
+
 /// Records a lane's channel holds. Large enough that a paused partition is
 /// resumed only after thousands of records (a pause makes librdkafka drop its
 /// prefetch for the partition: pausing for every few records halves
@@ -538,14 +541,7 @@ impl Lane {
         for (offset, id, version, dup, key) in &skipped {
             if *dup {
                 duplicates += 1;
-                events::DuplicateSkipped {
-                    consumer,
-                    topic: &self.topic,
-                    partition: self.partition,
-                    offset: *offset,
-                    event_id: id.as_str(),
-                }
-                .emit();
+                self.duplicate_skipped(*offset, id);
             } else {
                 events::StaleSkipped {
                     consumer,
@@ -615,8 +611,14 @@ impl Lane {
                     &[("consumer", &s.name), ("topic", &self.topic), ("partition", &self.partition.to_string())],
                     self.parked.len() as f64,
                 );
-                self.parked_check =
-                    if !due.is_empty() { Some(Instant::now()) } else { next.map(|d| Instant::now() + d) };
+                // Held keys have no due time; look again now and then so a key
+                // an operator released (`oncely dlq release`) is picked up.
+                let idle = (!self.parked.is_empty()).then_some(HELD_KEY_CHECK);
+                self.parked_check = if !due.is_empty() {
+                    Some(Instant::now())
+                } else {
+                    next.map(|d| d.min(HELD_KEY_CHECK)).or(idle).map(|d| Instant::now() + d)
+                };
             }
             Err(e) => {
                 tracing::warn!(error = %e, "Cannot read the parked keys' due times.");
@@ -728,14 +730,7 @@ impl Lane {
             s.effects_wake.notify_one();
         }
         for (offset, id) in &duplicates {
-            events::DuplicateSkipped {
-                consumer,
-                topic: &self.topic,
-                partition: self.partition,
-                offset: *offset,
-                event_id: id.as_str(),
-            }
-            .emit();
+            self.duplicate_skipped(*offset, id);
         }
         count_events(consumer, &self.topic, "processed", processed);
         count_events(consumer, &self.topic, "dead", dead);
@@ -795,6 +790,17 @@ impl Lane {
                 Err(HandlerError::retry(PanicError(msg)))
             }
         }
+    }
+
+    fn duplicate_skipped(&self, offset: i64, id: &EventId) {
+        events::DuplicateSkipped {
+            consumer: &self.shared.name,
+            topic: &self.topic,
+            partition: self.partition,
+            offset,
+            event_id: id.as_str(),
+        }
+        .emit();
     }
 
     fn commit_kafka(&mut self) {

@@ -18,6 +18,22 @@ mod migrate;
 pub mod outbox;
 pub use migrate::{migrate, MIGRATIONS};
 
+/// `url` (a `postgres://` URL) with its database replaced by `db`.
+pub fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let prefix = match base.rfind('/') {
+        Some(i) if i > "postgres://".len() => &base[..i],
+        _ => base,
+    };
+    match query {
+        Some(q) => format!("{prefix}/{db}?{q}"),
+        None => format!("{prefix}/{db}"),
+    }
+}
+
 /// Opens a pool to `url` with `max` connections.
 pub async fn connect(url: &str, max: u32) -> Result<PgPool> {
     Ok(PgPoolOptions::new()

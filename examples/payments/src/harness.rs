@@ -1,0 +1,412 @@
+//! A small supervisor for the reference application's processes, for the
+//! programs that drive it (the torture harness of `oncely-bench`; `oncely
+//! demo` has its own copy that can move here): start `payments <service>` and
+//! wait for its `READY`, stop it (SIGTERM), kill it (SIGKILL), notice the ones
+//! that exited on their own, and a few helpers around them (fresh databases,
+//! topics, polling with a deadline).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer as _};
+use rdkafka::ClientConfig;
+use sqlx::{Connection as _, PgConnection};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+
+/// How long a service may take to print `READY`.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A running service of the reference application.
+#[derive(Debug)]
+pub struct Proc {
+    /// The name it was started as.
+    pub name: String,
+    /// `payments` arguments after the common ones (to start it again).
+    pub args: Vec<String>,
+    child: Child,
+    /// Its stderr.
+    pub log: PathBuf,
+    /// `LISTEN <url>`, if it printed one.
+    pub url: Option<String>,
+    /// `METRICS <url>`, if it printed one.
+    pub metrics: Option<String>,
+}
+
+/// A process that exited without being asked to.
+#[derive(Debug, Clone)]
+pub struct Exited {
+    /// Its name.
+    pub name: String,
+    /// Its arguments (to start it again).
+    pub args: Vec<String>,
+    /// How it ended.
+    pub status: Option<ExitStatus>,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+/// Starts and stops the services, each `payments <args>` with the common
+/// connection flags, stderr to a log file per start.
+#[derive(Debug)]
+pub struct Procs {
+    bin: PathBuf,
+    common: Vec<String>,
+    dir: PathBuf,
+    log_filter: String,
+    running: BTreeMap<String, Proc>,
+    starts: usize,
+}
+
+impl Procs {
+    /// A supervisor running `bin` with `common` flags first, logs in `dir`,
+    /// `RUST_LOG=log_filter`.
+    pub fn new(bin: PathBuf, common: Vec<String>, dir: PathBuf, log_filter: &str) -> Self {
+        Procs { bin, common, dir, log_filter: log_filter.to_owned(), running: BTreeMap::new(), starts: 0 }
+    }
+
+    /// The `payments` binary.
+    pub fn bin(&self) -> &Path {
+        &self.bin
+    }
+
+    /// The common flags.
+    pub fn common(&self) -> &[String] {
+        &self.common
+    }
+
+    /// Starts `payments <args>` as `name` and waits for its `READY`.
+    pub async fn start(&mut self, name: &str, args: &[String]) -> Result<()> {
+        anyhow::ensure!(!self.running.contains_key(name), "{name} is already running");
+        self.starts += 1;
+        let log = self.dir.join(format!("{:03}-{name}.log", self.starts));
+        let stderr = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
+        let mut child = Command::new(&self.bin)
+            .args(&self.common)
+            .args(args)
+            .env("RUST_LOG", &self.log_filter)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr))
+            .kill_on_drop(true)
+            .spawn()
+            .with_context(|| format!("starting {} {name}", self.bin.display()))?;
+        let stdout = child.stdout.take().context("the child's stdout")?;
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
+        tokio::spawn(async move {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Ok(Some(l)) = lines.next_line().await {
+                let _ = tx.send(l);
+            }
+        });
+        let (mut url, mut metrics) = (None, None);
+        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
+        loop {
+            match tokio::time::timeout_at(deadline, rx.recv()).await {
+                Ok(Some(l)) if l == "READY" => break,
+                Ok(Some(l)) => {
+                    if let Some(u) = l.strip_prefix("LISTEN ") {
+                        url = Some(u.trim().to_owned());
+                    } else if let Some(u) = l.strip_prefix("METRICS ") {
+                        metrics = Some(u.trim().to_owned());
+                    }
+                }
+                Ok(None) => {
+                    let status = child.wait().await.ok();
+                    bail!("{name} exited before it was ready ({status:?}):\n{}", tail(&log, 15));
+                }
+                Err(_) => {
+                    let _ = child.start_kill();
+                    let _ = child.wait().await;
+                    bail!("{name} was not ready after {START_TIMEOUT:?}:\n{}", tail(&log, 15));
+                }
+            }
+        }
+        // Keep draining stdout so the child never blocks on a full pipe.
+        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        self.running
+            .insert(name.to_owned(), Proc { name: name.to_owned(), args: args.to_vec(), child, log, url, metrics });
+        Ok(())
+    }
+
+    /// Whether `name` is running (as far as the supervisor knows).
+    pub fn is_running(&self, name: &str) -> bool {
+        self.running.contains_key(name)
+    }
+
+    /// The `LISTEN` address of `name`.
+    pub fn url(&self, name: &str) -> Result<String> {
+        self.running.get(name).and_then(|p| p.url.clone()).with_context(|| format!("{name} has no address"))
+    }
+
+    /// The arguments `name` was started with (to start it again).
+    pub fn args_of(&self, name: &str) -> Result<Vec<String>> {
+        self.running.get(name).map(|p| p.args.clone()).with_context(|| format!("{name} is not running"))
+    }
+
+    /// Stops `name` gracefully (SIGTERM), killing it if it does not exit
+    /// within `grace`; returns its arguments.
+    pub async fn stop(&mut self, name: &str, grace: Duration) -> Result<Vec<String>> {
+        let mut p = self.running.remove(name).with_context(|| format!("{name} is not running"))?;
+        stop_proc(&mut p, grace).await?;
+        Ok(p.args)
+    }
+
+    /// Kills `name` with SIGKILL (a crash); returns its arguments, to restart it.
+    pub async fn kill(&mut self, name: &str) -> Result<Vec<String>> {
+        let mut p = self.running.remove(name).with_context(|| format!("{name} is not running"))?;
+        signal(&p.child, "KILL")?;
+        p.child.wait().await.with_context(|| format!("waiting for {name}"))?;
+        Ok(p.args)
+    }
+
+    /// The processes that exited on their own since the last call (they are
+    /// forgotten: start them again with their arguments).
+    pub fn reap(&mut self) -> Vec<Exited> {
+        let mut gone = Vec::new();
+        for (name, p) in &mut self.running {
+            if let Ok(Some(status)) = p.child.try_wait() {
+                gone.push(Exited {
+                    name: name.clone(),
+                    args: p.args.clone(),
+                    status: Some(status),
+                    log: p.log.clone(),
+                });
+            }
+        }
+        for e in &gone {
+            self.running.remove(&e.name);
+        }
+        gone
+    }
+
+    /// Name and log file of every running process.
+    pub fn logs(&self) -> Vec<(String, PathBuf)> {
+        self.running.values().map(|p| (p.name.clone(), p.log.clone())).collect()
+    }
+
+    /// Stops everything, in the order given by `rank` (lowest first).
+    pub async fn stop_all(&mut self, rank: impl Fn(&str) -> u8) {
+        let mut names: Vec<String> = self.running.keys().cloned().collect();
+        names.sort_by_key(|n| rank(n));
+        for n in names {
+            if let Err(e) = self.stop(&n, Duration::from_secs(20)).await {
+                tracing::warn!(service = %n, error = %e, "Stopping a service failed.");
+            }
+        }
+    }
+}
+
+async fn stop_proc(p: &mut Proc, grace: Duration) -> Result<()> {
+    if let Ok(Some(_)) = p.child.try_wait() {
+        return Ok(());
+    }
+    signal(&p.child, "TERM")?;
+    match tokio::time::timeout(grace, p.child.wait()).await {
+        Ok(r) => {
+            r.with_context(|| format!("waiting for {}", p.name))?;
+        }
+        Err(_) => {
+            signal(&p.child, "KILL")?;
+            p.child.wait().await.with_context(|| format!("waiting for {}", p.name))?;
+            bail!("{} did not stop within {grace:?} after SIGTERM; killed it", p.name);
+        }
+    }
+    Ok(())
+}
+
+/// Sends `SIG<sig>` to the child (by its process id).
+fn signal(child: &Child, sig: &str) -> Result<()> {
+    let Some(pid) = child.id() else { return Ok(()) }; // already reaped
+    let status = std::process::Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .stderr(Stdio::null())
+        .status()
+        .context("running kill")?;
+    // The process may have exited between the check and the signal.
+    if !status.success() && child.id().is_some() {
+        tracing::debug!(pid, sig, "kill failed; the process has probably exited already.");
+    }
+    Ok(())
+}
+
+/// The last `n` lines of a log file, indented.
+pub fn tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].iter().map(|l| format!("      {l}")).collect::<Vec<_>>().join("\n")
+}
+
+/// Polls `f` every `every` until it returns `Some`, failing after `timeout`.
+pub async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, every: Duration, mut f: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        let last = match f().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => None,
+            Err(e) => Some(e),
+        };
+        if Instant::now() > deadline {
+            match last {
+                Some(e) => bail!("timed out after {timeout:?} waiting for {what}: {e:#}"),
+                None => bail!("timed out after {timeout:?} waiting for {what}"),
+            }
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// `url` with its database replaced by `db`.
+pub fn with_database(url: &str, db: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let prefix = match base.rfind('/') {
+        Some(i) if i > "postgres://".len() => &base[..i],
+        _ => base,
+    };
+    match query {
+        Some(q) => format!("{prefix}/{db}?{q}"),
+        None => format!("{prefix}/{db}"),
+    }
+}
+
+/// Creates database `name` on the server of `admin_url`.
+pub async fn create_database(admin_url: &str, name: &str) -> Result<()> {
+    let mut conn = tokio::time::timeout(Duration::from_secs(10), PgConnection::connect(admin_url))
+        .await
+        .map_err(|_| anyhow::anyhow!("connecting to PostgreSQL timed out"))?
+        .with_context(|| format!("connecting to {}", crate::schema::redact(admin_url)))?;
+    let r = sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut conn).await;
+    let _ = conn.close().await;
+    r.with_context(|| format!("creating database {name}"))?;
+    Ok(())
+}
+
+/// Drops database `name` (closing its connections); logs failures.
+pub async fn drop_database(admin_url: &str, name: &str) -> Result<()> {
+    let mut c = PgConnection::connect(admin_url).await.context("connecting to drop the database")?;
+    let r = sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut c).await;
+    let _ = c.close().await;
+    r.with_context(|| format!("dropping database {name}"))?;
+    Ok(())
+}
+
+/// Creates `names` with `partitions` partitions each and waits until they
+/// show in the metadata.
+pub async fn create_topics(bootstrap: &str, names: &[&str], partitions: i32) -> Result<()> {
+    let kafka: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).create().context("creating a Kafka admin client")?;
+    let topics: Vec<NewTopic<'_>> =
+        names.iter().map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1))).collect();
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    for r in kafka.create_topics(&topics, &opts).await.context("creating the topics")? {
+        if let Err((t, e)) = r {
+            bail!("creating topic {t}: {e}");
+        }
+    }
+    let names: Vec<String> = names.iter().map(|n| (*n).to_owned()).collect();
+    let bootstrap = bootstrap.to_owned();
+    wait_for("the topics to appear in the metadata", Duration::from_secs(30), Duration::from_millis(100), || {
+        let (names, bootstrap) = (names.clone(), bootstrap.clone());
+        async move {
+            let all = topics_with_prefix(&bootstrap, "").await?;
+            Ok(names.iter().all(|n| all.iter().any(|(t, p)| t == n && *p == partitions as usize)).then_some(()))
+        }
+    })
+    .await
+}
+
+/// Topics whose name starts with `prefix`, with their partition counts.
+pub async fn topics_with_prefix(bootstrap: &str, prefix: &str) -> Result<Vec<(String, usize)>> {
+    let md: BaseConsumer =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).create().context("creating a Kafka client")?;
+    let prefix = prefix.to_owned();
+    tokio::task::spawn_blocking(move || -> Result<Vec<(String, usize)>> {
+        let md = md.fetch_metadata(None, Duration::from_secs(10)).context("reading the Kafka metadata")?;
+        Ok(md
+            .topics()
+            .iter()
+            .filter(|t| t.name().starts_with(&prefix) && t.error().is_none())
+            .map(|t| (t.name().to_owned(), t.partitions().len()))
+            .collect())
+    })
+    .await
+    .context("the metadata task")?
+}
+
+/// Deletes every topic whose name starts with `prefix` and the consumer
+/// groups `groups` (a group that never committed does not exist: fine).
+pub async fn delete_kafka_objects(bootstrap: &str, prefix: &str, groups: &[&str]) -> Result<()> {
+    let kafka: AdminClient<DefaultClientContext> =
+        ClientConfig::new().set("bootstrap.servers", bootstrap).create().context("creating a Kafka admin client")?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
+    let mut problems = Vec::new();
+    for r in kafka.delete_groups(groups, &opts).await.context("deleting the groups")? {
+        if let Err((g, e)) = r {
+            if e != rdkafka::types::RDKafkaErrorCode::GroupIdNotFound {
+                problems.push(format!("group {g}: {e}"));
+            }
+        }
+    }
+    let topics = topics_with_prefix(bootstrap, prefix).await?;
+    if !topics.is_empty() {
+        let names: Vec<&str> = topics.iter().map(|(t, _)| t.as_str()).collect();
+        for r in kafka.delete_topics(&names, &opts).await.context("deleting the topics")? {
+            if let Err((t, e)) = r {
+                problems.push(format!("topic {t}: {e}"));
+            }
+        }
+    }
+    anyhow::ensure!(problems.is_empty(), "{}", problems.join("; "));
+    Ok(())
+}
+
+/// A file `rel` (e.g. `scripts/kafka-tool`) in a directory above `exe` (the
+/// checkout a `target/<profile>/` binary was built in).
+pub fn find_above(exe: &Path, rel: &str) -> Option<PathBuf> {
+    exe.ancestors().skip(1).map(|d| d.join(rel)).find(|p| p.is_file())
+}
+
+/// Runs `program args` with a timeout; fails unless it exits 0. Returns its stdout.
+pub async fn run_tool(program: &Path, args: &[&str], timeout: Duration) -> Result<String> {
+    let out = tokio::time::timeout(
+        timeout,
+        Command::new(program).args(args).stdin(Stdio::null()).kill_on_drop(true).output(),
+    )
+    .await
+    .map_err(|_| anyhow::anyhow!("{} {} did not finish in {timeout:?}", program.display(), args.join(" ")))?
+    .with_context(|| format!("running {}", program.display()))?;
+    anyhow::ensure!(
+        out.status.success(),
+        "{} {} failed ({}): {}{}",
+        program.display(),
+        args.join(" "),
+        out.status,
+        String::from_utf8_lossy(&out.stderr),
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn database_urls_are_rewritten() {
+        assert_eq!(with_database("postgres://u:p@h:5432/oncely", "x"), "postgres://u:p@h:5432/x");
+        assert_eq!(with_database("postgres://u@h/db?sslmode=disable", "x"), "postgres://u@h/x?sslmode=disable");
+    }
+}
