@@ -125,6 +125,8 @@ pub struct Cx {
     pub(crate) state: Option<Arc<dyn Any + Send + Sync>>,
     pub(crate) effects: Vec<crate::store::effects::NewIntent>,
     pub(crate) registry: Arc<crate::effects::Registry>,
+    /// The record being handled (per-event handlers), for `traceparent`.
+    pub(crate) record: Option<Arc<RawRecord>>,
 }
 
 impl fmt::Debug for Cx {
@@ -249,7 +251,11 @@ impl Cx {
         ce_type: &str,
         data: &T,
     ) -> crate::Result<crate::outbox::Enqueued> {
-        let ev = crate::outbox::OutgoingEvent::json(ce_type, data)?.source(format!("/oncely/{}", self.consumer));
+        let mut ev = crate::outbox::OutgoingEvent::json(ce_type, data)?.source(format!("/oncely/{}", self.consumer));
+        if let Some(rec) = &self.record {
+            // Carries the incoming event's W3C trace context, if it had one.
+            ev = ev.caused_by(rec);
+        }
         crate::outbox::enqueue(&mut self.tx, topic, key, &ev).await
     }
 

@@ -381,6 +381,7 @@ impl Lane {
             state: s.state.clone(),
             effects: Vec::new(),
             registry: s.registry.clone(),
+            record: None,
         })
     }
 
@@ -749,7 +750,7 @@ impl Lane {
         id: &EventId,
         version: Option<i64>,
         ev: Box<dyn Any + Send>,
-        rec: &RawRecord,
+        rec: &Arc<RawRecord>,
     ) -> Result<Applied, HandlerError> {
         let s = &self.shared;
         if let (Some(v), Some(g)) = (version, &s.version) {
@@ -758,7 +759,10 @@ impl Lane {
                 return Ok(Applied::Stale);
             }
         }
-        self.call_handler(cx, Some(id), vec![ev]).await.map(|()| Applied::Done)
+        cx.record = Some(rec.clone());
+        let r = self.call_handler(cx, Some(id), vec![ev]).await.map(|()| Applied::Done);
+        cx.record = None;
+        r
     }
 
     /// Calls the handler (panics are caught and become failures) and records
