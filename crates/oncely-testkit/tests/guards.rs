@@ -135,6 +135,8 @@ async fn metrics_are_served_in_prometheus_format() -> Result<()> {
     let line = format!(r#"oncely_events_total{{consumer="{group}",topic="{topic}",outcome="processed"}} 6"#);
     assert!(body.contains(&line), "{line} not in\n{body}");
     assert!(body.contains("# TYPE oncely_batch_seconds histogram"));
+    let lag = format!(r#"oncely_lag_records{{consumer="{group}",topic="{topic}",partition="0"}} 0"#);
+    assert!(body.contains(&lag), "{lag} not in\n{body}");
     assert!(body.lines().any(|l| l.starts_with("oncely_batch_seconds_count") && l.contains(&group)), "{body}");
     let _ = body.find("oncely_events_total").context("events")?;
     Ok(())

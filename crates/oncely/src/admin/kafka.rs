@@ -28,6 +28,16 @@
 
 mod ffi;
 
+/// The cached low and high watermarks of a partition for `client` (what its
+/// last fetch response said; no request is sent): for lag gauges.
+pub(crate) fn cached_watermarks<C: rdkafka::client::ClientContext>(
+    client: &rdkafka::client::Client<C>,
+    topic: &str,
+    partition: i32,
+) -> Option<(i64, i64)> {
+    ffi::cached_watermarks(client.native_ptr(), topic, partition)
+}
+
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::Arc;

@@ -820,6 +820,19 @@ impl Lane {
                 if let Err(err) = c.commit(&tpl, CommitMode::Async) {
                     tracing::debug!(error = %err, "Async Kafka commit failed (the database offset is authoritative).");
                 }
+                if let Some((_, high)) = crate::admin::kafka::cached_watermarks(c.client(), &self.topic, self.partition)
+                {
+                    crate::metrics::set(
+                        "oncely_lag_records",
+                        "Records between the lane's position and the partition's high watermark (as last fetched).",
+                        &[
+                            ("consumer", &self.shared.name),
+                            ("topic", &self.topic),
+                            ("partition", &self.partition.to_string()),
+                        ],
+                        (high - pos).max(0) as f64,
+                    );
+                }
             }
         }
     }

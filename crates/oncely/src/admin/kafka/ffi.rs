@@ -24,7 +24,7 @@ use super::{AdminError, ClusterInfo, ErrorCode, GroupDescription, GroupListing, 
 mod raw {
     use std::ffi::c_char;
 
-    use rdkafka_sys::bindings::{rd_kafka_error_t, rd_kafka_event_t};
+    use rdkafka_sys::bindings::{rd_kafka_error_t, rd_kafka_event_t, rd_kafka_t};
 
     extern "C" {
         #[link_name = "rd_kafka_event_error"]
@@ -35,6 +35,14 @@ mod raw {
         pub(super) fn err2name(err: i32) -> *const c_char;
         #[link_name = "rd_kafka_err2str"]
         pub(super) fn err2str(err: i32) -> *const c_char;
+        #[link_name = "rd_kafka_get_watermark_offsets"]
+        pub(super) fn get_watermark_offsets(
+            rk: *mut rd_kafka_t,
+            topic: *const c_char,
+            partition: i32,
+            low: *mut i64,
+            high: *mut i64,
+        ) -> i32;
     }
 }
 
@@ -756,6 +764,19 @@ pub(super) fn group_type_name(t: rd::rd_kafka_consumer_group_type_t) -> &'static
         T::RD_KAFKA_CONSUMER_GROUP_TYPE_CLASSIC => "Classic",
         T::RD_KAFKA_CONSUMER_GROUP_TYPE_UNKNOWN | T::RD_KAFKA_CONSUMER_GROUP_TYPE__CNT => "Unknown",
     }
+}
+
+/// The partition's low and high watermarks as the client last saw them in a
+/// fetch response (`rd_kafka_get_watermark_offsets`: no request is sent).
+/// `None` when the client has no value yet.
+pub(crate) fn cached_watermarks(rk: *mut RDKafka, topic: &str, partition: i32) -> Option<(i64, i64)> {
+    let topic = CString::new(topic).ok()?;
+    let (mut low, mut high) = (-1i64, -1i64);
+    // SAFETY: `rk` is a live client handle owned by the caller for the whole
+    // call; `topic` is a NUL-terminated string that outlives the call; `low`
+    // and `high` are valid for writes. The function only reads cached state.
+    let err = unsafe { raw::get_watermark_offsets(rk, topic.as_ptr(), partition, &mut low, &mut high) };
+    (err == 0 && high >= 0).then_some((low, high))
 }
 
 #[cfg(test)]
