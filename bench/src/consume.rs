@@ -18,6 +18,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+
+use crate::common::{bootstrap, create_topic, database_url, percentile};
 use clap::Args;
 use oncely::envelope::{owned_headers, CloudEventAttrs};
 use oncely::{Cx, Event, HandlerError};
@@ -88,14 +90,6 @@ struct BenchEvent {
     amount: i64,
 }
 
-fn bootstrap() -> String {
-    std::env::var("ONCELY_KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
-
-fn database_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://oncely:oncely@127.0.0.1:5432/oncely".into())
-}
-
 fn peak_rss_mb() -> f64 {
     std::fs::read_to_string("/proc/self/status")
         .ok()
@@ -106,14 +100,6 @@ fn peak_rss_mb() -> f64 {
                 .and_then(|kb| kb.parse::<f64>().ok())
         })
         .map_or(0.0, |kb| kb / 1024.0)
-}
-
-fn percentile(sorted: &[f64], p: f64) -> Option<f64> {
-    if sorted.is_empty() {
-        return None;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted.get(i).copied()
 }
 
 /// Entry point of `bench consume`.
@@ -260,17 +246,6 @@ async fn setup_tables(pool: &PgPool) -> Result<()> {
     sqlx::query("CREATE UNIQUE INDEX IF NOT EXISTS bench_naive_event ON bench_naive (consumer, event_id)")
         .execute(pool)
         .await?;
-    Ok(())
-}
-
-async fn create_topic(topic: &str, partitions: i32) -> Result<()> {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", bootstrap()).create()?;
-    let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-    for r in admin.create_topics([&t], &AdminOptions::new()).await? {
-        r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
-    }
     Ok(())
 }
 

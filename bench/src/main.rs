@@ -4,6 +4,7 @@
 
 use clap::{Parser, Subcommand};
 
+mod common;
 mod consume;
 mod outbox;
 mod torture;

@@ -19,10 +19,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{bail, Context, Result};
+
+use crate::common::{bootstrap, create_topic, database_url};
 use chrono::{DateTime, Utc};
 use clap::Args;
 use oncely::outbox::{self, Batched, OutgoingEvent, Relay};
-use rdkafka::ClientConfig;
+use oncely::store::with_database;
 use serde_json::json;
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio_util::sync::CancellationToken;
@@ -56,34 +58,12 @@ pub struct OutboxArgs {
     pub json: bool,
 }
 
-fn bootstrap() -> String {
-    std::env::var("ONCELY_KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into())
-}
-
-fn database_url() -> String {
-    std::env::var("DATABASE_URL").unwrap_or_else(|_| "postgres://oncely:oncely@127.0.0.1:5432/oncely".into())
-}
-
 fn unique(prefix: &str) -> String {
     format!("{prefix}_{:010x}", fastrand::u64(..) & 0xff_ffff_ffff)
 }
 
-/// `url` with its database replaced by `db`.
-fn with_database(url: &str, db: &str) -> String {
-    let (base, query) = url.split_once('?').map_or((url, None), |(b, q)| (b, Some(q)));
-    let prefix = match base.rfind('/') {
-        Some(i) if i > "postgres://".len() => &base[..i],
-        _ => base,
-    };
-    query.map_or_else(|| format!("{prefix}/{db}"), |q| format!("{prefix}/{db}?{q}"))
-}
-
 fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[i.min(sorted.len() - 1)]
+    crate::common::percentile(sorted, p).unwrap_or(f64::NAN)
 }
 
 /// Cumulative bucket counts `(le seconds, count)` of the relay's
@@ -114,17 +94,6 @@ fn ack_summary(before: &[(f64, u64)], after: &[(f64, u64)]) -> (f64, f64, f64) {
         |p: f64| delta.iter().find(|(_, n)| *n as f64 >= p * total as f64).map_or(f64::INFINITY, |(le, _)| le * 1000.0);
     let within_50ms = delta.iter().find(|(le, _)| (*le - 0.05).abs() < 1e-9).map_or(0, |(_, n)| *n);
     (bound(0.5), bound(0.99), within_50ms as f64 / total as f64)
-}
-
-async fn create_topic(topic: &str, partitions: i32) -> Result<()> {
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    let admin: AdminClient<rdkafka::client::DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", bootstrap()).create()?;
-    let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
-    for r in admin.create_topics([&t], &AdminOptions::new()).await? {
-        r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;
-    }
-    Ok(())
 }
 
 /// A fresh database, dropped by [`BenchDb::drop_db`].
