@@ -252,6 +252,8 @@ struct Load {
     created: AtomicU64,
     confirmed: AtomicU64,
     retries: AtomicU64,
+    /// When the last client finished, in ms since the start.
+    finished_ms: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
@@ -554,7 +556,7 @@ impl Torture {
                     r.context("an order client")??;
                 }
                 if clients.is_empty() {
-                    let d = t0.elapsed();
+                    let d = Duration::from_millis(load.finished_ms.load(Ordering::Relaxed));
                     load_done = Some(d);
                     say(&format!(
                         "  all {} orders accepted by the order-service in {:.1} s ({} client retries)",
@@ -798,7 +800,8 @@ impl Torture {
 
     async fn services_cmd(&mut self, cmd: &str) -> Result<String> {
         self.touched_services = true;
-        harness::run_tool(&self.services, &[cmd], Duration::from_secs(300)).await?;
+        let log = self.dir.join("services.log");
+        harness::run_logged(&self.services, &[cmd], Duration::from_secs(300), &log).await?;
         Ok(format!("scripts/services {cmd}"))
     }
 
@@ -949,7 +952,8 @@ impl Torture {
             .await;
         if self.touched_services || failed {
             // Leave the shared services up, whatever happened.
-            if let Err(e) = harness::run_tool(&self.services, &["up"], Duration::from_secs(300)).await {
+            let log = self.dir.join("services.log");
+            if let Err(e) = harness::run_logged(&self.services, &["up"], Duration::from_secs(300), &log).await {
                 say(&format!("  cleanup problem: scripts/services up: {e:#}"));
             }
         }
@@ -995,6 +999,7 @@ async fn client(
     loop {
         let i = load.next.fetch_add(1, Ordering::Relaxed);
         if i >= n {
+            load.finished_ms.fetch_max(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
             return Ok(());
         }
         tokio::time::sleep_until((t0 + Duration::from_secs_f64(i as f64 / rate)).into()).await;

@@ -400,6 +400,37 @@ pub async fn run_tool(program: &Path, args: &[&str], timeout: Duration) -> Resul
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Runs `program args` with a timeout, its output appended to `log` (not a
+/// pipe: a daemon it starts may keep inherited descriptors open, and a pipe
+/// would then never reach end-of-file); fails unless it exits 0.
+pub async fn run_logged(program: &Path, args: &[&str], timeout: Duration, log: &Path) -> Result<()> {
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .with_context(|| format!("opening {}", log.display()))?;
+    let err = file.try_clone().with_context(|| format!("opening {}", log.display()))?;
+    let what = format!("{} {}", program.display(), args.join(" "));
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(file))
+        .stderr(Stdio::from(err))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("running {what}"))?;
+    let status = match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(s) => s.with_context(|| format!("waiting for {what}"))?,
+        Err(_) => {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+            bail!("{what} did not finish in {timeout:?}:\n{}", tail(log, 10));
+        }
+    };
+    anyhow::ensure!(status.success(), "{what} failed ({status}):\n{}", tail(log, 10));
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
