@@ -391,12 +391,14 @@ impl Lane {
         let s = &self.shared;
         let consumer = &*s.name;
         let mut prepared: Vec<Prepared> = batch.iter().map(|r| self.prepare(r)).collect();
+        let keys: Vec<String> = batch.iter().map(|r| r.key_str()).collect();
         // Events of already-parked keys are not claimed: they queue behind.
         let (ids, offsets): (Vec<String>, Vec<i64>) = prepared
             .iter()
             .zip(batch)
-            .filter_map(|(p, r)| match p {
-                Prepared::Good { id, .. } if !self.parked.contains(&r.key_str()) => Some((id.0.clone(), r.offset)),
+            .zip(&keys)
+            .filter_map(|((p, r), key)| match p {
+                Prepared::Good { id, .. } if !self.parked.contains(key) => Some((id.0.clone(), r.offset)),
                 _ => None,
             })
             .unzip();
@@ -413,7 +415,7 @@ impl Lane {
 
         for i in 0..batch.len() {
             let rec = &batch[i];
-            let key = rec.key_str();
+            let key = &keys[i];
             let (id, version, ev) = match &mut prepared[i] {
                 Prepared::Bad { id, err } => {
                     let msg = err.to_string();
@@ -424,14 +426,14 @@ impl Lane {
                 }
                 Prepared::Good { id, version, ev } => (id.clone(), *version, ev.take()),
             };
-            if self.parked.contains(&key) || newly_parked.contains(&key) {
+            if self.parked.contains(key) || newly_parked.contains(key) {
                 if claimed.contains(id.as_str()) && first_seen.insert(id.0.clone()) {
                     unclaim.push(id.0.clone());
                 }
                 let p = parked_store::NewParked {
                     consumer,
                     record: rec,
-                    entity_key: &key,
+                    entity_key: key,
                     event_id: Some(id.as_str()),
                     attempts: 0,
                     retry_in: None,
@@ -448,12 +450,9 @@ impl Lane {
             }
             if !careful && s.handler.is_batch() {
                 // Batch handler: apply the version guard now, call once below.
-                if let (Some(v), Some(g)) = (version, &s.version) {
-                    let et = g.entity_type.as_deref().unwrap_or(&self.topic);
-                    if !store::apply_version(cx.db(), consumer, et, &key, v).await? {
-                        skipped.push((rec.offset, id, version, false, key));
-                        continue;
-                    }
+                if !self.newer_version(&mut cx, version, key).await? {
+                    skipped.push((rec.offset, id, version, false, key.clone()));
+                    continue;
                 }
                 if let Some(ev) = ev {
                     batch_evs.push(ev);
@@ -465,7 +464,7 @@ impl Lane {
             }
             let span = tracing::debug_span!("event", event_id = %id, key = %key, offset = rec.offset);
             let outcome = match ev {
-                Some(ev) => self.apply(&mut cx, &id, version, ev, rec).instrument(span).await,
+                Some(ev) => self.apply(&mut cx, &id, version, ev, rec, key).instrument(span).await,
                 None => Err(HandlerError::reject("internal: event decoded twice")),
             };
             match outcome {
@@ -475,7 +474,7 @@ impl Lane {
                     }
                     match applied {
                         Applied::Done => processed += 1,
-                        Applied::Stale => skipped.push((rec.offset, id, version, false, key)),
+                        Applied::Stale => skipped.push((rec.offset, id, version, false, key.clone())),
                     }
                 }
                 Err(_) if !careful => {
@@ -499,7 +498,7 @@ impl Lane {
                     let p = parked_store::NewParked {
                         consumer,
                         record: rec,
-                        entity_key: &key,
+                        entity_key: key,
                         event_id: Some(id.as_str()),
                         attempts: 1,
                         retry_in: Some(retry_in),
@@ -507,7 +506,7 @@ impl Lane {
                         error_class: Some(&class),
                     };
                     parked_store::park(cx.db(), &p).await?;
-                    newly_parked.insert(key);
+                    newly_parked.insert(key.clone());
                     parked += 1;
                 }
             }
@@ -670,7 +669,7 @@ impl Lane {
             }
             store::savepoint(cx.db(), Savepoint::Begin).await?;
             let outcome = match ev {
-                Some(ev) => self.apply(&mut cx, &id, version, ev, &rec).await,
+                Some(ev) => self.apply(&mut cx, &id, version, ev, &rec, key).await,
                 None => Err(HandlerError::reject("internal: event decoded twice")),
             };
             match outcome {
@@ -751,18 +750,29 @@ impl Lane {
         version: Option<i64>,
         ev: Box<dyn Any + Send>,
         rec: &Arc<RawRecord>,
+        key: &str,
     ) -> Result<Applied, HandlerError> {
-        let s = &self.shared;
-        if let (Some(v), Some(g)) = (version, &s.version) {
-            let et = g.entity_type.as_deref().unwrap_or(&self.topic);
-            if !store::apply_version(cx.db(), &s.name, et, &rec.key_str(), v).await? {
-                return Ok(Applied::Stale);
-            }
+        if !self.newer_version(cx, version, key).await? {
+            return Ok(Applied::Stale);
         }
         cx.record = Some(rec.clone());
         let r = self.call_handler(cx, Some(id), vec![ev]).await.map(|()| Applied::Done);
         cx.record = None;
         r
+    }
+
+    /// The version guard: records `version` for the entity `key` and says
+    /// whether it is newer than the applied one (always true when the guard
+    /// is off or the event has no version).
+    async fn newer_version(&self, cx: &mut Cx, version: Option<i64>, key: &str) -> Result<bool> {
+        let s = &self.shared;
+        match (version, &s.version) {
+            (Some(v), Some(g)) => {
+                let et = g.entity_type.as_deref().unwrap_or(&self.topic);
+                store::apply_version(cx.db(), &s.name, et, key, v).await
+            }
+            _ => Ok(true),
+        }
     }
 
     /// Calls the handler (panics are caught and become failures) and records
