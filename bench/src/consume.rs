@@ -308,7 +308,7 @@ async fn wait_for(target: u64, done: impl Fn() -> u64) -> Result<f64> {
 async fn bench_handler(ev: Event<BenchEvent>, cx: &mut Cx) -> Result<(), HandlerError> {
     sqlx::query("INSERT INTO bench_oncely (consumer, event_id, key, seq, amount) VALUES ($1, $2, $3, $4, $5)")
         .bind(cx.consumer().to_owned())
-        .bind(ev.id.as_str())
+        .bind(ev.id.display())
         .bind(&ev.data.key)
         .bind(ev.data.seq as i64)
         .bind(ev.data.amount)
@@ -323,7 +323,7 @@ async fn bench_batch_handler(evs: Vec<Event<BenchEvent>>, cx: &mut Cx) -> Result
     let mut seqs = Vec::with_capacity(evs.len());
     let mut amounts = Vec::with_capacity(evs.len());
     for ev in &evs {
-        ids.push(ev.id.0.clone());
+        ids.push(ev.id.display());
         keys.push(ev.data.key.clone());
         seqs.push(ev.data.seq as i64);
         amounts.push(ev.data.amount);
@@ -579,22 +579,30 @@ async fn run_naive(topic: &str, group: &str, events: u64) -> Result<VariantResul
 }
 
 async fn prefill_inbox(pool: &PgPool, consumer: &str, rows: u64) -> Result<()> {
-    // Spread over the live day partitions like a week of traffic would be.
-    let days = oncely::store::inbox_partition_days(pool).await?;
-    let today = chrono::Utc::now().date_naive();
-    let live: Vec<_> = days.into_iter().filter(|d| *d <= today).collect();
-    let per = rows / live.len().max(1) as u64;
-    for day in live {
+    // Keys like a week of UUIDv7 identities would give: time-ordered over the
+    // last seven days (the inbox's day partitions), the rest random.
+    let consumer_id = oncely::store::register_consumer(pool, consumer, 15).await?;
+    oncely::store::inbox::ensure_days(pool, 3).await?;
+    sqlx::query("SELECT oncely.ensure_inbox_days(((now() AT TIME ZONE 'UTC')::date) - 8, 9)").execute(pool).await?;
+    let chunk = 1_000_000u64;
+    let mut done = 0u64;
+    while done < rows {
+        let n = chunk.min(rows - done);
         sqlx::query(
-            r#"INSERT INTO oncely.inbox (consumer, event_id, topic, partition, "offset", received_on)
-               SELECT $1, 'prefill-' || $3::text || '-' || g, 'prefill', 0, g, $2 FROM generate_series(1, $4::bigint) g"#,
+            r#"INSERT INTO oncely.inbox (id, consumer_id)
+               SELECT (lpad(to_hex((extract(epoch FROM now() - interval '7 days') * 1000)::bigint
+                                   + (g * 604800000 / $3::bigint)), 12, '0')
+                       || substr(md5(g::text || 'prefill'), 1, 20))::uuid, $1
+                 FROM generate_series($2::bigint, $2::bigint + $4::bigint - 1) g
+               ON CONFLICT DO NOTHING"#,
         )
-        .bind(consumer)
-        .bind(day)
-        .bind(day.to_string())
-        .bind(per as i64)
+        .bind(consumer_id)
+        .bind(done as i64)
+        .bind(rows as i64)
+        .bind(n as i64)
         .execute(pool)
         .await?;
+        done += n;
     }
     sqlx::query("ANALYZE oncely.inbox").execute(pool).await?;
     Ok(())

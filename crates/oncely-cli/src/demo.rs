@@ -621,7 +621,7 @@ impl Demo {
         // The same OrderCreated published again.
         let (rec, ce_id) = self.find_record(&self.names.orders.clone(), &first).await?;
         let publisher = oncely::Publisher::new(&self.args.bootstrap, "/oncely/demo")?;
-        let headers: Vec<(String, Vec<u8>)> =
+        let headers: Vec<(Vec<u8>, Vec<u8>)> =
             rec.headers.iter().filter_map(|(k, v)| v.as_ref().map(|v| (k.clone(), v.clone()))).collect();
         let (partition, offset) = publisher
             .publish_raw(&self.names.orders, rec.key.as_deref(), rec.payload.as_deref(), &headers)

@@ -240,7 +240,7 @@ pub(crate) async fn run(cli: &Cli, cmd: &DlqCmd) -> anyhow::Result<ExitCode> {
                         r.record.topic.clone(),
                         r.record.partition.to_string(),
                         r.record.offset.to_string(),
-                        r.entity_key.clone(),
+                        oncely::envelope::escape_bytes(&r.entity_key),
                         r.status.clone(),
                         r.attempts.to_string(),
                         common::opt(r.next_attempt_at.map(|t| t.to_rfc3339())),
@@ -255,7 +255,7 @@ pub(crate) async fn run(cli: &Cli, cmd: &DlqCmd) -> anyhow::Result<ExitCode> {
             let entry =
                 AuditEntry::new(&session.env().name, "dlq.release").group(consumer).details(json!({"key": key}));
             let audit_id = audit::record_start(pool, &entry).await?;
-            let n = store::release_key(pool, consumer, key).await?;
+            let n = store::release_key(pool, consumer, key.as_bytes()).await?;
             audit::record_result(pool, audit_id, &AuditOutcome::succeeded(Some(json!({"released": n})))).await?;
             if n == 0 {
                 return Err(common::refused(format!("no held events for key {key} of consumer {consumer}")));

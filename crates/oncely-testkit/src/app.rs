@@ -95,7 +95,7 @@ pub async fn record(ev: Event<SeqEvent>, cx: &mut Cx) -> Result<(), HandlerError
         tokio::time::sleep(delay).await;
     }
     sqlx::query("INSERT INTO applied (event_id, key, seq, tag) VALUES ($1, $2, $3, $4)")
-        .bind(ev.id.as_str())
+        .bind(ev.id.display())
         .bind(&key)
         .bind(ev.data.seq)
         .bind(&tag)
@@ -121,7 +121,7 @@ pub async fn record_batch(evs: Vec<Event<SeqEvent>>, cx: &mut Cx) -> Result<(), 
     if let Some(ev) = evs.iter().find(|e| b.panic_keys.contains(&e.data.key)) {
         panic!("test batch handler told to panic for key {}", ev.data.key);
     }
-    let ids: Vec<String> = evs.iter().map(|e| e.id.0.clone()).collect();
+    let ids: Vec<String> = evs.iter().map(|e| e.id.display()).collect();
     let keys: Vec<String> = evs.iter().map(|e| e.data.key.clone()).collect();
     let seqs: Vec<i64> = evs.iter().map(|e| e.data.seq).collect();
     sqlx::query(
@@ -220,7 +220,7 @@ pub async fn check_exactly_once_in_order(pool: &PgPool, published: &[oncely::env
     anyhow::ensure!(dup.is_empty(), "events applied more than once: {dup:?}");
     let missing: Vec<_> = published
         .iter()
-        .filter(|p| !seen.contains_key(p.event_id.as_str()))
+        .filter(|p| !seen.contains_key(p.event_id.display().as_str()))
         .take(5)
         .map(|p| p.event_id.clone())
         .collect();

@@ -67,8 +67,8 @@ async fn the_same_event_published_twice_is_applied_once() -> Result<()> {
 
     let rows = app::applied(&db.pool).await?;
     assert_eq!(rows.len(), 2, "two distinct events: {rows:?}");
-    assert_eq!(rows.iter().filter(|r| r.1 == first.event_id.0).count(), 1);
-    assert!(rows.iter().any(|r| r.1 == other.event_id.0));
+    assert_eq!(rows.iter().filter(|r| r.1 == first.event_id.display()).count(), 1);
+    assert!(rows.iter().any(|r| r.1 == other.event_id.display()));
     assert_eq!(events::events_counted(&group, &topic, "duplicate"), 1);
     Ok(())
 }

@@ -46,12 +46,39 @@ async fn the_spike_guard_pauses_a_replayed_backlog_instead_of_racing_through_it(
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn segment_ms_counts_in_how_long_records_stay_readable() -> Result<()> {
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    app::setup(&db.pool).await?;
+    let (topic, group) = (kit::unique("orders"), kit::unique("g"));
+    // retention.ms alone (7 days) is below the inbox's 15 days, but a segment
+    // rolls only every 10 days and is deleted when its newest record expires:
+    // a record can be read for 17 days, and its duplicate would outlive the inbox.
+    let day = 86_400_000u64;
+    kit::create_topic_with(
+        &topic,
+        1,
+        &[("retention.ms", &(7 * day).to_string()), ("segment.ms", &(10 * day).to_string())],
+    )
+    .await?;
+    let err = app::consumer(&group, &topic, db.pool.clone(), app::Behaviour::tagged("r"))
+        .force_inbox_retention(false)
+        .run(CancellationToken::new())
+        .await
+        .expect_err("refused");
+    let msg = err.to_string();
+    assert!(matches!(err, oncely::Error::Refused(_)), "{msg}");
+    assert!(msg.contains("17.0 days") && msg.contains("segment.ms"), "{msg}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn an_inbox_retention_shorter_than_the_topics_is_refused_unless_forced() -> Result<()> {
     kit::init_tracing();
     let db = kit::TestDb::new().await?;
     app::setup(&db.pool).await?;
     let (topic, group) = (kit::unique("orders"), kit::unique("g"));
-    // Kept for 30 days, while the inbox keeps identities for 8 (the default).
+    // Kept for 30 days (+7 of segment.ms), while the inbox keeps identities for 15 (the default).
     kit::create_topic_with(&topic, 1, &[("retention.ms", &(30u64 * 86_400_000).to_string())]).await?;
     let err = app::consumer(&group, &topic, db.pool.clone(), app::Behaviour::tagged("r"))
         .force_inbox_retention(false)
@@ -60,13 +87,13 @@ async fn an_inbox_retention_shorter_than_the_topics_is_refused_unless_forced() -
         .expect_err("refused");
     let msg = err.to_string();
     assert!(matches!(err, oncely::Error::Refused(_)), "{msg}");
-    assert!(msg.contains("30.0 days") && msg.contains("8.0 days"), "{msg}");
+    assert!(msg.contains("37.0 days") && msg.contains("15.0 days"), "{msg}");
     // Long enough: accepted.
     let token = CancellationToken::new();
     let c = tokio::spawn(
         app::consumer(&group, &topic, db.pool.clone(), app::Behaviour::tagged("r"))
             .force_inbox_retention(false)
-            .inbox_retention(Duration::from_secs(31 * 86_400))
+            .inbox_retention(Duration::from_secs(38 * 86_400))
             .run(token.clone()),
     );
     app::publish_seq(&topic, 1, 1).await?;
@@ -79,33 +106,52 @@ async fn an_inbox_retention_shorter_than_the_topics_is_refused_unless_forced() -
     Ok(())
 }
 
+/// The inbox key of a UUIDv7 identity stamped `days` days ago.
+fn key_days_ago(days: u64) -> uuid::Uuid {
+    let t = std::time::SystemTime::now() - Duration::from_secs(days * 86_400);
+    let secs = t.duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_secs();
+    let id = uuid::Uuid::new_v7(uuid::Timestamp::from_unix(uuid::NoContext, secs, 0));
+    oncely::EventId::from_source_and_id("/tests/old", &id.to_string()).key()
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn expired_inbox_partitions_are_dropped_only_after_every_consumers_retention() -> Result<()> {
     let db = kit::TestDb::new().await?;
     let today = chrono::Utc::now().date_naive();
-    // Partitions for 20 and 10 days ago, with a row each.
-    sqlx::query("SELECT oncely.ensure_inbox_partitions($1, 1), oncely.ensure_inbox_partitions($2, 1)")
-        .bind(today - chrono::Days::new(20))
-        .bind(today - chrono::Days::new(10))
+    sqlx::query("SELECT oncely.ensure_inbox_days($1, 30)")
+        .bind(today - chrono::Days::new(30))
         .execute(&db.pool)
         .await?;
-    for days in [20u64, 10] {
-        sqlx::query(r#"INSERT INTO oncely.inbox (consumer, event_id, topic, partition, "offset", received_on) VALUES ('a', $1, 't', 0, 0, $2)"#)
-            .bind(format!("old-{days}"))
-            .bind(today - chrono::Days::new(days))
+    let c = oncely::store::register_consumer(&db.pool, "short", 8).await?;
+    oncely::store::register_consumer(&db.pool, "long", 15).await?;
+    // (key, claimed days ago): old events claimed when they were new, an
+    // event of 25 days ago redriven 2 days ago, and keys without a time.
+    let timeless = oncely::EventId::from("order-1").key();
+    let recent_timeless = oncely::EventId::from("order-2").key();
+    let (k20, k10, k25) = (key_days_ago(20), key_days_ago(10), key_days_ago(25));
+    let rows = [(k20, 20u64), (k10, 10), (k25, 2), (timeless, 20), (recent_timeless, 10)];
+    for (k, claimed) in rows {
+        sqlx::query("INSERT INTO oncely.inbox (id, consumer_id, claimed_on) VALUES ($1, $2, $3)")
+            .bind(k)
+            .bind(c)
+            .bind(today - chrono::Days::new(claimed))
             .execute(&db.pool)
             .await?;
     }
-    oncely::store::register_consumer(&db.pool, "short", 8).await?;
-    oncely::store::register_consumer(&db.pool, "long", 15).await?;
-    let dropped = oncely::store::drop_expired_inbox_partitions(&db.pool).await?;
-    let twenty = format!("inbox_p{}", (today - chrono::Days::new(20)).format("%Y%m%d"));
-    assert_eq!(dropped, vec![twenty], "the 10-day-old partition is within the longest retention (15 days)");
-    assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM oncely.inbox").await?, 1);
-    // A duplicate of the surviving row is still caught by the claim, across days.
+    let t = oncely::store::trim_inbox(&db.pool).await?;
+    let day = |d: u64| format!("inbox_d{}", (today - chrono::Days::new(d)).format("%Y%m%d"));
+    assert!(t.dropped.contains(&day(20)), "past the longest retention (15 days): {t:?}");
+    assert!(!t.dropped.contains(&day(10)), "within the longest retention: {t:?}");
+    assert_eq!(t.kept, vec![day(25)], "a partition with a recent claim (a redrive) is kept: {t:?}");
+    assert_eq!(t.deleted, 1, "the timeless identity claimed 20 days ago goes: {t:?}");
+    let left: Vec<uuid::Uuid> = sqlx::query_scalar("SELECT id FROM oncely.inbox").fetch_all(&db.pool).await?;
+    assert_eq!(left.len(), 3, "{left:?}");
+    // A duplicate of every surviving identity is still caught, a new one claimed.
     let mut conn = db.pool.acquire().await?;
-    let claimed = oncely::store::claim(&mut conn, "a", "t", 0, &["old-10".into(), "new".into()], &[1, 2]).await?;
-    assert_eq!(claimed.into_iter().collect::<Vec<_>>(), vec!["new".to_string()]);
+    let new = oncely::EventId::from("order-3").key();
+    let probe = [k10, k25, recent_timeless, k20, new];
+    let claimed = oncely::store::inbox::claim(&mut conn, c, &probe).await?;
+    assert_eq!(claimed, [k20, new].into(), "only the dropped day's identity and the new one are new");
     Ok(())
 }
 

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::{DateTime, SecondsFormat, Utc};
-use rdkafka::message::{Header, Headers, Message, OwnedHeaders};
+use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use serde::de::DeserializeOwned;
@@ -131,17 +131,16 @@ pub struct RawRecord {
     pub key: Option<Vec<u8>>,
     /// Payload.
     pub payload: Option<Vec<u8>>,
-    /// Headers in order; a header may have a null value.
-    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    /// Headers in order: name and value as the producer sent them (bytes:
+    /// Kafka does not require either to be UTF-8); a value may be null.
+    pub headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
 }
 
 impl RawRecord {
-    /// Copies a message received from rdkafka.
-    pub fn from_message<M: Message>(m: &M) -> Self {
-        let headers = m
-            .headers()
-            .map(|hs| hs.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec))).collect())
-            .unwrap_or_default();
+    /// Copies a message received from rdkafka. Header names are read as raw
+    /// bytes through librdkafka's C API ([`crate::kafka::message_headers`]):
+    /// rdkafka's own header iterator panics on a name that is not UTF-8.
+    pub fn from_message(m: &rdkafka::message::BorrowedMessage<'_>) -> Self {
         RawRecord {
             topic: m.topic().to_owned(),
             partition: m.partition(),
@@ -149,14 +148,14 @@ impl RawRecord {
             timestamp_ms: m.timestamp().to_millis(),
             key: m.key().map(<[u8]>::to_vec),
             payload: m.payload().map(<[u8]>::to_vec),
-            headers,
+            headers: crate::kafka::message_headers(m),
         }
     }
 
     /// The last value of header `name` (Kafka allows repeats; the last wins,
     /// as in Spring Kafka's `lastHeader`). `None` if absent.
     pub fn header(&self, name: &str) -> Option<Option<&[u8]>> {
-        self.headers.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_deref())
+        self.headers.iter().rev().find(|(k, _)| k.as_slice() == name.as_bytes()).map(|(_, v)| v.as_deref())
     }
 
     /// Header `name` as UTF-8 text: `Ok(None)` if absent, an error if present
@@ -172,9 +171,17 @@ impl RawRecord {
         }
     }
 
-    /// The key as text (lossy); the empty string if there is no key.
+    /// The key as text for people to read (lossy: bytes that are not UTF-8
+    /// become U+FFFD); the empty string if there is no key. Never use it to
+    /// tell keys apart: use [`entity_key`](Self::entity_key).
     pub fn key_str(&self) -> String {
         self.key.as_deref().map(|k| String::from_utf8_lossy(k).into_owned()).unwrap_or_default()
+    }
+
+    /// The entity key as the bytes it is (the empty key for a record without
+    /// one): what per-key order, parking and the version guard use.
+    pub fn entity_key(&self) -> &[u8] {
+        self.key.as_deref().unwrap_or_default()
     }
 
     /// Size counted against a consumer's record size limit: key + payload + headers.
@@ -185,13 +192,15 @@ impl RawRecord {
     }
 }
 
-/// The identity of an event: the string the inbox deduplicates on.
+/// The identity of an event: the bytes the inbox deduplicates on.
 ///
 /// For the default rule it is `ce_source#ce_id`, with `#` and `%` in the source
-/// percent-encoded so that two different pairs never give the same string.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
-#[serde(transparent)]
-pub struct EventId(pub String);
+/// percent-encoded so that two different pairs never give the same identity.
+/// Other rules give the header's value, the JSON value or the function's bytes
+/// as they are: an identity may hold any byte, NUL included (it is never
+/// stored as PostgreSQL `text`; see [`EventId::key`]).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct EventId(Vec<u8>);
 
 impl EventId {
     /// The identity of the CloudEvents pair `(source, id)`.
@@ -206,23 +215,122 @@ impl EventId {
         }
         s.push('#');
         s.push_str(id);
-        EventId(s)
+        EventId(s.into_bytes())
     }
 
-    /// The identity as a string slice.
-    pub fn as_str(&self) -> &str {
+    /// An identity from its bytes (a custom rule's value).
+    pub fn from_bytes(bytes: impl Into<Vec<u8>>) -> Self {
+        EventId(bytes.into())
+    }
+
+    /// The identity's bytes.
+    pub fn as_bytes(&self) -> &[u8] {
         &self.0
+    }
+
+    /// The identity as text for people and logs: UTF-8 as it is, control
+    /// characters and bytes that are not UTF-8 escaped (`\0`, `\xff`), so
+    /// the text never holds a NUL and shows what was received.
+    pub fn display(&self) -> String {
+        escape_bytes(&self.0)
+    }
+
+    /// The inbox key: 16 bytes derived from the identity alone (never from
+    /// the delivery), stored as a `uuid`. See [`inbox_key`].
+    pub fn key(&self) -> uuid::Uuid {
+        inbox_key(&self.0)
+    }
+}
+
+impl fmt::Debug for EventId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "EventId({:?})", self.display())
     }
 }
 
 impl fmt::Display for EventId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.display())
     }
 }
 
-/// A user-supplied identity function: returns `None` when the record has no identity.
-pub type IdentityFn = Arc<dyn Fn(&RawRecord) -> Option<String> + Send + Sync>;
+impl From<&str> for EventId {
+    fn from(s: &str) -> Self {
+        EventId(s.as_bytes().to_vec())
+    }
+}
+
+/// Bytes as readable text: valid UTF-8 stays as it is except control
+/// characters (escaped like Rust string literals); invalid bytes become
+/// `\xNN`. Lossless for printable text, never contains NUL.
+pub fn escape_bytes(bytes: &[u8]) -> String {
+    use std::fmt::Write as _;
+    let mut out = String::with_capacity(bytes.len());
+    for chunk in bytes.utf8_chunks() {
+        for c in chunk.valid().chars() {
+            if c.is_control() || c == '\\' {
+                out.extend(c.escape_default());
+            } else {
+                out.push(c);
+            }
+        }
+        for b in chunk.invalid() {
+            let _ = write!(out, "\\x{b:02x}");
+        }
+    }
+    out
+}
+
+/// The inbox key of an identity: 16 bytes, a pure function of the identity's
+/// bytes, stored as a PostgreSQL `uuid` (and computed the same way in SQL by
+/// `oncely.inbox_key(bytea)`, which migration 0007 uses to carry the old inbox
+/// over; a unit test in the store keeps the two equal).
+///
+/// - If the identity ends with a UUIDv7 in its text form (the `ce_id` oncely's
+///   publisher and outbox assign), the key starts with that UUID's 48-bit
+///   millisecond timestamp, followed by 80 bits of SHA-256 of the whole
+///   identity. Keys are then time-ordered: the inbox is partitioned by day on
+///   the key itself, every copy of an event lands in the same partition, and a
+///   duplicate costs one index probe.
+/// - Otherwise the key is two zero bytes (the "timeless" region below every
+///   real timestamp) followed by 112 bits of SHA-256 of the identity.
+pub fn inbox_key(identity: &[u8]) -> uuid::Uuid {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(identity);
+    let mut k = [0u8; 16];
+    match uuid7_millis_suffix(identity) {
+        Some(ms) => {
+            k[..6].copy_from_slice(&ms.to_be_bytes()[2..]);
+            k[6..].copy_from_slice(&digest[..10]);
+        }
+        None => k[2..].copy_from_slice(&digest[..14]),
+    }
+    uuid::Uuid::from_bytes(k)
+}
+
+/// The millisecond timestamp of the UUIDv7 that ends `identity`, if it ends
+/// with one in canonical text form (8-4-4-4-12 hex digits, version 7, variant
+/// 10xx; either case).
+fn uuid7_millis_suffix(identity: &[u8]) -> Option<u64> {
+    let t = identity.len().checked_sub(36).map(|i| &identity[i..])?;
+    for (i, b) in t.iter().enumerate() {
+        let ok = match i {
+            8 | 13 | 18 | 23 => *b == b'-',
+            14 => *b == b'7',
+            19 => matches!(b, b'8' | b'9' | b'a' | b'b' | b'A' | b'B'),
+            _ => b.is_ascii_hexdigit(),
+        };
+        if !ok {
+            return None;
+        }
+    }
+    let hex: Vec<u8> = t[..8].iter().chain(&t[9..13]).copied().collect();
+    u64::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()
+}
+
+/// A user-supplied identity function: returns `None` when the record has no
+/// identity; any bytes otherwise.
+pub type IdentityFn = Arc<dyn Fn(&RawRecord) -> Option<Vec<u8>> + Send + Sync>;
 
 /// Where a consumer takes an event's identity from. There is deliberately no
 /// variant for the offset or the timestamp: those change on redelivery.
@@ -232,7 +340,7 @@ pub enum IdentitySource {
     /// `(ce_source, ce_id)`, the CloudEvents identity (default).
     #[default]
     CloudEvents,
-    /// The value of another header.
+    /// The value of another header, as bytes (any byte, NUL included).
     Header(String),
     /// A JSON pointer (RFC 6901) into the payload, e.g. `/orderId`; strings are
     /// taken as they are, numbers in their JSON form.
@@ -259,9 +367,9 @@ impl IdentitySource {
         IdentitySource::JsonPointer(pointer.into())
     }
 
-    /// A function of the record.
-    pub fn function(f: impl Fn(&RawRecord) -> Option<String> + Send + Sync + 'static) -> Self {
-        IdentitySource::Function(Arc::new(f))
+    /// A function of the record; it may return text or bytes.
+    pub fn function<V: Into<Vec<u8>>>(f: impl Fn(&RawRecord) -> Option<V> + Send + Sync + 'static) -> Self {
+        IdentitySource::Function(Arc::new(move |r| f(r).map(Into::into)))
     }
 
     /// Extracts the identity of `record`.
@@ -278,8 +386,9 @@ impl IdentitySource {
                     (_, None) => Err(DecodeError::MissingIdentity { detail: format!("header `{H_ID}` is missing") }),
                 }
             }
-            IdentitySource::Header(name) => match record.header_str(name)? {
-                Some(v) => Ok(EventId(v.to_owned())),
+            IdentitySource::Header(name) => match record.header(name) {
+                Some(Some(v)) if !v.is_empty() => Ok(EventId(v.to_vec())),
+                Some(_) => Err(DecodeError::MissingIdentity { detail: format!("header `{name}` is null or empty") }),
                 None => Err(DecodeError::MissingIdentity { detail: format!("header `{name}` is missing") }),
             },
             IdentitySource::JsonPointer(ptr) => {
@@ -287,15 +396,15 @@ impl IdentitySource {
                 let value: serde_json::Value = serde_json::from_slice(payload)
                     .map_err(|e| DecodeError::UndecodablePayload { type_name: "JSON", detail: e.to_string() })?;
                 match value.pointer(ptr) {
-                    Some(serde_json::Value::String(s)) if !s.is_empty() => Ok(EventId(s.clone())),
-                    Some(v @ serde_json::Value::Number(_)) => Ok(EventId(v.to_string())),
+                    Some(serde_json::Value::String(s)) if !s.is_empty() => Ok(EventId(s.clone().into_bytes())),
+                    Some(v @ serde_json::Value::Number(_)) => Ok(EventId(v.to_string().into_bytes())),
                     _ => Err(DecodeError::MissingIdentity {
                         detail: format!("JSON pointer `{ptr}` finds no string or number in the payload"),
                     }),
                 }
             }
             IdentitySource::Function(f) => f(record)
-                .filter(|s| !s.is_empty())
+                .filter(|b| !b.is_empty())
                 .map(EventId)
                 .ok_or_else(|| DecodeError::MissingIdentity { detail: "the identity function returned none".into() }),
         }
@@ -490,12 +599,8 @@ pub fn decode_event<T: DecodePayload>(id: EventId, record: Arc<RawRecord>) -> Re
     Ok(Event { id, attrs, data, record })
 }
 
-/// Builds rdkafka headers from name/value pairs.
-pub fn owned_headers(headers: &[(String, Vec<u8>)]) -> OwnedHeaders {
-    headers
-        .iter()
-        .fold(OwnedHeaders::new_with_capacity(headers.len()), |h, (k, v)| h.insert(Header { key: k, value: Some(v) }))
-}
+/// Builds rdkafka headers from name/value pairs (names may be any bytes).
+pub use crate::kafka::owned_headers;
 
 /// Where a published record landed.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -582,7 +687,7 @@ impl Publisher {
         topic: &str,
         key: Option<&[u8]>,
         payload: Option<&[u8]>,
-        headers: &[(String, Vec<u8>)],
+        headers: &[(impl AsRef<[u8]>, impl AsRef<[u8]>)],
     ) -> Result<(i32, i64)> {
         let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(owned_headers(headers));
         if let Some(k) = key {
@@ -613,7 +718,7 @@ mod tests {
             timestamp_ms: Some(1),
             key: Some(b"k".to_vec()),
             payload: Some(payload.to_vec()),
-            headers: headers.into_iter().map(|(k, v)| (k, Some(v))).collect(),
+            headers: headers.into_iter().map(|(k, v)| (k.into_bytes(), Some(v))).collect(),
         }
     }
 
@@ -622,7 +727,7 @@ mod tests {
         let attrs = CloudEventAttrs::new_now("/orders", "order.created");
         let r = record(attrs.to_headers(), b"{}");
         let id = IdentitySource::CloudEvents.extract(&r).expect("identity");
-        assert_eq!(id.as_str(), format!("/orders#{}", attrs.id));
+        assert_eq!(id.as_bytes(), format!("/orders#{}", attrs.id).as_bytes());
     }
 
     #[test]
@@ -644,8 +749,8 @@ mod tests {
     #[test]
     fn json_pointer_identity_reads_strings_and_numbers() {
         let r = record(vec![], br#"{"orderId":"o-1","n":{"seq":42}}"#);
-        assert_eq!(IdentitySource::json_pointer("/orderId").extract(&r).expect("id").0, "o-1");
-        assert_eq!(IdentitySource::json_pointer("/n/seq").extract(&r).expect("id").0, "42");
+        assert_eq!(IdentitySource::json_pointer("/orderId").extract(&r).expect("id").as_bytes(), b"o-1");
+        assert_eq!(IdentitySource::json_pointer("/n/seq").extract(&r).expect("id").as_bytes(), b"42");
         let err = IdentitySource::json_pointer("/absent").extract(&r).expect_err("absent");
         assert_eq!(err.reason(), "missing-event-id");
     }
@@ -653,10 +758,10 @@ mod tests {
     #[test]
     fn header_and_function_identities() {
         let r = record(vec![("x-id".into(), b"abc".to_vec())], b"{}");
-        assert_eq!(IdentitySource::Header("x-id".into()).extract(&r).expect("id").0, "abc");
+        assert_eq!(IdentitySource::Header("x-id".into()).extract(&r).expect("id").as_bytes(), b"abc");
         let f = IdentitySource::function(|r| Some(format!("{}-fn", r.key_str())));
-        assert_eq!(f.extract(&r).expect("id").0, "k-fn");
-        let none = IdentitySource::function(|_| None);
+        assert_eq!(f.extract(&r).expect("id").as_bytes(), b"k-fn");
+        let none = IdentitySource::function(|_| None::<Vec<u8>>);
         assert_eq!(none.extract(&r).expect_err("none").reason(), "missing-event-id");
     }
 
@@ -669,7 +774,7 @@ mod tests {
         }
         let attrs = CloudEventAttrs::new_now("/s", "t");
         let r = Arc::new(record(attrs.to_headers(), b"{\"total\": \"ten\"}"));
-        let err = decode_event::<Order>(EventId("x".into()), r).expect_err("bad payload");
+        let err = decode_event::<Order>(EventId::from("x"), r).expect_err("bad payload");
         assert_eq!(err.reason(), "undecodable-payload");
         assert!(err.to_string().contains("Order"), "{err}");
     }
@@ -701,7 +806,67 @@ mod tests {
         assert!(a.id < b.id);
     }
 
+    #[test]
+    fn a_header_identity_may_hold_any_bytes() {
+        let mut r = record(vec![], b"{}");
+        r.headers.push((b"x-id".to_vec(), Some(vec![0, 0xff, b'a'])));
+        let id = IdentitySource::Header("x-id".into()).extract(&r).expect("id");
+        assert_eq!(id.as_bytes(), &[0, 0xff, b'a']);
+        assert_eq!(id.display(), "\\u{0}\\xffa");
+        assert!(!id.display().contains('\0'));
+        r.headers.push((b"x-id".to_vec(), None));
+        assert_eq!(IdentitySource::Header("x-id".into()).extract(&r).expect_err("null").reason(), "missing-event-id");
+    }
+
+    #[test]
+    fn header_names_are_compared_as_bytes() {
+        let mut r = record(vec![], b"{}");
+        r.headers.push((vec![0xff, 0xfe], Some(b"junk".to_vec())));
+        r.headers.push((b"ce_id".to_vec(), Some(b"1".to_vec())));
+        assert_eq!(r.header("ce_id"), Some(Some(&b"1"[..])));
+        assert_eq!(r.header("\u{fffd}\u{fffd}"), None, "no lossy match of a name that is not UTF-8");
+    }
+
+    #[test]
+    fn a_uuid7_identity_gives_a_time_ordered_key() {
+        let a = CloudEventAttrs::new_now("/s", "t");
+        std::thread::sleep(std::time::Duration::from_millis(2));
+        let b = CloudEventAttrs::new_now("/other-source", "t");
+        let ka = EventId::from_source_and_id("/s", &a.id).key();
+        let kb = EventId::from_source_and_id("/other-source", &b.id).key();
+        assert!(ka < kb, "later ids give larger keys");
+        let ms = uuid::Uuid::parse_str(&a.id).expect("uuid").get_timestamp().expect("v7").to_unix();
+        let ms = ms.0 * 1000 + u64::from(ms.1) / 1_000_000;
+        assert_eq!(&ka.as_bytes()[..6], &ms.to_be_bytes()[2..], "the key starts with the id's milliseconds");
+        // The same ce_id from another source is another event.
+        assert_ne!(EventId::from_source_and_id("/s", &a.id).key(), EventId::from_source_and_id("/t", &a.id).key());
+        let upper = EventId::from_source_and_id("/s", &a.id.to_uppercase()).key();
+        assert_eq!(&upper.as_bytes()[..6], &ka.as_bytes()[..6], "upper-case hex is read too");
+    }
+
+    #[test]
+    fn other_identities_land_in_the_timeless_region() {
+        for id in [&b"order-1"[..], b"", &[0u8, 0, 0], b"01900000-0000-4000-8000-000000000000"] {
+            let k = inbox_key(id);
+            assert_eq!(&k.as_bytes()[..2], &[0, 0], "{id:?}");
+        }
+        assert_ne!(inbox_key(b"a"), inbox_key(b"b"));
+    }
+
     proptest! {
+        #[test]
+        fn distinct_identities_give_distinct_keys(a in proptest::collection::vec(any::<u8>(), 0..60),
+                                                  b in proptest::collection::vec(any::<u8>(), 0..60)) {
+            prop_assert_eq!(inbox_key(&a) == inbox_key(&b), a == b);
+        }
+
+        #[test]
+        fn escaping_never_yields_nul_and_keeps_printable_text(b in proptest::collection::vec(any::<u8>(), 0..40),
+                                                              t in "[ -~]{0,20}") {
+            prop_assert!(!escape_bytes(&b).contains('\0'));
+            prop_assert_eq!(escape_bytes(t.as_bytes()), t.replace('\\', "\\\\"));
+        }
+
         #[test]
         fn headers_round_trip(source in "[ -~]{1,40}", ty in "[a-z.]{1,20}", subject in proptest::option::of("[ -~]{1,20}"),
                               data in proptest::collection::vec(any::<i64>(), 0..10)) {

@@ -55,5 +55,13 @@ impl From<rdkafka::error::KafkaError> for Error {
     }
 }
 
+impl Error {
+    /// Whether this is PostgreSQL's "current transaction is aborted": an
+    /// earlier statement of the transaction failed.
+    pub fn is_aborted_transaction(&self) -> bool {
+        matches!(self, Error::Db(e) if crate::store::is_aborted_transaction(e))
+    }
+}
+
 /// `Result` with oncely's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -43,12 +43,14 @@
 //! (`oncely.toml`), [`admin`] (offset tools over the Kafka Admin API).
 
 pub mod admin;
+pub mod backoff;
 pub mod config;
 pub mod consumer;
 pub mod effects;
 pub mod envelope;
 mod error;
 pub mod failure;
+pub mod kafka;
 pub mod metrics;
 pub mod outbox;
 pub mod store;

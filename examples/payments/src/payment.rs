@@ -86,7 +86,7 @@ async fn on_order_created(ev: &Event<Value>, o: OrderCreated, cx: &mut Cx) -> Re
          ON CONFLICT (order_id) DO NOTHING",
     )
     .bind(&o.order_id)
-    .bind(ev.id.as_str())
+    .bind(ev.id.display())
     .bind(&o.customer)
     .bind(o.amount_cents)
     .bind(&o.currency)

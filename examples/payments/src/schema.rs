@@ -59,7 +59,7 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
     // The inbox's daily partitions too, while the lock is held (on another
     // connection of the pool): consumers create them at start without a
     // lock, and two starting at once on a fresh day race on the catalog.
-    oncely::store::ensure_inbox_partitions(pool, 3).await.context("creating the inbox partitions")?;
+    oncely::store::inbox::ensure_days(pool, 3).await.context("creating the inbox partitions")?;
     tx.commit().await?;
     Ok(())
 }

@@ -104,7 +104,7 @@ impl Session {
         }
         let registered = store::is_consumer(&self.pool, group).await?;
         let offsets: BTreeMap<(String, i32), i64> =
-            store::consumer_offsets(&self.pool, group).await?.into_iter().collect();
+            store::offsets::of_consumer(&self.pool, group).await?.into_iter().collect();
         Ok(OncelyGroup { consumer: registered || !offsets.is_empty(), db_offsets: offsets })
     }
 

@@ -24,7 +24,7 @@ pub(crate) struct DuplicateSkipped<'a> {
     pub topic: &'a str,
     pub partition: i32,
     pub offset: i64,
-    pub event_id: &'a str,
+    pub event_id: &'a crate::envelope::EventId,
 }
 
 impl DuplicateSkipped<'_> {
@@ -34,7 +34,7 @@ impl DuplicateSkipped<'_> {
             topic = self.topic,
             partition = self.partition,
             offset = self.offset,
-            event_id = self.event_id,
+            event_id = %self.event_id,
             "Skipped a duplicate delivery: the inbox already holds this event."
         );
         count_events(self.consumer, self.topic, "duplicate", 1);
@@ -104,28 +104,174 @@ pub fn rewinds_counted(consumer: &str, topic: &str, action: &str) -> u64 {
     metrics::counter("oncely_rewinds_total", &[("consumer", consumer), ("topic", topic), ("action", action)])
 }
 
-/// A batch lost the offset fence: another member owns the partition now.
+/// A batch lost the offset fence: another member took the partition over
+/// (`zombie`), or its position moved under the lane.
 pub(crate) struct BatchFenced<'a> {
     pub consumer: &'a str,
     pub topic: &'a str,
     pub partition: i32,
     pub expected: Option<i64>,
+    pub found: Option<i64>,
+    pub zombie: bool,
 }
 
 impl BatchFenced<'_> {
     pub fn emit(self) {
-        tracing::warn!(
+        if self.zombie {
+            tracing::warn!(
+                consumer = self.consumer,
+                topic = self.topic,
+                partition = self.partition,
+                expected = self.expected,
+                "Rolled back a batch: another member took the partition over."
+            );
+        } else {
+            tracing::warn!(
+                consumer = self.consumer,
+                topic = self.topic,
+                partition = self.partition,
+                expected = self.expected,
+                found = self.found,
+                "Rolled back a batch: the partition's database offset moved under this lane; going on from the database's position."
+            );
+        }
+        metrics::inc(
+            "oncely_fenced_batches_total",
+            "Batches rolled back by the offset fence (zombie member, or an offset moved under a lane).",
+            &[
+                ("consumer", self.consumer),
+                ("topic", self.topic),
+                ("reason", if self.zombie { "owner" } else { "moved" }),
+            ],
+            1,
+        );
+    }
+}
+
+/// The number of fenced batches of a consumer and topic (`reason`: `owner` or `moved`).
+pub fn fenced_counted(consumer: &str, topic: &str, reason: &str) -> u64 {
+    metrics::counter("oncely_fenced_batches_total", &[("consumer", consumer), ("topic", topic), ("reason", reason)])
+}
+
+/// A new owner ended the database session of a previous owner whose batch
+/// held the partition past `zombie_timeout`.
+pub(crate) struct ZombieSessionEnded<'a> {
+    pub consumer: &'a str,
+    pub topic: &'a str,
+    pub partition: i32,
+    pub pid: i32,
+    pub state: &'a str,
+    pub held_for: std::time::Duration,
+    /// False when PostgreSQL refused (no privilege to signal that backend).
+    pub ended: bool,
+}
+
+impl ZombieSessionEnded<'_> {
+    pub fn emit(self) {
+        if self.ended {
+            tracing::warn!(
+                consumer = self.consumer,
+                topic = self.topic,
+                partition = self.partition,
+                pid = self.pid,
+                state = self.state,
+                held_for = ?self.held_for,
+                "Ended the database session of a previous owner of this partition (a zombie member): its open batch rolls back."
+            );
+        } else {
+            tracing::error!(
+                consumer = self.consumer,
+                topic = self.topic,
+                partition = self.partition,
+                pid = self.pid,
+                held_for = ?self.held_for,
+                "A previous owner's batch holds this partition and its session cannot be ended (members must connect as the same role, or one with pg_signal_backend): waiting."
+            );
+        }
+        metrics::inc(
+            "oncely_zombie_sessions_ended_total",
+            "Database sessions of zombie members ended by the new owner of a partition.",
+            &[("consumer", self.consumer), ("topic", self.topic)],
+            u64::from(self.ended),
+        );
+    }
+}
+
+/// The number of zombie sessions a consumer's lanes ended.
+pub fn zombie_sessions_ended(consumer: &str, topic: &str) -> u64 {
+    metrics::counter("oncely_zombie_sessions_ended_total", &[("consumer", consumer), ("topic", topic)])
+}
+
+/// The lane's position is outside the partition's log: it halts.
+pub(crate) struct PartitionOutOfRange<'a> {
+    pub consumer: &'a str,
+    pub topic: &'a str,
+    pub partition: i32,
+    pub position: Option<i64>,
+    pub log_start: Option<i64>,
+    pub log_end: Option<i64>,
+    pub error: &'a dyn std::fmt::Display,
+}
+
+impl PartitionOutOfRange<'_> {
+    pub fn emit(self) {
+        let why = match (self.position, self.log_start, self.log_end) {
+            (Some(p), Some(s), _) if p < s => {
+                "records the consumer had not processed were deleted (retention or kafka-delete-records)"
+            }
+            (Some(p), _, Some(e)) if p > e => {
+                "the log ends before the consumer's position (the topic was recreated or truncated)"
+            }
+            _ => "the position is outside the partition's log",
+        };
+        tracing::error!(
             consumer = self.consumer,
             topic = self.topic,
             partition = self.partition,
-            expected = self.expected,
-            "Rolled back a batch: the partition's database offset moved (another member owns it now)."
+            position = self.position,
+            log_start = self.log_start,
+            log_end = self.log_end,
+            error = %self.error,
+            "Partition halted: {why}. Nothing is skipped silently: move the group with `oncely offsets reset` (the consumer follows it) once you know what to do."
         );
         metrics::inc(
-            "oncely_fenced_batches_total",
-            "Batches rolled back by the offset fence (zombie consumer).",
+            "oncely_partitions_out_of_range_total",
+            "Partitions halted because the consumer's position is outside the log.",
             &[("consumer", self.consumer), ("topic", self.topic)],
             1,
+        );
+    }
+}
+
+/// The number of partitions a consumer halted as out of range.
+pub fn out_of_range_counted(consumer: &str, topic: &str) -> u64 {
+    metrics::counter("oncely_partitions_out_of_range_total", &[("consumer", consumer), ("topic", topic)])
+}
+
+/// A record was dead-lettered.
+pub(crate) struct DeadLettered<'a> {
+    pub consumer: &'a str,
+    pub topic: &'a str,
+    pub partition: i32,
+    pub offset: i64,
+    pub event_id: &'a str,
+    pub reason: &'a str,
+    pub attempts: i32,
+    pub error: &'a str,
+}
+
+impl DeadLettered<'_> {
+    pub fn emit(self) {
+        tracing::error!(
+            consumer = self.consumer,
+            topic = self.topic,
+            partition = self.partition,
+            offset = self.offset,
+            event_id = self.event_id,
+            reason = self.reason,
+            attempts = self.attempts,
+            error = self.error,
+            "Dead-lettered an event."
         );
     }
 }

@@ -221,10 +221,12 @@ impl Cx {
         };
         let payload = serde_json::to_value(payload).map_err(HandlerError::reject)?;
         self.effects.push(crate::store::effects::NewIntent {
-            key: crate::effects::intent_key(&self.consumer, name, event_id.as_str(), suffix),
+            // The event's inbox key: fixed length, any identity (NUL, bytes
+            // that are not UTF-8) gives a key a provider accepts.
+            key: crate::effects::intent_key(&self.consumer, name, &event_id.key().to_string(), suffix),
             consumer: self.consumer.to_string(),
             effect: name.to_owned(),
-            event_id: event_id.0.clone(),
+            event_id: event_id.display(),
             payload,
             semantics: semantics.as_str(),
             status: if self.replay { "suppressed" } else { "pending" },

@@ -1,10 +1,15 @@
 //! A lane: the ordered processing of one assigned partition.
 //!
-//! Records come from the dispatcher in offset order. A lane runs batches (one
-//! transaction each) and, between batches, the retries of its parked keys.
-//! A transiently failing event is parked in the transaction that advances the
-//! offset past it, and every later event of the same key is parked behind it:
-//! per-key order holds, other keys go on.
+//! A lane owns its partition's queue (split from the consumer's in the
+//! rebalance callback), so backpressure is simply not reading it: librdkafka
+//! stops fetching the partition when its queue holds `queued.max.messages.kbytes`.
+//!
+//! It starts by taking the partition over in `oncely.offsets` (a new owner
+//! epoch, waiting for and if need be ending a previous owner's open batch),
+//! decides where to start ([`super::decide_start`]), seeks there, and then runs
+//! batches (one transaction each) and, between batches, the retries of its
+//! parked keys. What happens to each record is decided by
+//! [`super::decide::Decider`]; this file does the I/O.
 
 use std::any::Any;
 use std::collections::{HashSet, VecDeque};
@@ -15,21 +20,24 @@ use std::time::{Duration, Instant};
 
 use futures::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer as _};
+use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
-use sqlx::PgConnection;
-use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
+use uuid::Uuid;
 
+use super::decide::{AfterFailure, Decider, Verdict};
 use super::events::{self, count_events};
-use super::handler::{Cx, FailureClass, HandlerError, PanicError};
-use super::{Shared, StartDecision, COMMIT_METADATA};
+use super::handler::{Cx, HandlerError, PanicError};
+use super::{PartitionQueue, Shared, COMMIT_METADATA};
 use crate::envelope::{DecodeError, EventId, RawRecord};
 use crate::error::Result;
-use crate::failure::{self, DeadKeyPolicy, DeadLetter};
-use crate::store::failure as parked_store;
-use crate::store::{self, Savepoint};
+use crate::failure::DeadLetter;
+use crate::store::failure::{self as parked_store, NewParked, ParkedStatus};
+use crate::store::offsets::{self, Fence};
+use crate::store::{self, inbox, Savepoint};
 
 /// The rebalance callback's handle on a running lane.
 pub(crate) struct LaneHandle {
@@ -37,98 +45,134 @@ pub(crate) struct LaneHandle {
     pub partition: i32,
     pub stop: CancellationToken,
     pub join: JoinHandle<()>,
-    /// The next offset to commit to Kafka (-1 before the first batch).
+    /// The next offset to commit to Kafka (-1 before the lane knows it).
     pub position: Arc<AtomicI64>,
-    /// The dispatcher's side of the lane's bounded channel.
-    pub tx: mpsc::Sender<Arc<RawRecord>>,
-    /// Set by the dispatcher when it paused the partition because the
-    /// channel was full; the lane then asks to be refilled.
-    pub paused: Arc<AtomicBool>,
-    /// Set by the lane when it asked for a refill, cleared by the dispatcher.
-    pub refill_asked: Arc<AtomicBool>,
+    /// Set when a record of this partition reached the consumer's main queue
+    /// (its queue was not split in time): the lane seeks back to where it is,
+    /// so that record is read again from the lane's own queue.
+    pub reseek: Arc<AtomicBool>,
+}
+
+/// Where a lane's partition was assigned from, as the rebalance callback saw it.
+#[derive(Debug, Clone)]
+pub(crate) struct Assigned {
+    /// Kafka's committed offset and its metadata (`None`: no commit, or it
+    /// could not be read).
+    pub kafka: Option<(i64, String)>,
+    /// Where the fetcher was started (the lane seeks if it decides otherwise).
+    pub fetch_from: Offset,
 }
 
 /// How often a lane with held keys looks for keys an operator released.
 const HELD_KEY_CHECK: Duration = Duration::from_secs(2);
 
-/// Records a lane's channel holds. Large enough that a paused partition is
-/// resumed only after thousands of records (a pause makes librdkafka drop its
-/// prefetch for the partition: pausing for every few records halves
-/// throughput), small enough to bound memory.
-pub(crate) fn channel_capacity(max_batch: usize) -> usize {
-    (max_batch * 20).max(10_000)
-}
+/// How long a lane waits on its queue before polling again. librdkafka wakes
+/// a partition queue's reader only on the empty → non-empty edge, and rdkafka
+/// has no fallback wake-up for partition queues: this bounds a lost wake-up.
+const QUEUE_POLL: Duration = Duration::from_secs(1);
 
-pub(crate) fn spawn(shared: Arc<Shared>, topic: String, partition: i32, start: StartDecision) -> LaneHandle {
+pub(crate) fn spawn(
+    shared: Arc<Shared>,
+    topic: String,
+    partition: i32,
+    queue: Arc<PartitionQueue>,
+    assigned: Assigned,
+) -> LaneHandle {
     let stop = shared.shutdown.child_token();
     let position = Arc::new(AtomicI64::new(-1));
-    let (tx, rx) = mpsc::channel(channel_capacity(shared.settings.max_batch));
-    let paused = Arc::new(AtomicBool::new(false));
-    let refill_asked = Arc::new(AtomicBool::new(false));
+    let reseek = Arc::new(AtomicBool::new(false));
     let lane = Lane {
         shared: shared.clone(),
         topic: topic.clone(),
         partition,
-        rx,
-        paused: paused.clone(),
-        refill_asked: refill_asked.clone(),
+        queue,
+        assigned,
+        reseek: reseek.clone(),
         stop: stop.clone(),
-        db_next: start.db_next,
-        next_read: start.seek,
-        halted: start.halt,
+        epoch: 0,
+        db_next: None,
+        next_read: None,
         pending: VecDeque::new(),
+        pending_bytes: 0,
         infra_failures: 0,
         retry_at: None,
         position: position.clone(),
         parked: HashSet::new(),
+        held: HashSet::new(),
         parked_check: None,
     };
     let span = tracing::info_span!("lane", consumer = &*shared.name, topic = %topic, partition);
     let join = shared.rt.spawn(lane.run().instrument(span));
-    LaneHandle { topic, partition, stop, join, position, tx, paused, refill_asked }
+    LaneHandle { topic, partition, stop, join, position, reseek }
 }
 
 struct Lane {
     shared: Arc<Shared>,
     topic: String,
     partition: i32,
-    rx: mpsc::Receiver<Arc<RawRecord>>,
-    paused: Arc<AtomicBool>,
-    refill_asked: Arc<AtomicBool>,
+    queue: Arc<PartitionQueue>,
+    assigned: Assigned,
+    reseek: Arc<AtomicBool>,
     stop: CancellationToken,
+    /// The owner epoch this lane took the partition over with.
+    epoch: i64,
     /// The database offset the next batch must find (the fence).
     db_next: Option<i64>,
     /// The next offset expected from Kafka; records below it are leftovers.
     next_read: Option<i64>,
-    halted: bool,
     /// Records received and not yet committed, in offset order.
     pending: VecDeque<Arc<RawRecord>>,
+    /// Their size (key + payload + headers).
+    pending_bytes: usize,
     /// Consecutive infrastructure failures (database down), for backoff.
     infra_failures: u32,
     retry_at: Option<Instant>,
     position: Arc<AtomicI64>,
     /// Keys with parked events in this partition.
-    parked: HashSet<String>,
+    parked: HashSet<Vec<u8>>,
+    /// Keys held (their head is a dead-lettered marker or held).
+    held: HashSet<Vec<u8>>,
     /// When to look at the parked keys next.
     parked_check: Option<Instant>,
 }
 
 /// What became of a batch.
 enum Outcome {
-    /// The batch committed: the new database offset, the Kafka position, and
-    /// the keys parked by this batch.
-    Committed { next: i64, end: i64, newly_parked: HashSet<String> },
-    /// The fence failed: another member owns the partition now.
+    /// The batch committed: the new database offset and the keys it parked
+    /// and held.
+    Committed { next: i64, parked: HashSet<Vec<u8>>, held: HashSet<Vec<u8>> },
+    /// The fence failed: the row is not at `(epoch, db_next)` any more.
     Fenced,
     /// A handler failed without savepoints: run the batch again carefully.
     NeedCareful,
 }
 
-/// One record of a batch, prepared before the transaction starts.
+/// One record of a batch, prepared before the transaction: its identity and
+/// version. The payload is decoded only for records that will be applied.
 enum Prepared {
-    Good { id: EventId, version: Option<i64>, ev: Option<Box<dyn Any + Send>> },
+    Good { id: EventId, key: Uuid, version: Option<i64> },
     Bad { id: Option<EventId>, err: DecodeError },
 }
+
+impl Prepared {
+    fn inbox_key(&self) -> Option<Uuid> {
+        match self {
+            Prepared::Good { key, .. } => Some(*key),
+            Prepared::Bad { .. } => None,
+        }
+    }
+
+    fn event_id(&self) -> Option<&EventId> {
+        match self {
+            Prepared::Good { id, .. } => Some(id),
+            Prepared::Bad { id, .. } => id.as_ref(),
+        }
+    }
+}
+
+/// A record skipped without a handler call, logged and counted once its
+/// batch commits: `(offset, identity, version, duplicate (else stale), key)`.
+type Skipped<'a> = (i64, &'a EventId, Option<i64>, bool, &'a [u8]);
 
 /// What applying one claimed event gave.
 enum Applied {
@@ -136,40 +180,34 @@ enum Applied {
     Stale,
 }
 
+/// Writes of a batch that are sent together before the commit.
+#[derive(Default)]
+struct Tail<'a> {
+    parks: Vec<NewParked<'a>>,
+    unclaim: Vec<Uuid>,
+}
+
 impl Lane {
     async fn run(mut self) {
-        if self.halted {
-            tracing::error!(
-                "Partition halted by the rewind policy: it stays paused until an operator acts (restart with another policy, or move the offsets back with `oncely offsets`)."
-            );
-            self.stop.cancelled().await;
+        let Some(owned) = self.take_over().await else { return };
+        self.epoch = owned.epoch;
+        if !self.start_at(owned.next_offset).await {
             return;
-        }
-        if let Some(o) = self.next_read.or(self.db_next) {
-            self.position.store(o, Ordering::Release);
-        }
-        // A new owner takes over the partition's parked keys.
-        loop {
-            match parked_store::parked_keys(&self.shared.pool, &self.shared.name, &self.topic, self.partition).await {
-                Ok(keys) => {
-                    if !keys.is_empty() {
-                        tracing::info!(keys = keys.len(), "Took over parked keys.");
-                        self.parked_check = Some(Instant::now());
-                    }
-                    self.parked = keys.into_iter().collect();
-                    break;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "Cannot read the parked keys; retrying.");
-                    if !self.sleep(Duration::from_secs(1)).await {
-                        return;
-                    }
-                }
-            }
         }
         loop {
             if self.stop.is_cancelled() {
                 return;
+            }
+            if self.reseek.swap(false, Ordering::AcqRel) {
+                let at = self.pending.front().map(|r| r.offset).or(self.next_read);
+                if let Some(at) = at {
+                    tracing::error!(offset = at, "A record of this partition reached the consumer's main queue; reading again from the lane's own queue.");
+                    self.pending.clear();
+                    self.pending_bytes = 0;
+                    if !self.seek(at).await {
+                        return;
+                    }
+                }
             }
             if let Some(spike) = &self.shared.spike {
                 let left = spike.pause_left_at(Instant::now());
@@ -198,9 +236,179 @@ impl Lane {
         }
     }
 
+    /// Takes the partition over in the database, waiting for a previous
+    /// owner's open batch; ends that owner's session if it holds the
+    /// partition longer than `zombie_timeout` (Kafka has given the partition
+    /// to this member: the other is a zombie, and its batch can only roll
+    /// back). Retries while the database is down. `None`: the lane stopped.
+    async fn take_over(&mut self) -> Option<offsets::Owned> {
+        let s = self.shared.clone();
+        let step = s.settings.zombie_timeout.min(Duration::from_secs(2)).max(Duration::from_millis(100));
+        let mut waited = Duration::ZERO;
+        let mut failures = 0u32;
+        loop {
+            if self.stop.is_cancelled() {
+                return None;
+            }
+            match offsets::take_over(&s.pool, &s.name, &self.topic, self.partition, step).await {
+                Ok(Some(owned)) => {
+                    if waited > Duration::ZERO {
+                        tracing::info!(waited = ?waited, "Took the partition over after waiting for a previous owner's batch.");
+                    }
+                    return Some(owned);
+                }
+                Ok(None) => {
+                    waited += step;
+                    match offsets::lock_holder(&s.pool, &s.name, &self.topic, self.partition).await {
+                        Ok(Some(h)) if waited >= s.settings.zombie_timeout => {
+                            let ended = offsets::terminate_backend(&s.pool, h.pid).await.unwrap_or(false);
+                            events::ZombieSessionEnded {
+                                consumer: &s.name,
+                                topic: &self.topic,
+                                partition: self.partition,
+                                pid: h.pid,
+                                state: h.state.as_deref().unwrap_or(""),
+                                held_for: h.transaction_age,
+                                ended,
+                            }
+                            .emit();
+                            waited = Duration::ZERO;
+                        }
+                        Ok(Some(h)) => {
+                            tracing::info!(pid = h.pid, state = ?h.state, waited = ?waited, "Waiting for a previous owner's open batch on this partition.")
+                        }
+                        Ok(None) => {}
+                        Err(e) => tracing::warn!(error = %e, "Cannot see who holds the partition's offsets row."),
+                    }
+                }
+                Err(e) => {
+                    failures += 1;
+                    let d = s.backoff.delay(failures.min(6));
+                    tracing::warn!(error = %e, retry_in = ?d, "Taking the partition over failed (database unavailable?); retrying.");
+                    if !self.sleep(d).await {
+                        return None;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Decides where to start from the database position and Kafka's commit,
+    /// seeks there and loads the parked keys. False if the lane must stop
+    /// (stopped, or halted by policy: then it waits for the stop).
+    async fn start_at(&mut self, db: Option<i64>) -> bool {
+        let s = self.shared.clone();
+        let (k_off, meta) = self.assigned.kafka.clone().map_or((None, String::new()), |(o, m)| (Some(o), m));
+        let d = super::decide_start(db, k_off, &meta, s.settings.rewind, s.settings.skip_forward);
+        if let (Some((kind, action)), Some(k), Some(dbo)) = (d.moved, k_off, db) {
+            events::PartitionRewound {
+                consumer: &s.name,
+                topic: &self.topic,
+                partition: self.partition,
+                kafka_offset: k,
+                db_offset: dbo,
+                kind,
+                action,
+            }
+            .emit();
+        }
+        if d.halt {
+            tracing::error!(
+                "Partition halted by the rewind policy: it is not consumed until an operator acts (restart with another policy, or move the offsets with `oncely offsets reset`, which the consumer follows)."
+            );
+            self.stop.cancelled().await;
+            return false;
+        }
+        self.db_next = d.db_next;
+        let target = match d.seek {
+            Some(o) => Offset::Offset(o),
+            None => s.settings.initial,
+        };
+        if target != self.assigned.fetch_from {
+            let at = match target {
+                Offset::Offset(o) => Some(o),
+                _ => None,
+            };
+            if !self.seek_to(target).await {
+                return false;
+            }
+            self.next_read = at;
+        } else if let Offset::Offset(o) = target {
+            self.next_read = Some(o);
+        }
+        if let Some(o) = self.next_read.or(self.db_next) {
+            self.position.store(o, Ordering::Release);
+        }
+        // The new owner takes over the partition's parked keys.
+        loop {
+            match parked_store::parked_keys(&s.pool, &s.name, &self.topic, self.partition).await {
+                Ok(keys) => {
+                    if !keys.is_empty() {
+                        tracing::info!(keys = keys.len(), "Took over parked keys.");
+                        self.parked_check = Some(Instant::now());
+                    }
+                    self.held = keys.iter().filter(|(_, h)| *h).map(|(k, _)| k.clone()).collect();
+                    self.parked = keys.into_iter().map(|(k, _)| k).collect();
+                    return true;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "Cannot read the parked keys; retrying.");
+                    if !self.sleep(Duration::from_secs(1)).await {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Seeks the partition to `offset` and forgets what was received.
+    async fn seek(&mut self, offset: i64) -> bool {
+        if !self.seek_to(Offset::Offset(offset)).await {
+            return false;
+        }
+        self.pending.clear();
+        self.pending_bytes = 0;
+        self.next_read = Some(offset);
+        true
+    }
+
+    /// Seeks the partition (retrying until it works or the lane stops).
+    /// librdkafka drops what was fetched before the seek.
+    async fn seek_to(&self, target: Offset) -> bool {
+        let mut failures = 0u32;
+        loop {
+            let Some(c) = self.shared.consumer.get().and_then(std::sync::Weak::upgrade) else { return false };
+            let (topic, partition) = (self.topic.clone(), self.partition);
+            let res = tokio::task::spawn_blocking(move || {
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&topic, partition, target)?;
+                let out = c.seek_partitions(tpl, Duration::from_secs(10))?;
+                match out.elements().first().map(|e| e.error()) {
+                    Some(Err(e)) => Err(e),
+                    _ => Ok(()),
+                }
+            })
+            .await;
+            match res {
+                Ok(Ok(())) => return true,
+                Ok(Err(e)) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, target = ?target, "Seeking the partition failed; retrying.");
+                }
+                Err(e) => {
+                    failures += 1;
+                    tracing::warn!(error = %e, "Seeking the partition failed; retrying.");
+                }
+            }
+            if !self.sleep(self.shared.backoff.delay(failures.min(5))).await {
+                return false;
+            }
+        }
+    }
+
     /// Runs one batch from `pending`. Returns false if the lane must stop.
     async fn run_batch(&mut self) -> bool {
-        let n = self.pending.len().min(self.shared.settings.max_batch);
+        let n = self.batch_len();
         if let Some(bucket) = &self.shared.bucket {
             bucket.take(n).await;
         }
@@ -226,37 +434,95 @@ impl Lane {
             started.elapsed().as_secs_f64(),
         );
         match result {
-            Ok(Outcome::Committed { next, end, newly_parked }) => {
+            Ok(Outcome::Committed { next, parked, held }) => {
                 self.infra_failures = 0;
                 self.db_next = Some(next);
-                self.position.store(end, Ordering::Release);
-                self.pending.drain(..n);
+                self.position.store(next, Ordering::Release);
+                for r in self.pending.drain(..n) {
+                    self.pending_bytes -= r.size();
+                }
                 self.commit_kafka();
-                if !newly_parked.is_empty() {
-                    self.parked.extend(newly_parked);
+                if !parked.is_empty() {
+                    self.parked.extend(parked);
+                    self.held.extend(held);
                     self.schedule_parked_check(None).await;
                 }
                 true
             }
-            Ok(Outcome::Fenced) => {
-                events::BatchFenced {
-                    consumer: &self.shared.name,
-                    topic: &self.topic,
-                    partition: self.partition,
-                    expected: self.db_next,
-                }
-                .emit();
-                self.idle_until_revoked().await
-            }
+            Ok(Outcome::Fenced) => self.fenced().await,
             Ok(Outcome::NeedCareful) => true,
             Err(e) => {
                 // Infrastructure failure (database down, connection lost): the
                 // transaction rolled back; try the same batch again.
                 self.infra_failures += 1;
-                let d = self.backoff(self.infra_failures.min(6));
+                let d = self.shared.backoff.delay(self.infra_failures.min(6));
                 tracing::warn!(error = %e, retry_in = ?d, "Batch failed and rolled back; retrying.");
                 self.retry_at = Some(Instant::now() + d);
                 true
+            }
+        }
+    }
+
+    /// How many pending records the next batch takes: up to `max_batch`
+    /// records and `max_batch_bytes` (at least one record).
+    fn batch_len(&self) -> usize {
+        let s = &self.shared.settings;
+        let mut bytes = 0usize;
+        let mut n = 0usize;
+        for r in self.pending.iter().take(s.max_batch) {
+            bytes += r.size();
+            if n > 0 && bytes > s.max_batch_bytes {
+                break;
+            }
+            n += 1;
+        }
+        n
+    }
+
+    /// The fence failed. If another member took the partition over (a newer
+    /// epoch), this lane is a zombie: it stops processing until the revoke.
+    /// If only the position moved (an operator edited `oncely.offsets`, or a
+    /// previous owner's late batch committed), it re-reads it and goes on
+    /// from there. Returns false if the lane must stop.
+    async fn fenced(&mut self) -> bool {
+        let s = self.shared.clone();
+        let row = match offsets::read(&s.pool, &s.name, &self.topic, self.partition).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot re-read the partition's offsets after a failed fence; retrying.");
+                self.retry_at = Some(Instant::now() + Duration::from_secs(1));
+                return true;
+            }
+        };
+        events::BatchFenced {
+            consumer: &s.name,
+            topic: &self.topic,
+            partition: self.partition,
+            expected: self.db_next,
+            found: row.and_then(|r| r.next_offset),
+            zombie: row.is_none_or(|r| r.epoch != self.epoch),
+        }
+        .emit();
+        match row {
+            Some(r) if r.epoch == self.epoch => {
+                self.db_next = r.next_offset;
+                if let Some(at) = r.next_offset {
+                    if !self.seek(at).await {
+                        return false;
+                    }
+                    self.position.store(at, Ordering::Release);
+                }
+                true
+            }
+            _ => {
+                tracing::error!(
+                    epoch = self.epoch,
+                    "Another member took this partition over (this member is a zombie that has not noticed yet): idling until the rebalance revokes it."
+                );
+                self.pending.clear();
+                self.pending_bytes = 0;
+                self.stop.cancelled().await;
+                false
             }
         }
     }
@@ -269,67 +535,113 @@ impl Lane {
         }
     }
 
-    fn accept(&mut self, rec: Arc<RawRecord>) {
+    fn accept(&mut self, rec: RawRecord) {
         if let Some(n) = self.next_read {
             if rec.offset < n {
+                // Fetched before a seek and popped in the same instant (a race
+                // librdkafka's version barrier leaves open): a leftover.
+                tracing::debug!(offset = rec.offset, expected = n, "Dropped a record below the lane's position.");
                 return;
             }
         }
         self.next_read = Some(rec.offset + 1);
-        self.pending.push_back(rec);
+        self.pending_bytes += rec.size();
+        self.pending.push_back(Arc::new(rec));
     }
 
-    /// Receives records until the batch is full or `max_wait` passed since the
-    /// first one, or a parked key is due. Returns false when the lane must stop.
+    /// Receives records until the batch is full (records or bytes) or
+    /// `max_wait` passed since the first one, or a parked key is due.
+    /// Returns false when the lane must stop.
     async fn fill(&mut self) -> bool {
-        let max = self.shared.settings.max_batch;
+        let s = self.shared.clone();
+        let max = s.settings.max_batch;
         let mut deadline: Option<tokio::time::Instant> =
-            (!self.pending.is_empty()).then(|| tokio::time::Instant::now() + self.shared.settings.max_wait);
+            (!self.pending.is_empty()).then(|| tokio::time::Instant::now() + s.settings.max_wait);
         let parked_due = self.parked_check.map(tokio::time::Instant::from_std);
-        while self.pending.len() < max {
+        while self.pending.len() < max && self.pending_bytes < s.settings.max_batch_bytes {
             let received = tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => return false,
-                m = self.rx.recv() => m,
+                m = tokio::time::timeout(QUEUE_POLL, self.queue.recv()) => m,
                 _ = sleep_until_opt(deadline) => break,
                 _ = sleep_until_opt(parked_due), if self.pending.is_empty() => break,
             };
-            let Some(rec) = received else {
-                // The dispatcher dropped the channel: the partition is gone.
-                self.stop.cancelled().await;
-                return false;
-            };
-            self.accept(rec);
-            // Ask for a refill once the channel is half empty, once per pause.
-            if self.paused.load(Ordering::Acquire)
-                && self.rx.len() <= channel_capacity(self.shared.settings.max_batch) / 2
-                && !self.refill_asked.swap(true, Ordering::AcqRel)
-            {
-                self.shared.refill(&self.topic, self.partition);
+            match received {
+                Err(_elapsed) => {
+                    if self.reseek.load(Ordering::Acquire) {
+                        break;
+                    }
+                    continue;
+                }
+                Ok(Ok(m)) => {
+                    let rec = RawRecord::from_message(&m);
+                    drop(m);
+                    self.accept(rec);
+                }
+                Ok(Err(KafkaError::PartitionEOF(_))) => continue,
+                Ok(Err(e)) => {
+                    if !self.queue_error(e).await {
+                        return false;
+                    }
+                    break;
+                }
             }
-            if deadline.is_none() {
-                deadline = Some(tokio::time::Instant::now() + self.shared.settings.max_wait);
+            if deadline.is_none() && !self.pending.is_empty() {
+                deadline = Some(tokio::time::Instant::now() + s.settings.max_wait);
             }
         }
         true
     }
 
-    fn backoff(&self, attempt: u32) -> Duration {
-        let s = &self.shared.settings;
-        let exp = s.backoff_base.saturating_mul(1u32 << attempt.min(20)).min(s.backoff_max);
-        // Full jitter, never below a tenth of the exponential step.
-        let ms = exp.as_millis() as u64;
-        Duration::from_millis(ms / 10 + fastrand::u64(0..=ms - ms / 10))
+    /// An error on the partition's queue. The lane's position outside the
+    /// partition's log (librdkafka's `auto.offset.reset` is `error` for
+    /// oncely) halts it: records were deleted before they were processed, or
+    /// the topic was recreated; skipping silently would lose or misapply
+    /// data. False if the lane must stop.
+    async fn queue_error(&mut self, e: KafkaError) -> bool {
+        let out_of_range = matches!(
+            &e,
+            KafkaError::MessageConsumption(RDKafkaErrorCode::AutoOffsetReset | RDKafkaErrorCode::OffsetOutOfRange)
+        );
+        if !out_of_range {
+            tracing::warn!(error = %e, "Error on the partition's queue.");
+            return true;
+        }
+        let s = self.shared.clone();
+        let position = self.pending.front().map(|r| r.offset).or(self.next_read).or(self.db_next);
+        let watermarks = match s.consumer.get().and_then(std::sync::Weak::upgrade) {
+            Some(c) => {
+                let (t, p) = (self.topic.clone(), self.partition);
+                tokio::task::spawn_blocking(move || c.fetch_watermarks(&t, p, Duration::from_secs(10)).ok())
+                    .await
+                    .ok()
+                    .flatten()
+            }
+            None => None,
+        };
+        events::PartitionOutOfRange {
+            consumer: &s.name,
+            topic: &self.topic,
+            partition: self.partition,
+            position,
+            log_start: watermarks.map(|w| w.0),
+            log_end: watermarks.map(|w| w.1),
+            error: &e,
+        }
+        .emit();
+        self.stop.cancelled().await;
+        false
     }
 
     fn retry_delay(&self, err: &HandlerError, attempts: u32) -> Duration {
         match err.class() {
-            FailureClass::RetryAfter(d) => d,
-            _ => self.backoff(attempts.saturating_sub(1)),
+            super::FailureClass::RetryAfter(d) => d,
+            _ => self.shared.backoff.delay(attempts.saturating_sub(1)),
         }
     }
 
-    fn prepare(&self, rec: &Arc<RawRecord>) -> Prepared {
+    /// Identity, version and size of a record: no payload decoding.
+    fn prepare(&self, rec: &RawRecord) -> Prepared {
         let size = rec.size();
         if size > self.shared.settings.max_record_bytes {
             return Prepared::Bad {
@@ -348,25 +660,26 @@ impl Lane {
                 Err(err) => return Prepared::Bad { id: Some(id), err },
             },
         };
-        match self.shared.handler.decode(id.clone(), rec.clone()) {
-            Ok(ev) => Prepared::Good { id, version, ev: Some(ev) },
-            Err(err) => Prepared::Bad { id: Some(id), err },
-        }
+        let key = id.key();
+        Prepared::Good { id, key, version }
     }
 
     /// Dead-letters a record in the caller's transaction: indexed in
     /// `oncely.dead_letters` and published to the dead-letter topic through
     /// the outbox, so it is durable before the offset moves past it.
-    async fn dead_letter(&self, conn: &mut PgConnection, dl: DeadLetter<'_>) -> Result<()> {
-        failure::dead_letter(conn, &self.shared.name, &dl).await?;
-        tracing::error!(
-            offset = dl.record.offset,
-            event_id = dl.event_id.unwrap_or(""),
-            reason = dl.reason,
-            attempts = dl.attempts,
-            error = dl.error,
-            "Dead-lettered an event."
-        );
+    async fn dead_letter(&self, cx: &mut Cx, dl: DeadLetter<'_>) -> Result<()> {
+        crate::failure::dead_letter(cx.db(), &self.shared.name, &dl).await?;
+        events::DeadLettered {
+            consumer: &self.shared.name,
+            topic: &self.topic,
+            partition: self.partition,
+            offset: dl.record.offset,
+            event_id: dl.event_id.as_deref().unwrap_or(""),
+            reason: dl.reason,
+            attempts: dl.attempts,
+            error: dl.error,
+        }
+        .emit();
         Ok(())
     }
 
@@ -385,129 +698,152 @@ impl Lane {
         })
     }
 
+    fn fence(&self, next: i64) -> Fence<'_> {
+        Fence {
+            consumer: &self.shared.name,
+            topic: &self.topic,
+            partition: self.partition,
+            epoch: self.epoch,
+            expected: self.db_next,
+            next,
+        }
+    }
+
     /// Runs one batch transaction. `careful` runs each event in a savepoint, so
     /// one failing event does not undo the others.
     async fn process(&self, batch: &[Arc<RawRecord>], careful: bool) -> Result<Outcome> {
         let s = &self.shared;
         let consumer = &*s.name;
-        let mut prepared: Vec<Prepared> = batch.iter().map(|r| self.prepare(r)).collect();
-        let keys: Vec<String> = batch.iter().map(|r| r.key_str()).collect();
-        // Events of already-parked keys are not claimed: they queue behind.
-        let (ids, offsets): (Vec<String>, Vec<i64>) = prepared
+        let prepared: Vec<Prepared> = batch.iter().map(|r| self.prepare(r)).collect();
+        let mut decider = Decider::new(s.rules(), &self.parked, &self.held);
+        // Events of parked keys are not claimed: they queue behind.
+        let to_claim: Vec<Uuid> = prepared
             .iter()
             .zip(batch)
-            .zip(&keys)
-            .filter_map(|((p, r), key)| match p {
-                Prepared::Good { id, .. } if !self.parked.contains(key) => Some((id.0.clone(), r.offset)),
-                _ => None,
-            })
-            .unzip();
+            .filter(|(p, r)| p.inbox_key().is_some() && decider.wants_claim(r.entity_key()))
+            .filter_map(|(p, _)| p.inbox_key())
+            .collect();
+        let end = batch.last().map_or(0, |r| r.offset + 1);
 
         let mut cx = self.begin().await?;
-        let claimed = store::claim(cx.db(), consumer, &self.topic, self.partition, &ids, &offsets).await?;
-        let mut first_seen: HashSet<String> = HashSet::new();
-        let mut newly_parked: HashSet<String> = HashSet::new();
-        let mut unclaim: Vec<String> = Vec::new();
-        // Logged and counted only once the transaction commits.
-        let mut skipped: Vec<(i64, EventId, Option<i64>, bool, String)> = Vec::new();
+        // Fence first, then the claim, in one statement.
+        let Some(claimed) = inbox::fence_and_claim(cx.db(), &self.fence(end), s.consumer_id, &to_claim).await? else {
+            cx.tx.rollback().await?;
+            return Ok(Outcome::Fenced);
+        };
+        let mut tail = Tail::default();
+        let mut skipped: Vec<Skipped<'_>> = Vec::new();
         let (mut processed, mut dead, mut parked) = (0u64, 0u64, 0u64);
         let mut batch_evs: Vec<Box<dyn Any + Send>> = Vec::new();
 
-        for i in 0..batch.len() {
-            let rec = &batch[i];
-            let key = &keys[i];
-            let (id, version, ev) = match &mut prepared[i] {
-                Prepared::Bad { id, err } => {
+        for (rec, prep) in batch.iter().zip(&prepared) {
+            let key = rec.entity_key();
+            let claimed_now = prep.inbox_key().is_some_and(|k| claimed.contains(&k));
+            let verdict = decider.next(key, prep.inbox_key(), claimed_now);
+            let (id, inbox_key, version) = match (verdict, prep) {
+                (Verdict::Apply, Prepared::Good { id, key: k, version }) => (id, *k, *version),
+                (Verdict::Duplicate, Prepared::Good { id, .. }) => {
+                    skipped.push((rec.offset, id, None, true, key));
+                    continue;
+                }
+                (Verdict::DeadLetter { hold_key }, Prepared::Bad { id, err }) => {
                     let msg = err.to_string();
-                    let dl = DeadLetter::decode(rec, id.as_ref(), err.reason(), &msg);
-                    self.dead_letter(cx.db(), dl).await?;
+                    self.dead_letter(&mut cx, DeadLetter::decode(rec, id.as_ref(), err.reason(), &msg)).await?;
+                    if hold_key {
+                        tail.dead_marker(consumer, rec, id.as_ref());
+                    }
                     dead += 1;
                     continue;
                 }
-                Prepared::Good { id, version, ev } => (id.clone(), *version, ev.take()),
-            };
-            if self.parked.contains(key) || newly_parked.contains(key) {
-                if claimed.contains(id.as_str()) && first_seen.insert(id.0.clone()) {
-                    unclaim.push(id.0.clone());
+                // ParkBehind, and (defensively: the decider never gives them)
+                // any other pairing: parked, nothing lost, order kept.
+                (v, _) => {
+                    if claimed_now {
+                        tail.unclaim.extend(prep.inbox_key());
+                    }
+                    let held = matches!(v, Verdict::ParkBehind { held: true });
+                    let status = if held { ParkedStatus::Held } else { ParkedStatus::Waiting };
+                    tail.park(consumer, rec, prep.event_id(), status, 0, None, None, None);
+                    parked += 1;
+                    continue;
                 }
-                let p = parked_store::NewParked {
-                    consumer,
-                    record: rec,
-                    entity_key: key,
-                    event_id: Some(id.as_str()),
-                    attempts: 0,
-                    retry_in: None,
-                    error: None,
-                    error_class: None,
-                };
-                parked_store::park(cx.db(), &p).await?;
-                parked += 1;
-                continue;
-            }
-            if !claimed.contains(id.as_str()) || !first_seen.insert(id.0.clone()) {
-                skipped.push((rec.offset, id, None, true, String::new()));
-                continue;
-            }
+            };
+            // Decode only what will be applied (a replayed backlog is not decoded).
+            let ev = match s.handler.decode(id.clone(), rec.clone()) {
+                Ok(ev) => ev,
+                Err(err) => {
+                    tail.unclaim.push(inbox_key);
+                    let msg = err.to_string();
+                    self.dead_letter(&mut cx, DeadLetter::decode(rec, Some(id), err.reason(), &msg)).await?;
+                    if decider.bad_after_claim(key) {
+                        tail.dead_marker(consumer, rec, Some(id));
+                    }
+                    dead += 1;
+                    continue;
+                }
+            };
             if !careful && s.handler.is_batch() {
                 // Batch handler: apply the version guard now, call once below.
                 if !self.newer_version(&mut cx, version, key).await? {
-                    skipped.push((rec.offset, id, version, false, key.clone()));
+                    skipped.push((rec.offset, id, version, false, key));
                     continue;
                 }
-                if let Some(ev) = ev {
-                    batch_evs.push(ev);
-                }
+                batch_evs.push(ev);
                 continue;
             }
             if careful {
                 store::savepoint(cx.db(), Savepoint::Begin).await?;
             }
-            let span = tracing::debug_span!("event", event_id = %id, key = %key, offset = rec.offset);
-            let outcome = match ev {
-                Some(ev) => self.apply(&mut cx, &id, version, ev, rec, key).instrument(span).await,
-                None => Err(HandlerError::reject("internal: event decoded twice")),
-            };
-            match outcome {
-                Ok(applied) => {
-                    if careful {
-                        store::savepoint(cx.db(), Savepoint::Release).await?;
+            let span = tracing::debug_span!("event", event_id = %id, offset = rec.offset);
+            let mut outcome = self.apply(&mut cx, id, version, ev, rec, key).instrument(span).await;
+            if careful && outcome.is_ok() {
+                // The handler may have swallowed an SQL error, which leaves the
+                // transaction aborted: then RELEASE fails, and it is this
+                // event's failure (rolled back to its savepoint), not the batch's.
+                if let Err(e) = store::savepoint(cx.db(), Savepoint::Release).await {
+                    if !e.is_aborted_transaction() {
+                        return Err(e);
                     }
-                    match applied {
-                        Applied::Done => processed += 1,
-                        Applied::Stale => skipped.push((rec.offset, id, version, false, key.clone())),
-                    }
+                    outcome = Err(HandlerError::retry(SwallowedSqlError(e.to_string())));
                 }
+            }
+            match outcome {
+                Ok(Applied::Done) => processed += 1,
+                Ok(Applied::Stale) => skipped.push((rec.offset, id, version, false, key)),
                 Err(_) if !careful => {
                     cx.tx.rollback().await?;
                     return Ok(Outcome::NeedCareful);
                 }
                 Err(err) => {
                     store::savepoint(cx.db(), Savepoint::Rollback).await?;
-                    unclaim.push(id.0.clone());
+                    tail.unclaim.push(inbox_key);
                     let msg = err.to_string();
                     let class = err.class_name();
-                    if err.class() == FailureClass::Reject || s.settings.max_attempts <= 1 {
-                        let reason = if err.class() == FailureClass::Reject { "rejected" } else { "max-attempts" };
-                        let dl = DeadLetter::handler(rec, &id, reason, &msg, &class, 1);
-                        self.dead_letter(cx.db(), dl).await?;
-                        dead += 1;
-                        continue;
+                    match decider.failed(key, err.class(), 1) {
+                        AfterFailure::DeadLetter { reason, attempts, hold_key } => {
+                            let dl = DeadLetter::handler(rec, id, reason, &msg, &class, attempts as i32);
+                            self.dead_letter(&mut cx, dl).await?;
+                            if hold_key {
+                                tail.dead_marker(consumer, rec, Some(id));
+                            }
+                            dead += 1;
+                        }
+                        AfterFailure::Park { attempts } => {
+                            let retry_in = self.retry_delay(&err, attempts);
+                            tracing::warn!(offset = rec.offset, event_id = %id, retry_in = ?retry_in, error = %msg, "Handler failed; parked the event and its key.");
+                            tail.park(
+                                consumer,
+                                rec,
+                                Some(id),
+                                ParkedStatus::Waiting,
+                                attempts,
+                                Some(retry_in),
+                                Some(msg),
+                                Some(class),
+                            );
+                            parked += 1;
+                        }
                     }
-                    let retry_in = self.retry_delay(&err, 1);
-                    tracing::warn!(offset = rec.offset, event_id = %id, key = %key, retry_in = ?retry_in, error = %msg, "Handler failed; parked the event and its key.");
-                    let p = parked_store::NewParked {
-                        consumer,
-                        record: rec,
-                        entity_key: key,
-                        event_id: Some(id.as_str()),
-                        attempts: 1,
-                        retry_in: Some(retry_in),
-                        error: Some(&msg),
-                        error_class: Some(&class),
-                    };
-                    parked_store::park(cx.db(), &p).await?;
-                    newly_parked.insert(key.clone());
-                    parked += 1;
                 }
             }
         }
@@ -521,17 +857,17 @@ impl Lane {
                 }
             }
         }
-        if !unclaim.is_empty() {
-            store::unclaim(cx.db(), consumer, &unclaim).await?;
+        // The tail also proves the transaction is not aborted: a handler that
+        // swallowed an SQL error in the optimistic pass leaves it aborted, and
+        // COMMIT would then silently roll back.
+        if let Err(e) = self.write_tail(&mut cx, &tail).await {
+            if careful || !e.is_aborted_transaction() {
+                return Err(e);
+            }
+            cx.tx.rollback().await?;
+            return Ok(Outcome::NeedCareful);
         }
-
-        let end = batch.last().map_or(0, |r| r.offset + 1);
-        let next = self.db_next.map_or(end, |d| d.max(end));
-        let Cx { mut tx, .. } = cx;
-        if !store::advance_offset(&mut tx, consumer, &self.topic, self.partition, self.db_next, next).await? {
-            tx.rollback().await?;
-            return Ok(Outcome::Fenced);
-        }
+        let Cx { tx, .. } = cx;
         tx.commit().await?;
         if processed > 0 && !s.registry.is_empty() {
             s.effects_wake.notify_one();
@@ -547,8 +883,8 @@ impl Lane {
                     consumer,
                     topic: &self.topic,
                     offset: *offset,
-                    event_id: id.as_str(),
-                    entity: key,
+                    event_id: &id.display(),
+                    entity: &crate::envelope::escape_bytes(key),
                     version: version.unwrap_or_default(),
                 }
                 .emit();
@@ -562,7 +898,23 @@ impl Lane {
                 events::GuardTripped { consumer, guard: "spike", detail: reason }.emit();
             }
         }
-        Ok(Outcome::Committed { next, end, newly_parked })
+        let (parked, held) = decider.into_parked();
+        Ok(Outcome::Committed { next: end, parked, held })
+    }
+
+    /// The batch's parks and unclaims, sent together; a `SELECT 1` when there
+    /// are none (it is what tells an aborted transaction from a live one).
+    async fn write_tail(&self, cx: &mut Cx, tail: &Tail<'_>) -> Result<()> {
+        let consumer_id = self.shared.consumer_id;
+        if tail.parks.is_empty() && tail.unclaim.is_empty() {
+            store::ping_tx(cx.db()).await?;
+            return Ok(());
+        }
+        if !tail.parks.is_empty() {
+            parked_store::park(cx.db(), &tail.parks).await?;
+        }
+        inbox::unclaim(cx.db(), consumer_id, &tail.unclaim).await?;
+        Ok(())
     }
 
     /// Looks at the parked keys: retries the due heads and drains what they
@@ -577,23 +929,20 @@ impl Lane {
                 return true;
             }
         };
+        // A key an operator released is due again: it is not held any more.
+        for key in &due {
+            self.held.remove(key);
+        }
         for key in due {
             if self.stop.is_cancelled() {
                 return false;
             }
             match self.drain_key(&key).await {
                 Ok(true) => {}
-                Ok(false) => {
-                    events::BatchFenced {
-                        consumer: &s.name,
-                        topic: &self.topic,
-                        partition: self.partition,
-                        expected: self.db_next,
-                    }
-                    .emit();
-                    return self.idle_until_revoked().await;
+                Ok(false) => return self.fenced().await,
+                Err(e) => {
+                    tracing::warn!(key = %crate::envelope::escape_bytes(&key), error = %e, "Retrying a parked key failed and rolled back.")
                 }
-                Err(e) => tracing::warn!(key = %key, error = %e, "Retrying a parked key failed and rolled back."),
             }
         }
         self.schedule_parked_check(Some(Duration::from_secs(1))).await;
@@ -628,101 +977,134 @@ impl Lane {
     }
 
     /// Retries the head of a parked key and drains the events behind it in
-    /// order, in one transaction. Returns false if the lane lost the partition.
-    async fn drain_key(&mut self, key: &str) -> Result<bool> {
+    /// order, in one transaction. Returns false if the fence failed.
+    async fn drain_key(&mut self, key: &[u8]) -> Result<bool> {
         let s = self.shared.clone();
         let consumer = &*s.name;
-        let Some(expected) = self.db_next else { return Ok(true) };
         let mut cx = self.begin().await?;
-        if !parked_store::still_owner(cx.db(), consumer, &self.topic, self.partition, expected).await? {
+        if !offsets::fence_in_place(cx.db(), consumer, &self.topic, self.partition, self.epoch, self.db_next).await? {
             cx.tx.rollback().await?;
             return Ok(false);
         }
         let rows = parked_store::key_queue(cx.db(), consumer, &self.topic, self.partition, key).await?;
+        let (no_parked, no_held) = (HashSet::new(), HashSet::new());
+        let mut decider = Decider::new(s.rules(), &no_parked, &no_held);
         let (mut processed, mut dead) = (0u64, 0u64);
         let mut duplicates: Vec<(i64, EventId)> = Vec::new();
-        for row in rows {
+        let mut held_key = false;
+        let mut tail = Tail::default();
+        for row in &rows {
             let rec = Arc::new(row.record.clone());
-            let (id, version, ev) = match self.prepare(&rec) {
-                Prepared::Bad { id, err } => {
+            let prep = self.prepare(&row.record);
+            let claimed_now = match prep.inbox_key() {
+                Some(k) => inbox::claim(cx.db(), s.consumer_id, &[k]).await?.contains(&k),
+                None => false,
+            };
+            let verdict = decider.next(key, prep.inbox_key(), claimed_now);
+            let (id, inbox_key, version) = match (verdict, &prep) {
+                (Verdict::DeadLetter { hold_key }, Prepared::Bad { id, err }) => {
                     let msg = err.to_string();
-                    self.dead_letter(cx.db(), DeadLetter::decode(&rec, id.as_ref(), err.reason(), &msg)).await?;
+                    self.dead_letter(&mut cx, DeadLetter::decode(&rec, id.as_ref(), err.reason(), &msg)).await?;
                     parked_store::unpark(cx.db(), consumer, &self.topic, self.partition, rec.offset).await?;
                     dead += 1;
+                    if hold_key {
+                        self.hold_rest(&mut cx, &mut tail, consumer, &row.record, id.as_ref(), key).await?;
+                        held_key = true;
+                        break;
+                    }
                     continue;
                 }
-                Prepared::Good { id, version, ev } => (id, version, ev),
+                (Verdict::Duplicate, Prepared::Good { id, .. }) => {
+                    parked_store::unpark(cx.db(), consumer, &self.topic, self.partition, rec.offset).await?;
+                    duplicates.push((rec.offset, id.clone()));
+                    continue;
+                }
+                (Verdict::Apply, Prepared::Good { id, key: k, version }) => (id, *k, *version),
+                // The decider of a drained key has no parked keys, so it never
+                // says ParkBehind; if it did, the event stays parked.
+                (v, _) => {
+                    tracing::error!(verdict = ?v, offset = rec.offset, "Unexpected verdict for a parked event; it stays parked.");
+                    break;
+                }
             };
-            let claimed = store::claim(
-                cx.db(),
-                consumer,
-                &self.topic,
-                self.partition,
-                std::slice::from_ref(&id.0),
-                &[rec.offset],
-            )
-            .await?;
-            if !claimed.contains(id.as_str()) {
-                parked_store::unpark(cx.db(), consumer, &self.topic, self.partition, rec.offset).await?;
-                duplicates.push((rec.offset, id));
-                continue;
-            }
+            let ev = match s.handler.decode(id.clone(), rec.clone()) {
+                Ok(ev) => ev,
+                Err(err) => {
+                    inbox::unclaim(cx.db(), s.consumer_id, &[inbox_key]).await?;
+                    let msg = err.to_string();
+                    self.dead_letter(&mut cx, DeadLetter::decode(&rec, Some(id), err.reason(), &msg)).await?;
+                    parked_store::unpark(cx.db(), consumer, &self.topic, self.partition, rec.offset).await?;
+                    dead += 1;
+                    if decider.bad_after_claim(key) {
+                        self.hold_rest(&mut cx, &mut tail, consumer, &row.record, Some(id), key).await?;
+                        held_key = true;
+                        break;
+                    }
+                    continue;
+                }
+            };
             store::savepoint(cx.db(), Savepoint::Begin).await?;
-            let outcome = match ev {
-                Some(ev) => self.apply(&mut cx, &id, version, ev, &rec, key).await,
-                None => Err(HandlerError::reject("internal: event decoded twice")),
-            };
+            let mut outcome = self.apply(&mut cx, id, version, ev, &rec, key).await;
+            if outcome.is_ok() {
+                if let Err(e) = store::savepoint(cx.db(), Savepoint::Release).await {
+                    if !e.is_aborted_transaction() {
+                        return Err(e);
+                    }
+                    outcome = Err(HandlerError::retry(SwallowedSqlError(e.to_string())));
+                }
+            }
             match outcome {
                 Ok(_) => {
-                    store::savepoint(cx.db(), Savepoint::Release).await?;
                     parked_store::unpark(cx.db(), consumer, &self.topic, self.partition, rec.offset).await?;
                     processed += 1;
                 }
                 Err(err) => {
                     store::savepoint(cx.db(), Savepoint::Rollback).await?;
-                    store::unclaim(cx.db(), consumer, std::slice::from_ref(&id.0)).await?;
+                    inbox::unclaim(cx.db(), s.consumer_id, &[inbox_key]).await?;
                     let attempts = (row.attempts.max(0) as u32) + 1;
                     let msg = err.to_string();
                     let class = err.class_name();
-                    if err.class() == FailureClass::Reject || attempts >= s.settings.max_attempts {
-                        let reason = if err.class() == FailureClass::Reject { "rejected" } else { "max-attempts" };
-                        let dl = DeadLetter::handler(&rec, &id, reason, &msg, &class, attempts as i32);
-                        self.dead_letter(cx.db(), dl).await?;
-                        parked_store::unpark(cx.db(), consumer, &self.topic, self.partition, rec.offset).await?;
-                        dead += 1;
-                        match s.settings.dead_key_policy {
-                            DeadKeyPolicy::Continue => continue,
-                            DeadKeyPolicy::Hold => {
-                                let held =
-                                    parked_store::hold_key(cx.db(), consumer, &self.topic, self.partition, key).await?;
-                                tracing::error!(key, held, "Holding the events behind a dead-lettered event until an operator releases the key (`oncely dlq release`).");
+                    match decider.failed(key, err.class(), attempts) {
+                        AfterFailure::DeadLetter { reason, attempts, hold_key } => {
+                            let dl = DeadLetter::handler(&rec, id, reason, &msg, &class, attempts as i32);
+                            self.dead_letter(&mut cx, dl).await?;
+                            parked_store::unpark(cx.db(), consumer, &self.topic, self.partition, rec.offset).await?;
+                            dead += 1;
+                            if hold_key {
+                                self.hold_rest(&mut cx, &mut tail, consumer, &row.record, Some(id), key).await?;
+                                held_key = true;
                                 break;
                             }
                         }
+                        AfterFailure::Park { attempts } => {
+                            let retry_in = self.retry_delay(&err, attempts);
+                            parked_store::reschedule(
+                                cx.db(),
+                                consumer,
+                                &self.topic,
+                                self.partition,
+                                rec.offset,
+                                attempts as i32,
+                                retry_in,
+                                &msg,
+                                &class,
+                            )
+                            .await?;
+                            tracing::warn!(key = %crate::envelope::escape_bytes(key), offset = rec.offset, event_id = %id, attempts, retry_in = ?retry_in, error = %msg, "A parked key failed again.");
+                            crate::metrics::inc(
+                                "oncely_parked_retries_total",
+                                "Failed retries of parked keys (poison detection).",
+                                &[("consumer", consumer), ("topic", &self.topic)],
+                                1,
+                            );
+                            break;
+                        }
                     }
-                    let retry_in = self.retry_delay(&err, attempts);
-                    parked_store::reschedule(
-                        cx.db(),
-                        consumer,
-                        &self.topic,
-                        self.partition,
-                        rec.offset,
-                        attempts as i32,
-                        retry_in,
-                        &msg,
-                        &class,
-                    )
-                    .await?;
-                    tracing::warn!(key, offset = rec.offset, event_id = %id, attempts, retry_in = ?retry_in, error = %msg, "A parked key failed again.");
-                    crate::metrics::inc(
-                        "oncely_parked_retries_total",
-                        "Failed retries of parked keys (poison detection).",
-                        &[("consumer", consumer), ("topic", &self.topic)],
-                        1,
-                    );
-                    break;
                 }
             }
+        }
+        if !tail.parks.is_empty() {
+            parked_store::park(cx.db(), &tail.parks).await?;
         }
         let Cx { tx, .. } = cx;
         tx.commit().await?;
@@ -734,11 +1116,31 @@ impl Lane {
         }
         count_events(consumer, &self.topic, "processed", processed);
         count_events(consumer, &self.topic, "dead", dead);
-        if parked_store::key_queue_len(&s.pool, consumer, &self.topic, self.partition, key).await? == 0 {
+        if held_key {
+            self.held.insert(key.to_vec());
+            tracing::error!(key = %crate::envelope::escape_bytes(key), "Holding the events of a key behind a dead-lettered event until an operator releases the key (`oncely dlq release`).");
+        } else if parked_store::key_queue_len(&s.pool, consumer, &self.topic, self.partition, key).await? == 0 {
             self.parked.remove(key);
-            tracing::info!(key, "A parked key drained; its events flow again.");
+            tracing::info!(key = %crate::envelope::escape_bytes(key), "A parked key drained; its events flow again.");
         }
         Ok(true)
+    }
+
+    /// Under the hold policy: the dead-lettered record becomes the marker at
+    /// the head of its key, and the key's waiting events are held.
+    #[allow(clippy::too_many_arguments)]
+    async fn hold_rest<'r>(
+        &self,
+        cx: &mut Cx,
+        tail: &mut Tail<'r>,
+        consumer: &'r str,
+        rec: &'r RawRecord,
+        id: Option<&EventId>,
+        key: &[u8],
+    ) -> Result<()> {
+        parked_store::hold_key(cx.db(), consumer, &self.topic, self.partition, key).await?;
+        tail.dead_marker(consumer, rec, id);
+        Ok(())
     }
 
     /// Applies one claimed event: version guard, then the handler (panics are
@@ -750,7 +1152,7 @@ impl Lane {
         version: Option<i64>,
         ev: Box<dyn Any + Send>,
         rec: &Arc<RawRecord>,
-        key: &str,
+        key: &[u8],
     ) -> Result<Applied, HandlerError> {
         if !self.newer_version(cx, version, key).await? {
             return Ok(Applied::Stale);
@@ -764,7 +1166,7 @@ impl Lane {
     /// The version guard: records `version` for the entity `key` and says
     /// whether it is newer than the applied one (always true when the guard
     /// is off or the event has no version).
-    async fn newer_version(&self, cx: &mut Cx, version: Option<i64>, key: &str) -> Result<bool> {
+    async fn newer_version(&self, cx: &mut Cx, version: Option<i64>, key: &[u8]) -> Result<bool> {
         let s = &self.shared;
         match (version, &s.version) {
             (Some(v), Some(g)) => {
@@ -812,7 +1214,7 @@ impl Lane {
             topic: &self.topic,
             partition: self.partition,
             offset,
-            event_id: id.as_str(),
+            event_id: id,
         }
         .emit();
     }
@@ -846,19 +1248,66 @@ impl Lane {
             }
         }
     }
+}
 
-    /// After a lost fence another member owns the partition (this one is a
-    /// zombie that has not noticed yet): stop processing and wait for the
-    /// revoke. Returns false (the lane stops).
-    async fn idle_until_revoked(&mut self) -> bool {
-        tracing::error!(
-            "The partition's database offset moved under this lane: another member owns it. Idling until the rebalance revokes it."
-        );
-        self.pending.clear();
-        self.stop.cancelled().await;
-        false
+impl<'a> Tail<'a> {
+    #[allow(clippy::too_many_arguments)]
+    fn park(
+        &mut self,
+        consumer: &'a str,
+        rec: &'a RawRecord,
+        id: Option<&EventId>,
+        status: ParkedStatus,
+        attempts: u32,
+        retry_in: Option<Duration>,
+        error: Option<String>,
+        error_class: Option<String>,
+    ) {
+        self.parks.push(NewParked {
+            consumer,
+            record: rec,
+            entity_key: rec.entity_key(),
+            event_id: id.map(EventId::display),
+            status,
+            attempts: attempts as i32,
+            retry_in,
+            error,
+            error_class,
+        });
+    }
+
+    /// Under the hold policy, the dead-lettered record stays at the head of
+    /// its key as the marker that holds the key's later events.
+    fn dead_marker(&mut self, consumer: &'a str, rec: &'a RawRecord, id: Option<&EventId>) {
+        self.parks.push(NewParked {
+            consumer,
+            record: rec,
+            entity_key: rec.entity_key(),
+            event_id: id.map(EventId::display),
+            status: ParkedStatus::Dead,
+            attempts: 0,
+            retry_in: None,
+            error: None,
+            error_class: None,
+        });
     }
 }
+
+/// A handler returned Ok but left its transaction aborted.
+#[derive(Debug)]
+struct SwallowedSqlError(String);
+
+impl std::fmt::Display for SwallowedSqlError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "the handler returned Ok but its transaction was aborted by an SQL error it did not pass on ({})",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for SwallowedSqlError {}
 
 async fn sleep_until_opt(deadline: Option<tokio::time::Instant>) {
     match deadline {

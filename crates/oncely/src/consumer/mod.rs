@@ -7,13 +7,16 @@
 //! `oncely.offsets` with a compare-and-set (the fence), commit; then commit the
 //! offset to Kafka asynchronously. PostgreSQL is the source of truth.
 //!
-//! On assignment a lane starts at the database offset. If Kafka's committed
-//! offset is behind it (someone rewound the group, e.g. with
+//! Each lane reads its partition's own queue, split from the consumer's in the
+//! rebalance callback before the partition is assigned; the consumer's main
+//! queue carries only rebalances and errors. A lane takes its partition over
+//! in the database (a new owner epoch) and starts at the database offset. If
+//! Kafka's committed offset is behind it (someone rewound the group, e.g. with
 //! `kafka-consumer-groups --reset-offsets`) or ahead of it, the
-//! [`RewindPolicy`] decides. On revoke, lanes drain within the drain timeout and
-//! the final offsets are committed inside the rebalance callback.
+//! [`RewindPolicy`] decides. On revoke, lanes drain within the drain timeout
+//! and the final offsets are committed inside the rebalance callback.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
@@ -28,10 +31,11 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::envelope::{DecodePayload, IdentitySource, RawRecord, VersionSource};
+use crate::envelope::{DecodePayload, IdentitySource, VersionSource};
 use crate::error::{Error, Result};
 use crate::store;
 
+mod decide;
 pub mod events;
 mod guard;
 mod handler;
@@ -76,8 +80,10 @@ pub struct VersionGuard {
 #[derive(Debug, Clone)]
 pub(crate) struct Settings {
     pub max_batch: usize,
+    pub max_batch_bytes: usize,
     pub max_wait: Duration,
     pub drain_timeout: Duration,
+    pub zombie_timeout: Duration,
     pub rewind: RewindPolicy,
     pub skip_forward: RewindPolicy,
     pub max_attempts: u32,
@@ -86,37 +92,45 @@ pub(crate) struct Settings {
     pub max_record_bytes: usize,
     pub replay: bool,
     pub dead_key_policy: crate::failure::DeadKeyPolicy,
+    /// Where a partition with no position at all starts (`auto.offset.reset`).
+    pub initial: Offset,
 }
+
+/// A lane's partition queue.
+pub(crate) type PartitionQueue = rdkafka::consumer::stream_consumer::StreamPartitionQueue<Ctx>;
 
 /// State shared by the Kafka thread, the rebalance callback and the lanes.
 pub(crate) struct Shared {
     pub name: Arc<str>,
+    /// The consumer's number in `oncely.consumers` (its inbox rows carry it).
+    pub consumer_id: i32,
     pub pool: PgPool,
     pub handler: Arc<dyn ErasedHandler>,
     pub identity: IdentitySource,
     pub version: Option<VersionGuard>,
     pub settings: Settings,
+    pub backoff: crate::backoff::Backoff,
     pub rt: tokio::runtime::Handle,
     pub consumer: OnceLock<Weak<KafkaConsumer>>,
-    pub lanes: Mutex<HashMap<(String, i32), lane::LaneHandle>>,
+    pub lanes: Mutex<HashMap<PartitionKey, lane::LaneHandle>>,
+    /// One queue per partition ever assigned, split once and kept for the
+    /// consumer's life: librdkafka keeps a split queue split across
+    /// re-assignments, and dropping a queue handle silences the reader of
+    /// any newer handle of the same queue (its wake-up is per queue).
+    pub queues: Mutex<HashMap<PartitionKey, Arc<PartitionQueue>>>,
     pub bucket: Option<guard::TokenBucket>,
     pub spike: Option<guard::SpikeState>,
     pub shutdown: CancellationToken,
     pub state: Option<Arc<dyn std::any::Any + Send + Sync>>,
-    /// Records of paused partitions waiting for room in their lane's channel.
-    pub overflow: Mutex<HashMap<PartitionKey, VecDeque<Arc<RawRecord>>>>,
     /// Effects this consumer may record (and run, when registered).
     pub registry: Arc<crate::effects::Registry>,
     /// Wakes the in-process effect executor after a commit.
     pub effects_wake: Arc<tokio::sync::Notify>,
-    /// Lanes ask the dispatcher to refill them here.
-    pub wake: futures::channel::mpsc::UnboundedSender<(String, i32)>,
 }
 
 impl Shared {
-    /// A lane whose partition was paused has room again.
-    pub(crate) fn refill(&self, topic: &str, partition: i32) {
-        let _ = self.wake.unbounded_send((topic.to_owned(), partition));
+    pub(crate) fn rules(&self) -> decide::Rules {
+        decide::Rules { max_attempts: self.settings.max_attempts, dead_key: self.settings.dead_key_policy }
     }
 }
 
@@ -205,103 +219,64 @@ pub(crate) fn decide_start(
 }
 
 impl Ctx {
+    /// New partitions: their queues are split **before** they are assigned
+    /// (librdkafka decides where a partition's records go when it starts
+    /// fetching, inside `incremental_assign`), then each gets a lane. The
+    /// database is not touched here: a lane takes its partition over itself,
+    /// retrying while the database is unavailable.
     fn on_assign(&self, base: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
         let s = &self.0;
-        let parts: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+        let parts: Vec<PartitionKey> = tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
         tracing::info!(consumer = &*s.name, partitions = ?parts, "Partitions assigned.");
-        // The database offsets: the source of truth. Blocking here is intended:
-        // the assignment must not start before we know where to start.
-        let mut db: HashMap<(String, i32), i64> = HashMap::new();
-        let mut by_topic: HashMap<&str, Vec<i32>> = HashMap::new();
-        for (t, p) in &parts {
-            by_topic.entry(t.as_str()).or_default().push(*p);
-        }
-        for (topic, ps) in by_topic {
-            let pool = s.pool.clone();
-            let name = s.name.clone();
-            let topic_owned = topic.to_owned();
-            let res = s.rt.block_on(async move {
-                let mut attempt = 0u32;
-                loop {
-                    match store::load_offsets(&pool, &name, &topic_owned, &ps).await {
-                        Ok(m) => return Ok(m),
-                        Err(e) if attempt < 20 => {
-                            attempt += 1;
-                            tracing::warn!(error = %e, "Reading the database offsets failed; retrying.");
-                            tokio::time::sleep(Duration::from_millis(250 * u64::from(attempt.min(8)))).await;
-                        }
-                        Err(e) => return Err(e),
-                    }
-                }
-            });
-            match res {
-                Ok(m) => db.extend(m.into_iter().map(|(p, o)| ((topic.to_owned(), p), o))),
-                Err(e) => {
-                    // Without the database offsets no lane can start safely: halt
-                    // them all (they resume at the next assignment).
-                    tracing::error!(consumer = &*s.name, error = %e, "Cannot read the database offsets; the assigned partitions stay halted.");
-                    for (t, p) in &parts {
-                        db.insert((t.clone(), *p), -1);
-                    }
-                }
-            }
-        }
         // Kafka's committed offsets and their metadata, to detect moves.
-        let committed = base.committed_offsets(tpl.clone(), Duration::from_secs(10));
-        let mut kafka: HashMap<(String, i32), (Option<i64>, String)> = HashMap::new();
-        match committed {
+        let mut kafka: HashMap<PartitionKey, (i64, String)> = HashMap::new();
+        match base.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
             Ok(c) => {
                 for e in c.elements() {
-                    let off = match e.offset() {
-                        Offset::Offset(o) => Some(o),
-                        _ => None,
-                    };
-                    kafka.insert((e.topic().to_owned(), e.partition()), (off, e.metadata().to_owned()));
+                    if let Offset::Offset(o) = e.offset() {
+                        kafka.insert((e.topic().to_owned(), e.partition()), (o, e.metadata().to_owned()));
+                    }
                 }
             }
             Err(e) => {
                 tracing::warn!(consumer = &*s.name, error = %e, "Could not read Kafka's committed offsets; rewinds cannot be detected for this assignment.")
             }
         }
-
-        let mut halted = TopicPartitionList::new();
-        for (topic, partition) in &parts {
-            let key = (topic.clone(), *partition);
-            let db_off = db.get(&key).copied();
-            let broken = db_off == Some(-1);
-            let (k_off, meta) = kafka.get(&key).cloned().unwrap_or((None, String::new()));
-            let mut d =
-                decide_start(db_off.filter(|o| *o >= 0), k_off, &meta, s.settings.rewind, s.settings.skip_forward);
-            if broken {
-                d.halt = true;
-            }
-            if let (Some((kind, action)), Some(k), Some(dbo)) = (d.moved, k_off, db_off) {
-                events::PartitionRewound {
-                    consumer: &s.name,
-                    topic,
-                    partition: *partition,
-                    kafka_offset: k,
-                    db_offset: dbo,
-                    kind,
-                    action,
+        let Some(consumer) = s.consumer.get().and_then(Weak::upgrade) else {
+            tracing::error!(consumer = &*s.name, "The consumer is gone; not assigning.");
+            return;
+        };
+        for key in &parts {
+            let queue = {
+                let Ok(mut queues) = s.queues.lock() else { return };
+                match queues.get(key) {
+                    Some(q) => q.clone(),
+                    None => match consumer.split_partition_queue(&key.0, key.1) {
+                        Some(q) => {
+                            let q = Arc::new(q);
+                            queues.insert(key.clone(), q.clone());
+                            q
+                        }
+                        None => {
+                            tracing::error!(consumer = &*s.name, topic = %key.0, partition = key.1, "Cannot split the partition's queue; not assigning it.");
+                            continue;
+                        }
+                    },
                 }
-                .emit();
-            }
-            if let Some(seek) = d.seek {
-                if let Some(mut e) = tpl.find_partition(topic, *partition) {
-                    if let Err(err) = e.set_offset(Offset::Offset(seek)) {
-                        tracing::error!(error = %err, "Cannot set the start offset.");
-                    }
-                }
-            }
-            if d.halt {
-                if let Err(e) = halted.add_partition(topic, *partition).set_offset(Offset::Stored) {
-                    tracing::debug!(error = %e, "set_offset on the halt list");
+            };
+            // Start fetching where Kafka's commit says (usually where the
+            // database is too); the lane seeks if it decides otherwise.
+            let kafka_pos = kafka.get(key).cloned();
+            let fetch_from = kafka_pos.as_ref().map_or(s.settings.initial, |(o, _)| Offset::Offset(*o));
+            if let Some(mut e) = tpl.find_partition(&key.0, key.1) {
+                if let Err(err) = e.set_offset(fetch_from) {
+                    tracing::error!(error = %err, "Cannot set the start offset.");
                 }
             }
-            let handle = lane::spawn(self.0.clone(), topic.clone(), *partition, d);
+            let assigned = lane::Assigned { kafka: kafka_pos, fetch_from };
+            let handle = lane::spawn(self.0.clone(), key.0.clone(), key.1, queue, assigned);
             if let Ok(mut lanes) = s.lanes.lock() {
-                if let Some(old) = lanes.insert(key, handle) {
+                if let Some(old) = lanes.insert(key.clone(), handle) {
                     old.stop.cancel();
                 }
             }
@@ -314,27 +289,17 @@ impl Ctx {
         if let Err(e) = res {
             tracing::error!(consumer = &*s.name, error = %e, "Assigning partitions failed.");
         }
-        if halted.count() > 0 {
-            if let Err(e) = base.pause(&halted) {
-                tracing::error!(error = %e, "Cannot pause halted partitions.");
-            }
-        }
     }
 
     fn on_revoke(&self, base: &BaseConsumer<Self>, tpl: &mut TopicPartitionList) {
         let s = &self.0;
-        let parts: Vec<(String, i32)> = tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
+        let parts: Vec<PartitionKey> = tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
         tracing::info!(consumer = &*s.name, partitions = ?parts, lost = base.assignment_lost(), "Partitions revoked; draining lanes.");
         let handles: Vec<lane::LaneHandle> = match s.lanes.lock() {
             Ok(mut lanes) => parts.iter().filter_map(|k| lanes.remove(k)).collect(),
             Err(_) => Vec::new(),
         };
         let commit = drain_lanes(s, handles);
-        if let Ok(mut o) = s.overflow.lock() {
-            for k in &parts {
-                o.remove(k);
-            }
-        }
         // With manual commits librdkafka does not commit on revoke: do it here,
         // before the partitions go to another member.
         if commit.count() > 0 && !base.assignment_lost() {
@@ -455,8 +420,10 @@ impl ConsumerBuilder {
             version: None,
             settings: Settings {
                 max_batch: 500,
+                max_batch_bytes: 4 * 1024 * 1024,
                 max_wait: Duration::from_millis(20),
                 drain_timeout: Duration::from_secs(10),
+                zombie_timeout: Duration::from_secs(10),
                 rewind: RewindPolicy::Skip,
                 skip_forward: RewindPolicy::Skip,
                 max_attempts: 10,
@@ -465,11 +432,12 @@ impl ConsumerBuilder {
                 max_record_bytes: 8 * 1024 * 1024,
                 replay: false,
                 dead_key_policy: crate::failure::DeadKeyPolicy::Continue,
+                initial: Offset::Beginning,
             },
             rate: None,
             spike: None,
             kafka: Vec::new(),
-            inbox_retention: Duration::from_secs(8 * 24 * 3600),
+            inbox_retention: Duration::from_secs(15 * 24 * 3600),
             force_inbox_retention: false,
             metrics_addr: None,
             migrate: true,
@@ -594,6 +562,27 @@ impl ConsumerBuilder {
         self
     }
 
+    /// The most bytes (key + payload + headers) a batch holds, and so about
+    /// what a lane keeps in memory besides librdkafka's prefetch (bounded per
+    /// partition by `queued.max.messages.kbytes`, default 8 MB here). Default
+    /// 4 MiB: a batch stops at `max_batch` records or this, whichever comes
+    /// first (a single larger record is a batch of its own).
+    pub fn max_batch_bytes(mut self, n: usize) -> Self {
+        self.settings.max_batch_bytes = n.max(1);
+        self
+    }
+
+    /// How long the new owner of a partition waits for a previous owner's
+    /// batch that still holds the partition (a member frozen or cut off past
+    /// its session timeout: a zombie) before it ends that member's database
+    /// session, which rolls the zombie's batch back. Default 10 s. All
+    /// members must connect as the same PostgreSQL role (or one with
+    /// `pg_signal_backend`); without the privilege the new owner waits.
+    pub fn zombie_timeout(mut self, d: Duration) -> Self {
+        self.settings.zombie_timeout = d;
+        self
+    }
+
     /// How long a lane waits for more records before running a partial batch.
     /// Default 20 ms: a small latency price for much larger batches under load.
     pub fn max_wait(mut self, d: Duration) -> Self {
@@ -668,14 +657,19 @@ impl ConsumerBuilder {
 
     /// Passes a librdkafka setting through (e.g. `session.timeout.ms`). The
     /// settings in [`FORCED_KAFKA_SETTINGS`] cannot be overridden.
+    /// `auto.offset.reset` (`earliest`, default, or `latest`) says where a
+    /// partition with no position in the database or in Kafka starts; a
+    /// position outside the log halts the partition instead of jumping.
     pub fn kafka(mut self, key: impl Into<String>, value: impl Into<String>) -> Self {
         self.kafka.push((key.into(), value.into()));
         self
     }
 
-    /// How long inbox rows are kept. Default 8 days (Kafka's default topic
-    /// retention is 7). Must exceed every topic's `retention.ms`, or a
-    /// duplicate could outlive its inbox row; `run` refuses otherwise.
+    /// How long inbox rows are kept. Default 15 days. Kafka deletes a segment
+    /// only when its newest record expires, so a record stays readable for up
+    /// to `retention.ms + segment.ms` (14 days with Kafka's defaults); the
+    /// inbox must keep identities longer than that, or a duplicate could
+    /// outlive its inbox row. `run` refuses a shorter retention unless forced.
     pub fn inbox_retention(mut self, d: Duration) -> Self {
         self.inbox_retention = d;
         self
@@ -750,20 +744,36 @@ impl ConsumerBuilder {
         if self.create_dlt_topics {
             ensure_dlt_topics(&bootstrap, &self.topics, &self.name).await?;
         }
-        store::register_consumer(&pool, &self.name, retention_days).await?;
-        store::ensure_inbox_partitions(&pool, 3).await?;
+        let consumer_id = store::register_consumer(&pool, &self.name, retention_days).await?;
+        store::inbox::ensure_days(&pool, 3).await?;
 
+        let mut settings = self.settings;
         let mut cfg = ClientConfig::new();
         cfg.set("bootstrap.servers", &bootstrap)
             .set("group.id", &self.name)
-            .set("auto.offset.reset", "earliest")
-            // Bounded prefetch per partition: librdkafka stops fetching when
-            // its queue holds this much, which is oncely's backpressure.
-            .set("queued.max.messages.kbytes", "16384")
-            .set("queued.min.messages", "20000");
+            // Each lane's partition queue is bounded by these (they apply per
+            // partition to split queues): when a lane does not read, librdkafka
+            // stops fetching its partition. That is oncely's backpressure.
+            .set("queued.max.messages.kbytes", "8192")
+            .set("queued.min.messages", (settings.max_batch * 4).max(1000).to_string());
         for (k, v) in &self.kafka {
+            if k == "auto.offset.reset" {
+                settings.initial = match v.as_str() {
+                    "earliest" | "smallest" | "beginning" => Offset::Beginning,
+                    "latest" | "largest" | "end" => Offset::End,
+                    other => {
+                        return Err(Error::Config(format!(
+                            "auto.offset.reset = {other:?}: oncely takes earliest or latest (a position outside the log halts the partition)"
+                        )))
+                    }
+                };
+                continue;
+            }
             cfg.set(k, v);
         }
+        // A position outside the log is an error the lane reports and halts
+        // on, never a silent jump (see `Lane::queue_error`).
+        cfg.set("auto.offset.reset", "error");
         for (k, v) in FORCED_KAFKA_SETTINGS {
             if self.kafka.iter().any(|(kk, vv)| kk == k && vv != v) {
                 tracing::warn!(setting = k, forced = v, "Ignoring a Kafka setting that oncely must force.");
@@ -776,26 +786,26 @@ impl ConsumerBuilder {
             tracing::info!(addr = %bound, "Serving metrics.");
         }
 
-        let (wake_tx, wake_rx) = futures::channel::mpsc::unbounded();
         let executor = crate::effects::Executor::new(pool.clone(), self.registry.clone()).lease(self.effect_lease);
         let effects_wake = executor.waker();
         let executor_task = tokio::spawn(executor.run(shutdown.clone()));
         let shared = Arc::new(Shared {
             name: Arc::from(self.name.as_str()),
+            consumer_id,
             pool: pool.clone(),
             handler,
             identity: self.identity,
             version: self.version,
-            settings: self.settings,
+            backoff: crate::backoff::Backoff::new(settings.backoff_base, settings.backoff_max),
+            settings,
             rt: tokio::runtime::Handle::current(),
             consumer: OnceLock::new(),
             lanes: Mutex::new(HashMap::new()),
+            queues: Mutex::new(HashMap::new()),
             bucket: self.rate.map(|r| guard::TokenBucket::new(r, r)),
             spike: self.spike.map(guard::SpikeState::new),
             shutdown: shutdown.clone(),
             state: self.state,
-            overflow: Mutex::new(HashMap::new()),
-            wake: wake_tx,
             registry: Arc::new(self.registry),
             effects_wake,
         });
@@ -832,7 +842,7 @@ impl ConsumerBuilder {
         std::thread::Builder::new()
             .name(format!("oncely-{}", self.name))
             .spawn(move || {
-                let r = kafka_thread(thread_shared, thread_consumer, wake_rx);
+                let r = kafka_thread(thread_shared, thread_consumer);
                 let _ = done_tx.send(r);
             })
             .map_err(Error::Io)?;
@@ -846,38 +856,35 @@ impl ConsumerBuilder {
     }
 }
 
-/// The Kafka thread: serves the consumer queue (records, rebalances, errors)
-/// and dispatches records in order to their partition's lane. One ordered
-/// source per partition means a lane can never see a record out of order.
-fn kafka_thread(
-    shared: Arc<Shared>,
-    consumer: Arc<KafkaConsumer>,
-    mut wake: futures::channel::mpsc::UnboundedReceiver<(String, i32)>,
-) -> Result<()> {
+/// The Kafka thread: serves the consumer's main queue, which carries the
+/// rebalances (their callbacks run here) and errors; records go to the lanes'
+/// own partition queues. A record arriving here means its partition's queue
+/// was not split in time: its lane is told to read it again from its queue.
+fn kafka_thread(shared: Arc<Shared>, consumer: Arc<KafkaConsumer>) -> Result<()> {
     use futures::future::{select, Either};
-    use futures::StreamExt;
     let token = shared.shutdown.clone();
     futures::executor::block_on(async {
         loop {
             let recv = consumer.recv();
             let stop = token.cancelled();
-            let woken = wake.next();
             futures::pin_mut!(recv);
             futures::pin_mut!(stop);
-            let first = select(recv, woken);
-            match select(first, stop).await {
+            match select(recv, stop).await {
                 Either::Right(_) => break,
-                Either::Left((Either::Left((Ok(m), _)), _)) => {
-                    dispatch(&shared, &consumer, Arc::new(RawRecord::from_message(&m)));
+                Either::Left((Ok(m), _)) => {
+                    use rdkafka::Message as _;
+                    let key = (m.topic().to_owned(), m.partition());
+                    tracing::error!(consumer = &*shared.name, topic = %key.0, partition = key.1, offset = m.offset(), "A record reached the consumer's main queue instead of its partition's queue.");
+                    if let Ok(lanes) = shared.lanes.lock() {
+                        if let Some(l) = lanes.get(&key) {
+                            l.reseek.store(true, std::sync::atomic::Ordering::Release);
+                        }
+                    }
                 }
-                Either::Left((Either::Left((Err(KafkaError::PartitionEOF(_)), _)), _)) => {}
-                Either::Left((Either::Left((Err(e), _)), _)) => {
+                Either::Left((Err(KafkaError::PartitionEOF(_)), _)) => {}
+                Either::Left((Err(e), _)) => {
                     tracing::warn!(consumer = &*shared.name, error = %e, "Kafka consumer error.");
                 }
-                Either::Left((Either::Right((Some((topic, partition)), _)), _)) => {
-                    refill(&shared, &consumer, topic, partition);
-                }
-                Either::Left((Either::Right((None, _)), _)) => break,
             }
         }
     });
@@ -901,82 +908,12 @@ fn kafka_thread(
         futures::pin_mut!(t);
         futures::future::select(recv, t).await;
     });
+    // The partition queues hold the consumer: let them go so it closes.
+    if let Ok(mut q) = shared.queues.lock() {
+        q.clear();
+    }
     drop(consumer);
     Ok(())
-}
-
-/// Hands a record to its lane. When the lane's channel is full the partition
-/// is paused (librdkafka stops fetching it: backpressure) and the record waits
-/// in the overflow, behind which every later record of the partition queues.
-fn dispatch(shared: &Shared, consumer: &KafkaConsumer, rec: Arc<RawRecord>) {
-    let key = (rec.topic.clone(), rec.partition);
-    let Ok(mut overflow) = shared.overflow.lock() else { return };
-    if let Some(q) = overflow.get_mut(&key) {
-        q.push_back(rec);
-        return;
-    }
-    let Ok(lanes) = shared.lanes.lock() else { return };
-    let Some(lane) = lanes.get(&key) else {
-        tracing::debug!(topic = %key.0, partition = key.1, offset = rec.offset, "Dropped a record of a partition without a lane; it is read again from the database offset.");
-        return;
-    };
-    match lane.tx.try_send(rec) {
-        Ok(()) => {}
-        Err(tokio::sync::mpsc::error::TrySendError::Full(rec)) => {
-            lane.refill_asked.store(false, std::sync::atomic::Ordering::Release);
-            lane.paused.store(true, std::sync::atomic::Ordering::Release);
-            let mut tpl = TopicPartitionList::new();
-            tpl.add_partition(&key.0, key.1);
-            if let Err(e) = consumer.pause(&tpl) {
-                tracing::warn!(error = %e, "Cannot pause a partition for backpressure.");
-            }
-            tracing::debug!(topic = %key.0, partition = key.1, "Paused a partition: its lane is full.");
-            overflow.insert(key, VecDeque::from([rec]));
-        }
-        Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => {}
-    }
-}
-
-/// Moves a paused partition's overflow into its lane; resumes the partition
-/// once the overflow is empty.
-fn refill(shared: &Shared, consumer: &KafkaConsumer, topic: String, partition: i32) {
-    let key = (topic, partition);
-    let Ok(mut overflow) = shared.overflow.lock() else { return };
-    let Ok(lanes) = shared.lanes.lock() else { return };
-    let Some(lane) = lanes.get(&key) else {
-        overflow.remove(&key);
-        return;
-    };
-    // Whatever happens below, the lane may ask again (a request that arrives
-    // after the partition was resumed must not leave this set for the next pause).
-    lane.refill_asked.store(false, std::sync::atomic::Ordering::Release);
-    let Some(q) = overflow.get_mut(&key) else { return };
-    while let Some(rec) = q.pop_front() {
-        match lane.tx.try_send(rec) {
-            Ok(()) => {}
-            Err(tokio::sync::mpsc::error::TrySendError::Full(rec)) => {
-                q.push_front(rec);
-                tracing::debug!(topic = %key.0, partition = key.1, left = q.len(), "Refilled a full lane; it stays paused.");
-                return;
-            }
-            Err(tokio::sync::mpsc::error::TrySendError::Closed(_)) => break,
-        }
-    }
-    overflow.remove(&key);
-    // Resume only with room for many records (hysteresis), else stay paused:
-    // the lane asks again when its channel is half empty.
-    if lane.tx.capacity() < lane.tx.max_capacity() / 2 {
-        tracing::debug!(topic = %key.0, partition = key.1, free = lane.tx.capacity(), "Refilled a lane; it stays paused.");
-        overflow.insert(key, VecDeque::new());
-        return;
-    }
-    tracing::debug!(topic = %key.0, partition = key.1, "Resumed a partition.");
-    lane.paused.store(false, std::sync::atomic::Ordering::Release);
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition(&key.0, key.1);
-    if let Err(e) = consumer.resume(&tpl) {
-        tracing::warn!(error = %e, "Cannot resume a partition after backpressure.");
-    }
 }
 
 /// A timer future that needs no runtime (a thread sleeping then waking).
@@ -991,22 +928,38 @@ fn futures_timer(d: Duration) -> impl std::future::Future<Output = ()> {
     }
 }
 
-/// Keeps the inbox's daily partitions ahead of time and drops expired ones.
+/// Keeps the inbox's day partitions ahead of time and applies its retention.
+/// Partition DDL gives up quickly when it cannot get its lock (it must never
+/// make every claim queue behind it), so a failed pass is tried again soon.
 async fn maintain_inbox(pool: PgPool, shutdown: CancellationToken) {
     loop {
-        match store::ensure_inbox_partitions(&pool, 3).await {
+        let mut ok = true;
+        match store::inbox::ensure_days(&pool, 3).await {
             Ok(n) if n > 0 => tracing::info!(created = n, "Created inbox partitions."),
             Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "Creating inbox partitions failed."),
+            Err(e) => {
+                ok = false;
+                tracing::warn!(error = %e, "Creating inbox partitions failed; trying again in a minute.");
+            }
         }
-        match store::drop_expired_inbox_partitions(&pool).await {
-            Ok(d) if !d.is_empty() => tracing::info!(dropped = ?d, "Dropped expired inbox partitions."),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(error = %e, "Dropping expired inbox partitions failed."),
+        match store::trim_inbox(&pool).await {
+            Ok(t) => {
+                if !t.dropped.is_empty() || t.deleted > 0 {
+                    tracing::info!(dropped = ?t.dropped, deleted = t.deleted, "Applied the inbox retention.");
+                }
+                if !t.kept.is_empty() {
+                    tracing::info!(kept = ?t.kept, "Kept inbox partitions past retention: they hold identities claimed recently (redriven events).");
+                }
+            }
+            Err(e) => {
+                ok = false;
+                tracing::warn!(error = %e, "Applying the inbox retention failed; trying again in a minute.");
+            }
         }
+        let next = if ok { Duration::from_secs(3600) } else { Duration::from_secs(60) };
         tokio::select! {
             _ = shutdown.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_secs(3600)) => {}
+            _ = tokio::time::sleep(next) => {}
         }
     }
 }
@@ -1044,8 +997,10 @@ fn ensure_dlt_topics<'a>(
     })
 }
 
-/// Refuses an inbox retention shorter than a topic's `retention.ms` (or a
-/// topic kept forever / compacted), unless forced.
+/// Refuses an inbox retention shorter than the time a topic's records stay
+/// readable, `retention.ms + segment.ms` (Kafka deletes a segment only when
+/// its newest record expires), or a topic kept forever / compacted, unless
+/// forced.
 fn check_retention<'a>(
     bootstrap: &'a str,
     topics: &'a [String],
@@ -1072,15 +1027,23 @@ async fn check_retention_inner(
         let res = r.map_err(|e| Error::Config(format!("cannot read the configuration of topic {topic}: {e}")))?;
         let retention_ms: i64 =
             res.get("retention.ms").and_then(|e| e.value.as_deref()).and_then(|v| v.parse().ok()).unwrap_or(-1);
+        // Kafka's default segment.ms is 7 days; a topic config always reports
+        // one, but assume the default if it does not parse.
+        let segment_ms: i64 = res
+            .get("segment.ms")
+            .and_then(|e| e.value.as_deref())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(7 * 86_400_000);
+        let readable_ms = retention_ms.saturating_add(segment_ms.max(0));
         let compact = res.get("cleanup.policy").and_then(|e| e.value.as_deref()).is_some_and(|v| v.contains("compact"));
         let problem = if compact {
             Some(format!("topic {topic} is compacted: its records are kept indefinitely"))
         } else if retention_ms < 0 {
             Some(format!("topic {topic} keeps records forever (retention.ms = -1)"))
-        } else if Duration::from_millis(retention_ms as u64) >= inbox {
+        } else if Duration::from_millis(readable_ms as u64) >= inbox {
             Some(format!(
-                "topic {topic} keeps records for {:.1} days (retention.ms = {retention_ms}) but the inbox keeps identities for {:.1} days",
-                retention_ms as f64 / 86_400_000.0,
+                "records of topic {topic} stay readable for up to {:.1} days (retention.ms = {retention_ms} plus segment.ms = {segment_ms}: a segment is deleted only when its newest record expires) but the inbox keeps identities for {:.1} days",
+                readable_ms as f64 / 86_400_000.0,
                 inbox.as_secs_f64() / 86_400.0
             ))
         } else {
@@ -1091,7 +1054,7 @@ async fn check_retention_inner(
                 tracing::warn!(consumer, topic = %topic, "Inbox retention forced: {p}; a duplicate older than the inbox retention would be processed again.");
             } else {
                 return Err(Error::Refused(format!(
-                    "{p}. A duplicate that outlives its inbox row is processed again: raise inbox_retention above the topic's retention, or force it"
+                    "{p}. A duplicate that outlives its inbox row is processed again: raise inbox_retention above that, lower the topic's retention.ms or segment.ms, or force it"
                 )));
             }
         }

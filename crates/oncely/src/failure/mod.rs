@@ -52,12 +52,12 @@ pub fn dlt_topic(topic: &str, consumer: &str) -> String {
 }
 
 /// A record to dead-letter and why.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct DeadLetter<'a> {
     /// The record as received.
     pub record: &'a RawRecord,
-    /// Its identity, when it has one.
-    pub event_id: Option<&'a str>,
+    /// Its identity for people (escaped text, see [`EventId::display`]), when it has one.
+    pub event_id: Option<String>,
     /// Short reason code.
     pub reason: &'a str,
     /// The error message.
@@ -73,7 +73,7 @@ impl<'a> DeadLetter<'a> {
     pub fn decode(record: &'a RawRecord, id: Option<&'a EventId>, reason: &'a str, error: &'a str) -> Self {
         DeadLetter {
             record,
-            event_id: id.map(EventId::as_str),
+            event_id: id.map(EventId::display),
             reason,
             error,
             error_class: "oncely::DecodeError",
@@ -90,30 +90,36 @@ impl<'a> DeadLetter<'a> {
         error_class: &'a str,
         attempts: i32,
     ) -> Self {
-        DeadLetter { record, event_id: Some(id.as_str()), reason, error, error_class, attempts }
+        DeadLetter { record, event_id: Some(id.display()), reason, error, error_class, attempts }
     }
 
     /// The dead-letter record's headers: the original ones, then Spring
     /// Kafka's `kafka_dlt-*` headers, then `oncely-attempts` and `oncely-reason`.
-    pub fn headers(&self, consumer: &str) -> Vec<(String, Vec<u8>)> {
-        let mut h: Vec<(String, Vec<u8>)> = self
+    pub fn headers(&self, consumer: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut h: Vec<(Vec<u8>, Vec<u8>)> = self
             .record
             .headers
             .iter()
-            .filter(|(k, _)| !k.starts_with("kafka_dlt-") && k != H_ATTEMPTS && k != H_REASON)
+            .filter(|(k, _)| !is_dead_letter_header(k))
             .map(|(k, v)| (k.clone(), v.clone().unwrap_or_default()))
             .collect();
-        h.push((H_DLT_TOPIC.into(), self.record.topic.clone().into_bytes()));
-        h.push((H_DLT_PARTITION.into(), self.record.partition.to_be_bytes().to_vec()));
-        h.push((H_DLT_OFFSET.into(), self.record.offset.to_be_bytes().to_vec()));
-        h.push((H_DLT_TIMESTAMP.into(), self.record.timestamp_ms.unwrap_or(0).to_be_bytes().to_vec()));
-        h.push((H_DLT_GROUP.into(), consumer.as_bytes().to_vec()));
-        h.push((H_DLT_MESSAGE.into(), self.error.as_bytes().to_vec()));
-        h.push((H_DLT_FQCN.into(), self.error_class.as_bytes().to_vec()));
-        h.push((H_ATTEMPTS.into(), self.attempts.to_string().into_bytes()));
-        h.push((H_REASON.into(), self.reason.as_bytes().to_vec()));
+        h.push((H_DLT_TOPIC.as_bytes().to_vec(), self.record.topic.clone().into_bytes()));
+        h.push((H_DLT_PARTITION.as_bytes().to_vec(), self.record.partition.to_be_bytes().to_vec()));
+        h.push((H_DLT_OFFSET.as_bytes().to_vec(), self.record.offset.to_be_bytes().to_vec()));
+        h.push((H_DLT_TIMESTAMP.as_bytes().to_vec(), self.record.timestamp_ms.unwrap_or(0).to_be_bytes().to_vec()));
+        h.push((H_DLT_GROUP.as_bytes().to_vec(), consumer.as_bytes().to_vec()));
+        h.push((H_DLT_MESSAGE.as_bytes().to_vec(), self.error.as_bytes().to_vec()));
+        h.push((H_DLT_FQCN.as_bytes().to_vec(), self.error_class.as_bytes().to_vec()));
+        h.push((H_ATTEMPTS.as_bytes().to_vec(), self.attempts.to_string().into_bytes()));
+        h.push((H_REASON.as_bytes().to_vec(), self.reason.as_bytes().to_vec()));
         h
     }
+}
+
+/// Whether a header is one oncely writes on a dead letter (replaced, not
+/// repeated, when a redriven record is dead-lettered again).
+pub(crate) fn is_dead_letter_header(name: &[u8]) -> bool {
+    name.starts_with(b"kafka_dlt-") || name == H_ATTEMPTS.as_bytes() || name == H_REASON.as_bytes()
 }
 
 /// Dead-letters a record inside the caller's transaction: the index row in
@@ -125,7 +131,7 @@ pub async fn dead_letter(conn: &mut PgConnection, consumer: &str, dl: &DeadLette
         &NewDeadLetter {
             consumer,
             record: dl.record,
-            event_id: dl.event_id,
+            event_id: dl.event_id.as_deref(),
             reason: dl.reason,
             error: dl.error,
             error_class: dl.error_class,
@@ -157,12 +163,12 @@ mod tests {
             timestamp_ms: Some(1_700_000_000_000),
             key: Some(b"k".to_vec()),
             payload: Some(b"{}".to_vec()),
-            headers: vec![("ce_id".into(), Some(b"abc".to_vec())), (H_REASON.into(), Some(b"old".to_vec()))],
+            headers: vec![(b"ce_id".to_vec(), Some(b"abc".to_vec())), (H_REASON.into(), Some(b"old".to_vec()))],
         };
-        let id = EventId("s#abc".into());
+        let id = EventId::from("s#abc");
         let dl = DeadLetter::handler(&rec, &id, "max-attempts", "boom", "sqlx::Error", 10);
         let h = dl.headers("payments");
-        let get = |k: &str| h.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone()).expect(k);
+        let get = |k: &str| h.iter().find(|(n, _)| n.as_slice() == k.as_bytes()).map(|(_, v)| v.clone()).expect(k);
         assert_eq!(get("ce_id"), b"abc");
         assert_eq!(get(H_DLT_TOPIC), b"orders");
         assert_eq!(get(H_DLT_PARTITION), 3i32.to_be_bytes());
@@ -173,7 +179,11 @@ mod tests {
         assert_eq!(get(H_DLT_FQCN), b"sqlx::Error");
         assert_eq!(get(H_ATTEMPTS), b"10");
         assert_eq!(get(H_REASON), b"max-attempts");
-        assert_eq!(h.iter().filter(|(n, _)| n == H_REASON).count(), 1, "a redriven record's old reason is replaced");
+        assert_eq!(
+            h.iter().filter(|(n, _)| n.as_slice() == H_REASON.as_bytes()).count(),
+            1,
+            "a redriven record's old reason is replaced"
+        );
         assert_eq!(dlt_topic("orders", "payments"), "orders.payments.dlt");
     }
 }

@@ -16,17 +16,15 @@ pub const H_REDRIVE: &str = "oncely-redrive";
 /// The headers a redriven record carries: the original ones (so `ce_id` and
 /// `ce_source` keep the identity), without the dead-letter headers, plus
 /// `oncely-redrive`.
-pub fn redrive_headers(dl: &DeadLetterRow) -> Vec<(String, Vec<u8>)> {
-    let mut h: Vec<(String, Vec<u8>)> = dl
+pub fn redrive_headers(dl: &DeadLetterRow) -> Vec<(Vec<u8>, Vec<u8>)> {
+    let mut h: Vec<(Vec<u8>, Vec<u8>)> = dl
         .record
         .headers
         .iter()
-        .filter(|(k, _)| {
-            !k.starts_with("kafka_dlt-") && k != super::H_ATTEMPTS && k != super::H_REASON && k != H_REDRIVE
-        })
+        .filter(|(k, _)| !super::is_dead_letter_header(k) && k.as_slice() != H_REDRIVE.as_bytes())
         .map(|(k, v)| (k.clone(), v.clone().unwrap_or_default()))
         .collect();
-    h.push((H_REDRIVE.into(), dl.id.to_string().into_bytes()));
+    h.push((H_REDRIVE.as_bytes().to_vec(), dl.id.to_string().into_bytes()));
     h
 }
 
@@ -97,10 +95,10 @@ mod tests {
                 key: None,
                 payload: None,
                 headers: vec![
-                    ("ce_id".into(), Some(b"1".to_vec())),
-                    ("ce_source".into(), Some(b"/s".to_vec())),
-                    ("kafka_dlt-original-topic".into(), Some(b"t".to_vec())),
-                    ("oncely-reason".into(), Some(b"x".to_vec())),
+                    (b"ce_id".to_vec(), Some(b"1".to_vec())),
+                    (b"ce_source".to_vec(), Some(b"/s".to_vec())),
+                    (b"kafka_dlt-original-topic".to_vec(), Some(b"t".to_vec())),
+                    (b"oncely-reason".to_vec(), Some(b"x".to_vec())),
                 ],
             },
             event_id: None,
@@ -113,8 +111,8 @@ mod tests {
             redrive_count: 0,
         };
         let h = redrive_headers(&dl);
-        let names: Vec<&str> = h.iter().map(|(k, _)| k.as_str()).collect();
-        assert_eq!(names, vec!["ce_id", "ce_source", H_REDRIVE]);
+        let names: Vec<&[u8]> = h.iter().map(|(k, _)| k.as_slice()).collect();
+        assert_eq!(names, vec![&b"ce_id"[..], b"ce_source", H_REDRIVE.as_bytes()]);
         assert_eq!(h[2].1, b"7");
     }
 }

@@ -312,10 +312,18 @@ pub async fn enqueue_raw(
     topic: &str,
     key: Option<&[u8]>,
     payload: Option<&[u8]>,
-    headers: &[(String, Vec<u8>)],
+    headers: &[(Vec<u8>, Vec<u8>)],
 ) -> Result<i64> {
-    let ce_id =
-        headers.iter().rev().find(|(k, _)| k == H_ID).and_then(|(_, v)| std::str::from_utf8(v).ok()).map(str::to_owned);
+    let ce_id = headers
+        .iter()
+        .rev()
+        .find(|(k, _)| k.as_slice() == H_ID.as_bytes())
+        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        .map(str::to_owned);
+    // TEMPORARY (until the outbox's header names are bytes, migration 0006):
+    let headers: Vec<(String, Vec<u8>)> =
+        headers.iter().map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.clone())).collect();
+    let headers = &headers[..];
     let row = store::NewOutboxRow { lane: lane_of(key), topic, key, payload, headers, ce_id: ce_id.as_deref() };
     let ids = store::insert(conn, &[row]).await?;
     ids.first().copied().ok_or_else(|| crate::Error::Db(sqlx::Error::RowNotFound))

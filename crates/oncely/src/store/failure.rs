@@ -3,15 +3,15 @@
 use sqlx::{PgConnection, PgPool, Row};
 
 use crate::envelope::RawRecord;
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 /// A parked event as stored.
 #[derive(Debug, Clone)]
 pub struct ParkedRow {
     /// The record as received.
     pub record: RawRecord,
-    /// The entity key (the Kafka key as text).
-    pub entity_key: String,
+    /// The entity key (the Kafka key's bytes; empty for a record without one).
+    pub entity_key: Vec<u8>,
     /// Its identity, when known.
     pub event_id: Option<String>,
     /// `waiting` or `held`.
@@ -26,6 +26,30 @@ pub struct ParkedRow {
     pub parked_at: chrono::DateTime<chrono::Utc>,
 }
 
+/// How a parked event waits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ParkedStatus {
+    /// Retried (the head of its key) or drained in order (behind the head).
+    Waiting,
+    /// Behind a dead-lettered event of its key, under the `hold` policy:
+    /// waits until an operator releases the key.
+    Held,
+    /// A dead-lettered event kept at the head of its key as the marker that
+    /// holds it (`hold` policy); removed when the key is released.
+    Dead,
+}
+
+impl ParkedStatus {
+    /// The stored name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ParkedStatus::Waiting => "waiting",
+            ParkedStatus::Held => "held",
+            ParkedStatus::Dead => "dead",
+        }
+    }
+}
+
 /// A parked event to insert.
 #[derive(Debug, Clone)]
 pub struct NewParked<'a> {
@@ -33,65 +57,74 @@ pub struct NewParked<'a> {
     pub consumer: &'a str,
     /// The record.
     pub record: &'a RawRecord,
-    /// Entity key.
-    pub entity_key: &'a str,
-    /// Identity, when known.
-    pub event_id: Option<&'a str>,
+    /// Entity key (bytes).
+    pub entity_key: &'a [u8],
+    /// Identity for people (escaped text), when known.
+    pub event_id: Option<String>,
+    /// How it waits.
+    pub status: ParkedStatus,
     /// Attempts made (0 when parked behind another event).
     pub attempts: i32,
     /// Delay before the next attempt (for a head).
     pub retry_in: Option<std::time::Duration>,
     /// The error (for a head).
-    pub error: Option<&'a str>,
+    pub error: Option<String>,
     /// The error's class.
-    pub error_class: Option<&'a str>,
+    pub error_class: Option<String>,
 }
 
-/// Parks an event (no-op if that record position is already parked).
-pub async fn park(conn: &mut PgConnection, p: &NewParked<'_>) -> Result<()> {
-    let (keys, values): (Vec<String>, Vec<Option<Vec<u8>>>) = p.record.headers.iter().cloned().unzip();
-    let retry_ms = p.retry_in.map(|d| d.as_millis() as i64);
-    sqlx::query(
-        r#"INSERT INTO oncely.parked
-             (consumer, topic, partition, "offset", entity_key, event_id, record_ts_ms, key, payload,
-              header_keys, header_values, attempts, next_attempt_at, last_error, error_class)
-           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12,
-                   CASE WHEN $13::bigint IS NULL THEN NULL ELSE now() + make_interval(secs => $13::bigint / 1000.0) END,
-                   $14, $15)
-           ON CONFLICT DO NOTHING"#,
-    )
-    .bind(p.consumer)
-    .bind(&p.record.topic)
-    .bind(p.record.partition)
-    .bind(p.record.offset)
-    .bind(p.entity_key)
-    .bind(p.event_id)
-    .bind(p.record.timestamp_ms)
-    .bind(p.record.key.as_deref())
-    .bind(p.record.payload.as_deref())
-    .bind(&keys)
-    .bind(&values)
-    .bind(p.attempts)
-    .bind(retry_ms)
-    .bind(p.error)
-    .bind(p.error_class)
-    .execute(&mut *conn)
-    .await?;
+/// Parks events, in one statement (rows whose record position is parked
+/// already are left as they are).
+pub async fn park(conn: &mut PgConnection, rows: &[NewParked<'_>]) -> Result<()> {
+    // 16 parameters a row; PostgreSQL takes at most 65535 per statement.
+    for chunk in rows.chunks(2000) {
+        let mut q = sqlx::QueryBuilder::<sqlx::Postgres>::new(
+            r#"INSERT INTO oncely.parked
+                 (consumer, topic, partition, "offset", entity_key, event_id, record_ts_ms, key, payload,
+                  header_keys, header_values, status, attempts, next_attempt_at, last_error, error_class) "#,
+        );
+        q.push_values(chunk, |mut b, p| {
+            let (keys, values): (Vec<Vec<u8>>, Vec<Option<Vec<u8>>>) = p.record.headers.iter().cloned().unzip();
+            b.push_bind(p.consumer)
+                .push_bind(&p.record.topic)
+                .push_bind(p.record.partition)
+                .push_bind(p.record.offset)
+                .push_bind(p.entity_key)
+                .push_bind(p.event_id.as_deref())
+                .push_bind(p.record.timestamp_ms)
+                .push_bind(p.record.key.as_deref())
+                .push_bind(p.record.payload.as_deref())
+                .push_bind(keys)
+                .push_bind(values)
+                .push_bind(p.status.as_str())
+                .push_bind(p.attempts)
+                .push("now() + make_interval(secs => ")
+                .push_bind_unseparated(p.retry_in.map(|d| d.as_secs_f64()))
+                .push_unseparated("::float8)")
+                .push_bind(p.error.as_deref())
+                .push_bind(p.error_class.as_deref());
+        });
+        q.push(" ON CONFLICT DO NOTHING");
+        q.build().execute(&mut *conn).await?;
+    }
     Ok(())
 }
 
-/// Keys with parked events in a partition (the new owner of a partition
-/// loads them at assignment).
-pub async fn parked_keys(pool: &PgPool, consumer: &str, topic: &str, partition: i32) -> Result<Vec<String>> {
+/// Keys with parked events in a partition, and whether each is held (its
+/// head is a dead-lettered marker or held): the new owner of a partition
+/// loads them when it takes the partition over.
+pub async fn parked_keys(pool: &PgPool, consumer: &str, topic: &str, partition: i32) -> Result<Vec<(Vec<u8>, bool)>> {
     let rows = sqlx::query(
-        "SELECT DISTINCT entity_key FROM oncely.parked WHERE consumer = $1 AND topic = $2 AND partition = $3",
+        r#"SELECT DISTINCT ON (entity_key) entity_key, status <> 'waiting'
+             FROM oncely.parked WHERE consumer = $1 AND topic = $2 AND partition = $3
+            ORDER BY entity_key, "offset""#,
     )
     .bind(consumer)
     .bind(topic)
     .bind(partition)
     .fetch_all(pool)
     .await?;
-    rows.iter().map(|r| r.try_get(0).map_err(Error::from)).collect()
+    rows.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect()
 }
 
 /// Keys whose head is due now, and the earliest due time of the others.
@@ -100,7 +133,7 @@ pub async fn due_keys(
     consumer: &str,
     topic: &str,
     partition: i32,
-) -> Result<(Vec<String>, Option<std::time::Duration>)> {
+) -> Result<(Vec<Vec<u8>>, Option<std::time::Duration>)> {
     // A key is due when its lowest waiting offset is due (or has no due time:
     // a queue whose head was just dead-lettered drains at once).
     let rows = sqlx::query(
@@ -119,7 +152,7 @@ pub async fn due_keys(
     let mut due = Vec::new();
     let mut next: Option<f64> = None;
     for r in rows {
-        let key: String = r.try_get(0)?;
+        let key: Vec<u8> = r.try_get(0)?;
         let secs: f64 = r.try_get(1)?;
         if secs <= 0.0 {
             due.push(key);
@@ -136,7 +169,7 @@ pub async fn key_queue(
     consumer: &str,
     topic: &str,
     partition: i32,
-    entity_key: &str,
+    entity_key: &[u8],
 ) -> Result<Vec<ParkedRow>> {
     let rows = sqlx::query(
         r#"SELECT "offset", record_ts_ms, key, payload, header_keys, header_values, entity_key, event_id,
@@ -156,7 +189,7 @@ pub async fn key_queue(
 }
 
 fn row_to_parked(r: &sqlx::postgres::PgRow, topic: &str, partition: i32) -> Result<ParkedRow> {
-    let keys: Vec<String> = r.try_get("header_keys")?;
+    let keys: Vec<Vec<u8>> = r.try_get("header_keys")?;
     let values: Vec<Option<Vec<u8>>> = r.try_get("header_values")?;
     Ok(ParkedRow {
         record: RawRecord {
@@ -221,14 +254,15 @@ pub async fn reschedule(
     Ok(())
 }
 
-/// Holds every waiting event of a key (the `hold` policy after its head was
-/// dead-lettered). Returns how many were held.
+/// Holds every waiting event of a key (the `hold` policy after an event of
+/// the key was dead-lettered; the caller parks that event as the `dead`
+/// marker). Returns how many were held.
 pub async fn hold_key(
     conn: &mut PgConnection,
     consumer: &str,
     topic: &str,
     partition: i32,
-    entity_key: &str,
+    entity_key: &[u8],
 ) -> Result<u64> {
     Ok(sqlx::query(
         "UPDATE oncely.parked SET status = 'held', updated_at = now()
@@ -243,38 +277,28 @@ pub async fn hold_key(
     .rows_affected())
 }
 
-/// Releases a held key: its events become waiting and due now. Returns how many.
-pub async fn release_key(pool: &PgPool, consumer: &str, entity_key: &str) -> Result<u64> {
-    Ok(sqlx::query(
+/// Releases a held key: its dead-lettered marker goes, its held events become
+/// waiting and due now. Returns how many rows changed (markers removed and
+/// events released): 0 means the key was not held.
+pub async fn release_key(pool: &PgPool, consumer: &str, entity_key: &[u8]) -> Result<u64> {
+    let mut tx = pool.begin().await?;
+    let markers = sqlx::query("DELETE FROM oncely.parked WHERE consumer = $1 AND entity_key = $2 AND status = 'dead'")
+        .bind(consumer)
+        .bind(entity_key)
+        .execute(&mut *tx)
+        .await?
+        .rows_affected();
+    let n = sqlx::query(
         "UPDATE oncely.parked SET status = 'waiting', next_attempt_at = now(), updated_at = now()
           WHERE consumer = $1 AND entity_key = $2 AND status = 'held'",
     )
     .bind(consumer)
     .bind(entity_key)
-    .execute(pool)
+    .execute(&mut *tx)
     .await?
-    .rows_affected())
-}
-
-/// Confirms this lane still owns the partition (the database offset is where
-/// it expects): the fence for transactions that do not advance the offset.
-pub async fn still_owner(
-    conn: &mut PgConnection,
-    consumer: &str,
-    topic: &str,
-    partition: i32,
-    expected: i64,
-) -> Result<bool> {
-    let n = sqlx::query(
-        "SELECT 1 FROM oncely.offsets WHERE consumer = $1 AND topic = $2 AND partition = $3 AND next_offset = $4 FOR UPDATE",
-    )
-    .bind(consumer)
-    .bind(topic)
-    .bind(partition)
-    .bind(expected)
-    .fetch_optional(&mut *conn)
-    .await?;
-    Ok(n.is_some())
+    .rows_affected();
+    tx.commit().await?;
+    Ok(markers + n)
 }
 
 /// Parked events of a consumer (all consumers when `None`), heads first.
@@ -306,7 +330,7 @@ pub async fn key_queue_len(
     consumer: &str,
     topic: &str,
     partition: i32,
-    entity_key: &str,
+    entity_key: &[u8],
 ) -> Result<i64> {
     Ok(sqlx::query_scalar(
         "SELECT count(*) FROM oncely.parked WHERE consumer = $1 AND topic = $2 AND partition = $3 AND entity_key = $4",
@@ -351,7 +375,7 @@ const DL_COLUMNS: &str = r#"id, consumer, topic, partition, "offset", record_ts_
     header_keys, header_values, reason, error, error_class, attempts, created_at, redriven_at, redrive_count"#;
 
 fn to_dead_letter(r: &sqlx::postgres::PgRow) -> Result<DeadLetterRow> {
-    let keys: Vec<String> = r.try_get("header_keys")?;
+    let keys: Vec<Vec<u8>> = r.try_get("header_keys")?;
     let values: Vec<Option<Vec<u8>>> = r.try_get("header_values")?;
     Ok(DeadLetterRow {
         id: r.try_get("id")?,

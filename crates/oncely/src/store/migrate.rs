@@ -13,6 +13,7 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (3, "operator", include_str!("migrations/0003_operator.sql")),
     (4, "effects", include_str!("migrations/0004_effects.sql")),
     (5, "failure", include_str!("migrations/0005_failure.sql")),
+    (7, "bytes and inbox keys", include_str!("migrations/0007_bytes_and_inbox_keys.sql")),
 ];
 
 /// Key of the advisory lock held while migrating (`hashtext('oncely.migrate')` is
@@ -26,17 +27,28 @@ pub fn migrate(pool: &PgPool) -> futures::future::BoxFuture<'_, Result<Vec<i64>>
     Box::pin(migrate_inner(pool))
 }
 
+/// Applies the missing migrations up to `version` only: for tests of a
+/// migration over data written by an older schema.
+#[doc(hidden)]
+pub async fn migrate_up_to(pool: &PgPool, version: i64) -> Result<Vec<i64>> {
+    migrate_locked(pool, version).await
+}
+
 async fn migrate_inner(pool: &PgPool) -> Result<Vec<i64>> {
+    migrate_locked(pool, i64::MAX).await
+}
+
+async fn migrate_locked(pool: &PgPool, up_to: i64) -> Result<Vec<i64>> {
     let mut conn = pool.acquire().await?;
     sqlx::query("SELECT pg_advisory_lock($1)").bind(MIGRATE_LOCK).execute(&mut *conn).await?;
-    let result = apply(&mut conn).await;
+    let result = apply(&mut conn, up_to).await;
     let unlock = sqlx::query("SELECT pg_advisory_unlock($1)").bind(MIGRATE_LOCK).execute(&mut *conn).await;
     let applied = result?;
     unlock?;
     Ok(applied)
 }
 
-async fn apply(conn: &mut sqlx::PgConnection) -> Result<Vec<i64>> {
+async fn apply(conn: &mut sqlx::PgConnection, up_to: i64) -> Result<Vec<i64>> {
     sqlx::query("CREATE SCHEMA IF NOT EXISTS oncely").execute(&mut *conn).await?;
     sqlx::query(
         "CREATE TABLE IF NOT EXISTS oncely.schema_migrations (
@@ -54,7 +66,7 @@ async fn apply(conn: &mut sqlx::PgConnection) -> Result<Vec<i64>> {
         .collect::<std::result::Result<_, _>>()?;
     let mut applied = Vec::new();
     for (version, name, sql) in MIGRATIONS {
-        if done.contains(version) {
+        if done.contains(version) || *version > up_to {
             continue;
         }
         // One simple-protocol query string runs as one implicit transaction:

@@ -4,19 +4,19 @@
 //! Queries are built at run time (`sqlx::query`), not checked at compile time:
 //! the library builds without a database.
 
-use std::collections::{HashMap, HashSet};
-
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, PgPool, Row};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 
 pub mod admin;
 pub mod effects;
 pub mod failure;
+pub mod inbox;
 mod migrate;
+pub mod offsets;
 pub mod outbox;
-pub use migrate::{migrate, MIGRATIONS};
+pub use migrate::{migrate, migrate_up_to, MIGRATIONS};
 
 /// `url` (a `postgres://` URL) with its database replaced by `db`.
 pub fn with_database(url: &str, db: &str) -> String {
@@ -43,128 +43,13 @@ pub async fn connect(url: &str, max: u32) -> Result<PgPool> {
         .await?)
 }
 
-/// Inserts the identities of a batch into the inbox, in offset order, and
-/// returns those that were new. One statement for the whole batch.
-///
-/// The primary key contains the day partition, so `ON CONFLICT` alone catches
-/// only a duplicate of the same day; `NOT EXISTS` also looks in every older
-/// partition (today's is pruned at run time: `ON CONFLICT` covers it). The
-/// `OFFSET 0` keeps the check a per-identity index probe: as a join, the
-/// planner may choose to hash every identity the consumer ever claimed (the
-/// row estimate of `unnest` is a guess). Two members racing on one partition
-/// are serialised by the offset fence (see [`advance_offset`]), so the
-/// check-then-insert cannot let both in.
-pub async fn claim(
-    conn: &mut PgConnection,
-    consumer: &str,
-    topic: &str,
-    partition: i32,
-    ids: &[String],
-    offsets: &[i64],
-) -> Result<HashSet<String>> {
-    let rows = sqlx::query(
-        r#"INSERT INTO oncely.inbox (consumer, event_id, topic, partition, "offset", received_on)
-           SELECT $1, x.id, $2, $3, x.off, (now() AT TIME ZONE 'UTC')::date
-             FROM unnest($4::text[], $5::int8[]) WITH ORDINALITY AS x(id, off, ord)
-            WHERE NOT EXISTS (SELECT 1 FROM oncely.inbox i
-                               WHERE i.consumer = $1 AND i.event_id = x.id
-                                 AND i.received_on < (now() AT TIME ZONE 'UTC')::date
-                              OFFSET 0)
-            ORDER BY x.ord
-           ON CONFLICT DO NOTHING
-           RETURNING event_id"#,
-    )
-    .bind(consumer)
-    .bind(topic)
-    .bind(partition)
-    .bind(ids)
-    .bind(offsets)
-    .fetch_all(&mut *conn)
-    .await?;
-    rows.iter().map(|r| r.try_get::<String, _>(0).map_err(Error::from)).collect()
-}
-
-/// Releases inbox claims made earlier in the same transaction (events of the
-/// batch that were not applied and will be delivered again).
-pub async fn unclaim(conn: &mut PgConnection, consumer: &str, ids: &[String]) -> Result<()> {
-    sqlx::query("DELETE FROM oncely.inbox WHERE consumer = $1 AND event_id = ANY($2)")
-        .bind(consumer)
-        .bind(ids)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
-}
-
-/// The fence: advances `next_offset` from `expected` to `next`. Returns false
-/// when the row is not at `expected` any more (another member owns the
-/// partition now, or an operator moved it): the caller must roll back.
-/// `expected = None` means "no row yet": the row is created, and the fence
-/// fails if someone else created it first.
-pub async fn advance_offset(
-    conn: &mut PgConnection,
-    consumer: &str,
-    topic: &str,
-    partition: i32,
-    expected: Option<i64>,
-    next: i64,
-) -> Result<bool> {
-    let done = match expected {
-        Some(start) => sqlx::query(
-            "UPDATE oncely.offsets SET next_offset = $5, updated_at = now()
-              WHERE consumer = $1 AND topic = $2 AND partition = $3 AND next_offset = $4",
-        )
-        .bind(consumer)
-        .bind(topic)
-        .bind(partition)
-        .bind(start)
-        .bind(next)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected(),
-        None => sqlx::query(
-            "INSERT INTO oncely.offsets (consumer, topic, partition, next_offset) VALUES ($1, $2, $3, $4)
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(consumer)
-        .bind(topic)
-        .bind(partition)
-        .bind(next)
-        .execute(&mut *conn)
-        .await?
-        .rows_affected(),
-    };
-    Ok(done == 1)
-}
-
-/// The database offsets of `consumer` for the given partitions of `topic`.
-pub async fn load_offsets(pool: &PgPool, consumer: &str, topic: &str, partitions: &[i32]) -> Result<HashMap<i32, i64>> {
-    let rows = sqlx::query(
-        "SELECT partition, next_offset FROM oncely.offsets WHERE consumer = $1 AND topic = $2 AND partition = ANY($3)",
-    )
-    .bind(consumer)
-    .bind(topic)
-    .bind(partitions)
-    .fetch_all(pool)
-    .await?;
-    rows.iter().map(|r| Ok((r.try_get::<i32, _>(0)?, r.try_get::<i64, _>(1)?))).collect()
-}
-
-/// All database offsets of a consumer: `(topic, partition) -> next_offset`.
-pub async fn consumer_offsets(pool: &PgPool, consumer: &str) -> Result<HashMap<(String, i32), i64>> {
-    let rows = sqlx::query("SELECT topic, partition, next_offset FROM oncely.offsets WHERE consumer = $1")
-        .bind(consumer)
-        .fetch_all(pool)
-        .await?;
-    rows.iter().map(|r| Ok(((r.try_get::<String, _>(0)?, r.try_get::<i32, _>(1)?), r.try_get::<i64, _>(2)?))).collect()
-}
-
 /// Version guard: records `version` for the entity if it is newer than the
 /// stored one. Returns false for a stale (or equal) version.
 pub async fn apply_version(
     conn: &mut PgConnection,
     consumer: &str,
     entity_type: &str,
-    entity_id: &str,
+    entity_id: &[u8],
     version: i64,
 ) -> Result<bool> {
     let n = sqlx::query(
@@ -205,7 +90,7 @@ pub struct NewDeadLetter<'a> {
 /// Indexes a dead letter in `oncely.dead_letters`; returns its id. A second
 /// insert for the same record position is a no-op returning the first id.
 pub async fn insert_dead_letter(conn: &mut PgConnection, dl: &NewDeadLetter<'_>) -> Result<i64> {
-    let (keys, values): (Vec<String>, Vec<Option<Vec<u8>>>) = dl.record.headers.iter().cloned().unzip();
+    let (keys, values): (Vec<Vec<u8>>, Vec<Option<Vec<u8>>>) = dl.record.headers.iter().cloned().unzip();
     let row = sqlx::query(
         r#"INSERT INTO oncely.dead_letters
              (consumer, topic, partition, "offset", record_ts_ms, event_id, key, payload,
@@ -257,56 +142,23 @@ pub enum Savepoint {
     Rollback,
 }
 
-/// Creates the inbox's daily partitions from yesterday to `days_ahead` days
-/// ahead (UTC); returns how many were created.
-pub async fn ensure_inbox_partitions(pool: &PgPool, days_ahead: i32) -> Result<i32> {
-    let row = sqlx::query("SELECT oncely.ensure_inbox_partitions(((now() AT TIME ZONE 'UTC')::date) - 1, $1 + 2)")
-        .bind(days_ahead)
-        .fetch_one(pool)
-        .await?;
-    Ok(row.try_get(0)?)
-}
-
-/// Drops inbox partitions whose whole day is older than `retention_days`
-/// (UTC). Returns the dropped partitions' names.
-pub async fn drop_inbox_partitions(pool: &PgPool, retention_days: i32) -> Result<Vec<String>> {
-    let rows = sqlx::query(
-        r#"SELECT c.relname
-             FROM pg_inherits i
-             JOIN pg_class c ON c.oid = i.inhrelid
-             JOIN pg_class p ON p.oid = i.inhparent
-             JOIN pg_namespace n ON n.oid = p.relnamespace
-            WHERE n.nspname = 'oncely' AND p.relname = 'inbox'
-              AND c.relname ~ '^inbox_p[0-9]{8}$'
-              AND to_date(substr(c.relname, 8), 'YYYYMMDD') + 1
-                  <= ((now() AT TIME ZONE 'UTC')::date) - $1
-            ORDER BY c.relname"#,
-    )
-    .bind(retention_days)
-    .fetch_all(pool)
-    .await?;
-    let mut dropped = Vec::new();
-    for r in rows {
-        let name: String = r.try_get(0)?;
-        // The name matched ^inbox_p[0-9]{8}$ above, so quoting is not needed;
-        // quote anyway.
-        sqlx::query(&format!("DROP TABLE IF EXISTS oncely.\"{name}\"")).execute(pool).await?;
-        dropped.push(name);
-    }
-    Ok(dropped)
-}
-
-/// Registers (or updates) a consumer and its inbox retention.
-pub async fn register_consumer(pool: &PgPool, name: &str, inbox_retention_days: i32) -> Result<()> {
-    sqlx::query(
+/// Registers (or updates) a consumer and its inbox retention; returns the
+/// consumer's number (its inbox rows carry it instead of the name).
+pub async fn register_consumer(pool: &PgPool, name: &str, inbox_retention_days: i32) -> Result<i32> {
+    Ok(sqlx::query_scalar(
         "INSERT INTO oncely.consumers (name, inbox_retention_days) VALUES ($1, $2)
-         ON CONFLICT (name) DO UPDATE SET inbox_retention_days = EXCLUDED.inbox_retention_days, started_at = now()",
+         ON CONFLICT (name) DO UPDATE SET inbox_retention_days = EXCLUDED.inbox_retention_days, started_at = now()
+         RETURNING id",
     )
     .bind(name)
     .bind(inbox_retention_days)
-    .execute(pool)
-    .await?;
-    Ok(())
+    .fetch_one(pool)
+    .await?)
+}
+
+/// The number of a registered consumer.
+pub async fn consumer_id(pool: &PgPool, name: &str) -> Result<Option<i32>> {
+    Ok(sqlx::query_scalar("SELECT id FROM oncely.consumers WHERE name = $1").bind(name).fetch_optional(pool).await?)
 }
 
 /// Whether `name` is a consumer registered in this database (an oncely group).
@@ -314,31 +166,39 @@ pub async fn is_consumer(pool: &PgPool, name: &str) -> Result<bool> {
     Ok(sqlx::query("SELECT 1 FROM oncely.consumers WHERE name = $1").bind(name).fetch_optional(pool).await?.is_some())
 }
 
-/// Drops the inbox partitions that every registered consumer's retention has
-/// passed (the longest retention wins: the inbox is shared).
-pub async fn drop_expired_inbox_partitions(pool: &PgPool) -> Result<Vec<String>> {
+/// Applies the inbox retention of every registered consumer (the longest
+/// wins: the inbox is shared): see [`inbox::trim`].
+pub async fn trim_inbox(pool: &PgPool) -> Result<inbox::Trimmed> {
     let longest: Option<i32> =
         sqlx::query_scalar("SELECT max(inbox_retention_days) FROM oncely.consumers").fetch_one(pool).await?;
     match longest {
-        Some(days) => drop_inbox_partitions(pool, days).await,
-        None => Ok(Vec::new()),
+        Some(days) => inbox::trim(pool, days).await,
+        None => Ok(inbox::Trimmed::default()),
     }
 }
 
-/// The days covered by the inbox's partitions, oldest first.
-pub async fn inbox_partition_days(pool: &PgPool) -> Result<Vec<chrono::NaiveDate>> {
-    let rows = sqlx::query(
-        r#"SELECT to_date(substr(c.relname, 8), 'YYYYMMDD')
-             FROM pg_inherits i
-             JOIN pg_class c ON c.oid = i.inhrelid
-             JOIN pg_class p ON p.oid = i.inhparent
-             JOIN pg_namespace n ON n.oid = p.relnamespace
-            WHERE n.nspname = 'oncely' AND p.relname = 'inbox' AND c.relname ~ '^inbox_p[0-9]{8}$'
-            ORDER BY 1"#,
-    )
-    .fetch_all(pool)
-    .await?;
-    rows.iter().map(|r| r.try_get(0).map_err(Error::from)).collect()
+/// Whether `e` is PostgreSQL's `lock_not_available` (a `lock_timeout` ran out).
+pub fn is_lock_timeout(e: &sqlx::Error) -> bool {
+    has_sqlstate(e, "55P03")
+}
+
+/// Whether `e` is `in_failed_sql_transaction`: an earlier statement of the
+/// transaction failed (and someone swallowed the error), so every later one
+/// fails until a rollback.
+pub fn is_aborted_transaction(e: &sqlx::Error) -> bool {
+    has_sqlstate(e, "25P02")
+}
+
+fn has_sqlstate(e: &sqlx::Error, code: &str) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.code().as_deref() == Some(code))
+}
+
+/// A round trip in the caller's transaction that fails if the transaction is
+/// aborted (PostgreSQL answers `COMMIT` of an aborted transaction with a
+/// rollback, not an error).
+pub async fn ping_tx(conn: &mut PgConnection) -> Result<()> {
+    sqlx::query("SELECT 1").execute(&mut *conn).await?;
+    Ok(())
 }
 
 /// Checks that the database answers (used by readiness checks).
