@@ -42,6 +42,15 @@ pub struct Behaviour {
     pub tag: String,
     /// Record a `charge-card` effect for every applied event.
     pub charge: bool,
+    /// Keys whose events run a failing SQL statement, ignore its error and
+    /// return Ok (which leaves the transaction aborted).
+    pub swallow_keys: HashSet<String>,
+    /// Keys whose events take this long (a ten-minute reconciliation, scaled down).
+    pub slow_keys: HashMap<String, Duration>,
+    /// Keys whose events run `pg_sleep` for this long inside the batch
+    /// transaction: the statement keeps running in PostgreSQL even when the
+    /// lane abandons the batch.
+    pub sql_sleep_keys: HashMap<String, Duration>,
     applied: AtomicU64,
     failures: Mutex<HashMap<String, u32>>,
 }
@@ -87,7 +96,16 @@ pub async fn record(ev: Event<SeqEvent>, cx: &mut Cx) -> Result<(), HandlerError
             return Err(HandlerError::retry(format!("key {key} fails (attempt {n} of {times})")));
         }
     }
-    let delay = b.delay;
+    if b.swallow_keys.contains(&key) {
+        // A bug a handler can have: the error is dropped, the transaction is
+        // left aborted, and the handler says all is well.
+        let _ = sqlx::query("SELECT 1 / 0").execute(cx.db()).await;
+        return Ok(());
+    }
+    if let Some(d) = b.sql_sleep_keys.get(&key) {
+        sqlx::query("SELECT pg_sleep($1)").bind(d.as_secs_f64()).execute(cx.db()).await?;
+    }
+    let delay = b.slow_keys.get(&key).copied().unwrap_or(b.delay);
     let tag = b.tag.clone();
     let hang = b.hang_after;
     let count = b.applied.fetch_add(1, Ordering::SeqCst) + 1;

@@ -17,6 +17,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 pub mod app;
 pub mod gateway;
 pub mod process;
+pub mod run;
 
 /// Kafka bootstrap servers of the test broker (`ONCELY_KAFKA_BOOTSTRAP`, default `127.0.0.1:9092`).
 pub fn bootstrap() -> String {
@@ -91,6 +92,26 @@ pub async fn create_topic_with(name: &str, partitions: i32, configs: &[(&str, &s
         consumer
             .fetch_metadata(Some(&name), Duration::from_secs(5))
             .map(|m| m.topics().first().map(|t| t.partitions().len() as i32) == Some(partitions))
+            .unwrap_or(false)
+    })
+}
+
+/// Deletes `name` and waits until the broker no longer lists it.
+pub async fn delete_topic(name: &str) -> Result<()> {
+    let admin = admin()?;
+    let res =
+        admin.delete_topics(&[name], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))).await?;
+    for r in res {
+        if let Err((t, e)) = r {
+            bail!("deleting topic {t}: {e}");
+        }
+    }
+    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap()).create()?;
+    let name = name.to_owned();
+    wait_until_blocking(Duration::from_secs(60), "the topic to be gone", || {
+        consumer
+            .fetch_metadata(None, Duration::from_secs(5))
+            .map(|m| !m.topics().iter().any(|t| t.name() == name))
             .unwrap_or(false)
     })
 }

@@ -3,7 +3,10 @@
 //! variables: `HANG_AFTER=N`, `DELAY_MS=N`, `MAX_BATCH=N`, `TAG=…`,
 //! `FAIL_KEYS=k1:3,k2:1`, `BACKOFF_MS=N`, `MAX_ATTEMPTS=N`, `GATEWAY_URL=…`
 //! (charge every event), `EFFECT=at_most_once`, `EFFECT_LEASE_MS=N`,
-//! `REWIND=skip|replay|halt`. Prints `READY` once running; stops on SIGTERM.
+//! `REWIND=skip|replay|halt`, `SWALLOW_KEYS=k1,k2`, `SLOW_KEYS=k1:ms,…`,
+//! `SQL_SLEEP_KEYS=k1:ms,…`, `ZOMBIE_TIMEOUT_MS=N`, `DRAIN_TIMEOUT_MS=N`,
+//! `SESSION_TIMEOUT_MS=N`.
+//! Prints `READY` once running; stops on SIGTERM.
 
 use std::time::Duration;
 
@@ -23,6 +26,17 @@ async fn main() -> anyhow::Result<()> {
     b.hang_after = var("HANG_AFTER").and_then(|v| v.parse().ok());
     b.fail_times = var("FAIL_KEYS").map(|v| app::parse_fail_keys(&v)).unwrap_or_default();
     b.delay = Duration::from_millis(var("DELAY_MS").and_then(|v| v.parse().ok()).unwrap_or(0));
+    b.swallow_keys = var("SWALLOW_KEYS").map(|v| v.split(',').map(str::to_owned).collect()).unwrap_or_default();
+    b.slow_keys = var("SLOW_KEYS")
+        .map(|v| {
+            app::parse_fail_keys(&v).into_iter().map(|(k, ms)| (k, Duration::from_millis(u64::from(ms)))).collect()
+        })
+        .unwrap_or_default();
+    b.sql_sleep_keys = var("SQL_SLEEP_KEYS")
+        .map(|v| {
+            app::parse_fail_keys(&v).into_iter().map(|(k, ms)| (k, Duration::from_millis(u64::from(ms)))).collect()
+        })
+        .unwrap_or_default();
     let pool = oncely::store::connect(&oncely_testkit::database_url(), 10).await?;
     let mut c = match var("GATEWAY_URL") {
         Some(url) => {
@@ -47,6 +61,15 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(n) = var("MAX_BATCH").and_then(|v| v.parse().ok()) {
         c = c.max_batch(n);
+    }
+    if let Some(ms) = var("ZOMBIE_TIMEOUT_MS").and_then(|v| v.parse::<u64>().ok()) {
+        c = c.zombie_timeout(Duration::from_millis(ms));
+    }
+    if let Some(ms) = var("DRAIN_TIMEOUT_MS").and_then(|v| v.parse::<u64>().ok()) {
+        c = c.drain_timeout(Duration::from_millis(ms));
+    }
+    if let Some(ms) = var("SESSION_TIMEOUT_MS") {
+        c = c.kafka("session.timeout.ms", ms);
     }
     c = c.rewind_policy(match var("REWIND").as_deref() {
         Some("replay") => RewindPolicy::Replay,

@@ -497,6 +497,13 @@ impl ConsumerBuilder {
         self
     }
 
+    /// [`state`](Self::state) that the caller keeps a handle on too (to
+    /// change settings while the consumer runs, or share a client).
+    pub fn shared_state<S: Send + Sync + 'static>(mut self, state: Arc<S>) -> Self {
+        self.state = Some(state);
+        self
+    }
+
     /// Registers the function that runs effect `name` after commit (see
     /// [`crate::effects`]); the consumer runs an executor in-process.
     /// Handlers may only record effects that are registered or declared.
