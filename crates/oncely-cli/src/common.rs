@@ -48,18 +48,25 @@ pub(crate) async fn session(cli: &Cli) -> anyhow::Result<Session> {
     Session::open(env).await.with_context(|| format!("opening environment `{name}`"))
 }
 
-/// Asks for (or checks) the typed confirmation `expected` on a protected
-/// environment. `given` is `--confirm`; without it, a terminal is asked and
-/// anything else is refused. Returns the refusal reason, if any.
-pub(crate) fn confirm(env: &str, expected: &str, given: Option<&str>) -> anyhow::Result<Option<String>> {
+/// The typed confirmation to hand to the library, which checks it:
+/// `--confirm` when given (checked even where none is required: a text for
+/// another environment means the operator is not where they think);
+/// otherwise, when the library asks for `asks_for`, what the operator types
+/// at the terminal; `None` when nothing was asked or there is no terminal
+/// (the library then refuses on a protected environment, and says how to
+/// pass `--confirm`).
+pub(crate) fn typed_confirmation(
+    env: &str,
+    asks_for: Option<&str>,
+    given: Option<&str>,
+) -> anyhow::Result<Option<String>> {
     if let Some(g) = given {
-        return Ok((g != expected).then(|| format!("--confirm must be exactly `{expected}` (got `{g}`)")));
+        return Ok(Some(g.to_owned()));
     }
+    let Some(expected) = asks_for else { return Ok(None) };
     let stdin = std::io::stdin();
     if !stdin.is_terminal() {
-        return Ok(Some(format!(
-            "environment `{env}` is protected and there is no terminal to confirm on: pass --confirm '{expected}'"
-        )));
+        return Ok(None);
     }
     {
         let mut err = std::io::stderr().lock();
@@ -69,8 +76,16 @@ pub(crate) fn confirm(env: &str, expected: &str, given: Option<&str>) -> anyhow:
     }
     let mut line = String::new();
     stdin.lock().read_line(&mut line).context("reading the confirmation")?;
-    let typed = line.trim_end_matches(['\n', '\r']);
-    Ok((typed != expected).then(|| format!("the confirmation did not match `{expected}`")))
+    Ok(Some(line.trim_end_matches(['\n', '\r']).to_owned()))
+}
+
+/// Asks for (or checks) the typed confirmation `expected` on a protected
+/// environment, with the library's rule; returns the refusal reason, if any.
+/// For `dlq redrive`, until it is an `oncely::admin::ops` operation (which
+/// checks and records this itself).
+pub(crate) fn confirm(env: &str, expected: &str, given: Option<&str>) -> anyhow::Result<Option<String>> {
+    let typed = typed_confirmation(env, Some(expected), given)?;
+    Ok(oncely::admin::ops::confirmation_refusal(env, true, expected, &[], typed.as_deref()))
 }
 
 /// Prints `value` as one line of JSON on stdout.
@@ -166,9 +181,10 @@ mod tests {
     }
 
     #[test]
-    fn a_wrong_confirmation_is_refused_without_asking() {
-        let r = confirm("prod", "RESET prod g", Some("RESET staging g")).expect("no io");
-        assert!(r.is_some_and(|m| m.contains("exactly `RESET prod g`")));
-        assert_eq!(confirm("prod", "RESET prod g", Some("RESET prod g")).expect("no io"), None);
+    fn a_given_confirmation_is_handed_over_without_asking() {
+        let t = typed_confirmation("prod", Some("RESET prod g"), Some("RESET staging g")).expect("no io");
+        assert_eq!(t.as_deref(), Some("RESET staging g"));
+        // Nothing asked, nothing given: nothing is read from the terminal.
+        assert_eq!(typed_confirmation("prod", None, None).expect("no io"), None);
     }
 }

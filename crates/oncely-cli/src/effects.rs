@@ -1,9 +1,13 @@
-//! `oncely effects`: side-effect intents (list, retry, resolve).
+//! `oncely effects`: side-effect intents (list, retry, resolve). Retry and
+//! resolve are `oncely::admin::effects` operations: the library checks the
+//! intent, the typed confirmation of a protected environment, and audits.
 
 use std::process::ExitCode;
 
 use clap::{Subcommand, ValueEnum};
-use oncely::admin::audit::{self, AuditEntry, AuditOutcome};
+use oncely::admin::effects::EffectChange;
+use oncely::admin::ops::{Origin, Preview};
+use oncely::admin::session::Session;
 use oncely::effects::Resolution;
 use oncely::store::effects as store;
 use serde_json::json;
@@ -35,6 +39,10 @@ pub(crate) enum EffectsCmd {
     Retry {
         /// The intent's key.
         key: String,
+        /// The typed confirmation of a protected environment, for when there is no terminal:
+        /// exactly `RETRY <ENV> <KEY>`.
+        #[arg(long, value_name = "TEXT")]
+        confirm: Option<String>,
     },
     /// Decide the outcome of an unknown (or dead/failed) intent after checking with the provider.
     Resolve {
@@ -46,6 +54,10 @@ pub(crate) enum EffectsCmd {
         /// Why (stored with the intent and in the audit log).
         #[arg(long, default_value = "")]
         reason: String,
+        /// The typed confirmation of a protected environment, for when there is no terminal:
+        /// exactly `RESOLVE <ENV> <KEY>`.
+        #[arg(long, value_name = "TEXT")]
+        confirm: Option<String>,
     },
 }
 
@@ -79,49 +91,35 @@ pub(crate) async fn run(cli: &Cli, cmd: &EffectsCmd) -> anyhow::Result<ExitCode>
                 println!("{} intent(s)", rows.len());
             }
         }
-        EffectsCmd::Retry { key } => {
-            let entry = AuditEntry::new(&session.env().name, "effects.retry").details(json!({"key": key}));
-            let id = audit::record_start(pool, &entry).await?;
-            match oncely::effects::retry(pool, key).await {
-                Ok(old) => {
-                    audit::record_result(
-                        pool,
-                        id,
-                        &AuditOutcome::succeeded(Some(json!({"from": old, "to": "pending"}))),
-                    )
-                    .await?;
-                    println!("{key}: {old} → pending (audit record {id})");
-                }
-                Err(e) => {
-                    audit::record_result(pool, id, &AuditOutcome::refused(e.to_string())).await?;
-                    return Err(e.into());
-                }
-            }
+        EffectsCmd::Retry { key, confirm } => {
+            let p = session.preview_effect_retry(key, Origin::cli()).await?;
+            let (old, id) = decide(&session, &p, confirm.as_deref()).await?;
+            println!("{key}: {old} → pending (audit record {id})");
         }
-        EffectsCmd::Resolve { key, to, reason } => {
+        EffectsCmd::Resolve { key, to, reason, confirm } => {
             let (res, name) = match to {
                 As::Done => (Resolution::Done, "done"),
                 As::Failed => (Resolution::Failed, "failed"),
             };
-            let entry = AuditEntry::new(&session.env().name, "effects.resolve")
-                .details(json!({"key": key, "as": name, "reason": reason}));
-            let id = audit::record_start(pool, &entry).await?;
-            match oncely::effects::resolve(pool, key, res, reason).await {
-                Ok(old) => {
-                    audit::record_result(pool, id, &AuditOutcome::succeeded(Some(json!({"from": old, "to": name}))))
-                        .await?;
-                    if common::json(cli) {
-                        common::print_json(&json!({"key": key, "from": old, "to": name, "audit_id": id}))?;
-                    } else {
-                        println!("{key}: {old} → {name} (audit record {id})");
-                    }
-                }
-                Err(e) => {
-                    audit::record_result(pool, id, &AuditOutcome::refused(e.to_string())).await?;
-                    return Err(e.into());
-                }
+            let p = session.preview_effect_resolve(key, res, reason, Origin::cli()).await?;
+            let (old, id) = decide(&session, &p, confirm.as_deref()).await?;
+            if common::json(cli) {
+                common::print_json(&json!({"key": key, "from": old, "to": name, "audit_id": id}))?;
+            } else {
+                println!("{key}: {old} → {name} (audit record {id})");
             }
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Confirms (asking on a protected environment) and executes a decision;
+/// returns the status the intent had and the audit id.
+async fn decide(session: &Session, p: &Preview<EffectChange>, given: Option<&str>) -> anyhow::Result<(String, i64)> {
+    if p.refusals().is_empty() {
+        eprintln!("{}", p.meaning);
+    }
+    let typed = common::typed_confirmation(p.environment(), p.asks_for(), given)?;
+    let done = p.confirm(session, typed.as_deref()).await?.execute(session).await?;
+    Ok((done.from, done.audit_id))
 }

@@ -10,12 +10,13 @@ use chrono::{DateTime, Utc};
 use clap::{ArgGroup, Args, Subcommand};
 use oncely::admin::audit::{self, AuditFilter};
 use oncely::admin::lag::{GroupLag, LagHistory, LagOptions};
+use oncely::admin::ops::{Origin, Preview};
 use oncely::admin::parse::{
     format_duration, format_ms, parse_datetime, parse_duration, parse_offsets_csv, parse_topic_selection,
     TopicSelection,
 };
 use oncely::admin::plan::PlanOptions;
-use oncely::admin::reset::{Action, Executed, Preview, ResetRequest, Scope, Target};
+use oncely::admin::reset::{Action, Executed, OffsetChange, ResetRequest, Scope, Target};
 use oncely::admin::session::Session;
 use oncely::admin::snapshots::{self, Snapshot, SnapshotReason};
 use serde::Serialize;
@@ -39,6 +40,7 @@ Examples:
   oncely offsets reset -g payments --all-topics --to-datetime 2026-03-21T02:44:00Z --max-replay 5000 --execute
   oncely offsets reset -g payments -t orders --by-duration PT1H
   oncely offsets reset -g payments --from-file plan.csv          # topic,partition,offset per line
+  oncely offsets reset -g payments --all-topics --to-current --export > plan.csv   # Kafka's CSV
   oncely offsets reset -g payments --to-snapshot-at 2026-03-21T02:44:00+01:00
   oncely --env prod offsets reset -g payments -t orders --to-latest --execute --confirm 'RESET prod payments'";
 
@@ -95,7 +97,7 @@ pub(crate) enum OffsetsCmd {
 #[derive(Debug, Args)]
 pub(crate) struct ExecArgs {
     /// Apply the change. Without it nothing changes (dry run).
-    #[arg(long)]
+    #[arg(long, id = "execute")]
     execute: bool,
     /// The typed confirmation of a protected environment, for when there is no terminal:
     /// exactly `RESET <ENV> <GROUP>`.
@@ -118,7 +120,7 @@ impl ExecArgs {
 /// `oncely offsets reset`
 #[derive(Debug, Args)]
 #[command(group(ArgGroup::new("target").required(true).args([
-    "to_earliest", "to_latest", "to_offset", "shift_by", "to_datetime", "by_duration", "from_file",
+    "to_earliest", "to_latest", "to_current", "to_offset", "shift_by", "to_datetime", "by_duration", "from_file",
     "to_snapshot", "to_snapshot_at",
 ])))]
 #[command(group(ArgGroup::new("scope").args(["topic", "all_topics"])))]
@@ -138,6 +140,10 @@ pub(crate) struct ResetArgs {
     /// To the log end.
     #[arg(long)]
     to_latest: bool,
+    /// To where the group is: its committed offsets, the log end where it has none (as
+    /// kafka-consumer-groups does; with --export, a plan file of where the group is now).
+    #[arg(long)]
+    to_current: bool,
     /// To this offset.
     #[arg(long, value_name = "N")]
     to_offset: Option<i64>,
@@ -159,6 +165,10 @@ pub(crate) struct ResetArgs {
     /// To the last snapshot taken at or before this time (zone required).
     #[arg(long, value_name = "TIME", value_parser = parse_datetime)]
     to_snapshot_at: Option<DateTime<Utc>>,
+    /// Print the planned offsets as kafka-consumer-groups --export does (CSV: topic,partition,offset
+    /// per line, which --from-file reads back) instead of the preview; a dry run.
+    #[arg(long, conflicts_with = "execute")]
+    export: bool,
     #[command(flatten)]
     exec: ExecArgs,
 }
@@ -297,13 +307,13 @@ pub(crate) async fn run(cli: &Cli, cmd: &OffsetsCmd) -> anyhow::Result<ExitCode>
             let s = common::session(cli).await?;
             s.require_operator_schema().await?;
             let topics = (!a.topic.is_empty()).then(|| a.topic.clone());
-            let p = s.preview_restore(a.id, topics, a.exec.options()).await?;
+            let p = s.preview_restore(a.id, topics, a.exec.options(), Origin::cli()).await?;
             change(cli, &s, p, &a.exec).await
         }
         OffsetsCmd::Undo(a) => {
             let s = common::session(cli).await?;
             s.require_operator_schema().await?;
-            let p = s.preview_undo(&a.group, a.force, a.exec.options()).await?;
+            let p = s.preview_undo(&a.group, a.force, a.exec.options(), Origin::cli()).await?;
             change(cli, &s, p, &a.exec).await
         }
     }
@@ -368,6 +378,8 @@ fn reset_request(a: &ResetArgs) -> anyhow::Result<ResetRequest> {
         Target::Earliest
     } else if a.to_latest {
         Target::Latest
+    } else if a.to_current {
+        Target::Current
     } else if let Some(o) = a.to_offset {
         Target::Offset(o)
     } else if let Some(n) = a.shift_by {
@@ -401,11 +413,35 @@ fn reset_request(a: &ResetArgs) -> anyhow::Result<ResetRequest> {
 }
 
 async fn reset(cli: &Cli, a: &ResetArgs) -> anyhow::Result<ExitCode> {
+    if a.export && json(cli) {
+        return Err(refused("--export prints Kafka's CSV: leave out -o json"));
+    }
     let req = reset_request(a)?;
     let s = common::session(cli).await?;
     s.require_operator_schema().await?;
-    let p = s.preview_reset(&req, Action::Reset).await?;
+    let p = s.preview_reset(&req, Origin::cli()).await?;
+    if a.export {
+        return export(&p);
+    }
     change(cli, &s, p, &a.exec).await
+}
+
+/// `--export`: the plan as Kafka's CSV on stdout, a summary on stderr. A plan
+/// that would be refused is not exported: a file read back with --from-file
+/// would lose what made it refused (a clamped target looks like any other).
+fn export(p: &Preview<OffsetChange>) -> anyhow::Result<ExitCode> {
+    if !p.refusals().is_empty() {
+        return Err(refused(format!("the plan would be refused, so it is not exported: {}", p.refusals().join("; "))));
+    }
+    let csv = oncely::admin::parse::format_offsets_csv(&p.plan).map_err(refused)?;
+    print!("{csv}");
+    let t = &p.plan.totals;
+    eprintln!(
+        "Exported {} partition(s) of group {} ({} change; {} record(s) would be re-delivered, {} skipped). \
+         Dry run: nothing was changed.",
+        t.partitions, p.group, t.changed, t.redelivered, t.skipped
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// What `-o json` prints for an offset change.
@@ -413,13 +449,14 @@ async fn reset(cli: &Cli, a: &ResetArgs) -> anyhow::Result<ExitCode> {
 struct ChangeReport<'a> {
     dry_run: bool,
     #[serde(flatten)]
-    preview: &'a Preview,
+    preview: &'a Preview<OffsetChange>,
     executed: Option<&'a Executed>,
     error: Option<String>,
 }
 
-/// Shows the preview, then (with --execute) confirms and executes.
-async fn change(cli: &Cli, s: &Session, p: Preview, exec: &ExecArgs) -> anyhow::Result<ExitCode> {
+/// Shows the preview, then (with --execute) confirms and executes. The
+/// library decides every refusal and records it; this only renders.
+async fn change(cli: &Cli, s: &Session, p: Preview<OffsetChange>, exec: &ExecArgs) -> anyhow::Result<ExitCode> {
     let report = |executed: Option<&Executed>, error: Option<String>| -> anyhow::Result<()> {
         if json(cli) {
             print_json(&ChangeReport { dry_run: !exec.execute, preview: &p, executed, error })?;
@@ -431,35 +468,29 @@ async fn change(cli: &Cli, s: &Session, p: Preview, exec: &ExecArgs) -> anyhow::
     }
     if !exec.execute {
         report(None, None)?;
-        if !p.refusals.is_empty() {
-            return Err(refused(format!("--execute would be refused: {}", p.refusals.join("; "))));
+        if !p.refusals().is_empty() {
+            return Err(refused(format!("--execute would be refused: {}", p.refusals().join("; "))));
         }
         if !json(cli) {
             println!("\nDry run: nothing was changed. Add --execute to apply.");
         }
         return Ok(ExitCode::SUCCESS);
     }
-    if p.plan.totals.changed == 0 && p.refusals.is_empty() {
+    if p.plan.totals.changed == 0 && p.refusals().is_empty() {
         report(None, None)?;
         if !json(cli) {
             println!("\nNothing to change: every partition is already there.");
         }
         return Ok(ExitCode::SUCCESS);
     }
-    // Automatic checks first (execute records and returns their refusal),
-    // so nobody types a confirmation for a change that cannot happen.
-    if p.refusals.is_empty() {
-        if let Some(expected) = &p.confirmation {
-            if let Some(reason) = common::confirm(&p.environment, expected, exec.confirm.as_deref())? {
-                if let Err(e) = s.record_refusal(&p, &reason).await {
-                    tracing::warn!(error = %e, "Could not record the refusal in the audit log.");
-                }
-                report(None, Some(reason.clone()))?;
-                return Err(refused(reason));
-            }
-        }
-    }
-    match s.execute(&p).await {
+    // The library asks for nothing when the change is refused anyway, so
+    // nobody types a confirmation for a change that cannot happen.
+    let typed = common::typed_confirmation(p.environment(), p.asks_for(), exec.confirm.as_deref())?;
+    let executed = match p.confirm(s, typed.as_deref()).await {
+        Ok(confirmed) => confirmed.execute(s).await,
+        Err(e) => Err(e),
+    };
+    match executed {
         Ok(done) => {
             report(Some(&done), None)?;
             if !json(cli) {
@@ -472,7 +503,7 @@ async fn change(cli: &Cli, s: &Session, p: Preview, exec: &ExecArgs) -> anyhow::
                     done.metadata,
                     moved.join(" ")
                 );
-                println!("Undo with: oncely --env {} offsets undo -g {} --execute", p.environment, p.group);
+                println!("Undo with: oncely --env {} offsets undo -g {} --execute", p.environment(), p.group);
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -483,7 +514,7 @@ async fn change(cli: &Cli, s: &Session, p: Preview, exec: &ExecArgs) -> anyhow::
     }
 }
 
-fn print_preview(p: &Preview, execute: bool) {
+fn print_preview(p: &Preview<OffsetChange>, execute: bool) {
     let what = match p.action {
         Action::Reset => "offsets reset",
         Action::Restore => "offsets restore",
@@ -492,9 +523,9 @@ fn print_preview(p: &Preview, execute: bool) {
     println!("oncely {what} — {}", if execute { "EXECUTE" } else { "DRY RUN (nothing will be changed)" });
     println!(
         "environment  {} ({}), cluster {}",
-        p.environment,
-        if p.protected { "PROTECTED" } else { "unprotected" },
-        p.cluster_id
+        p.environment(),
+        if p.protected() { "PROTECTED" } else { "unprotected" },
+        p.cluster_id()
     );
     println!("group        {} (state {}, {} member(s))", p.group, p.group_state, p.members.len());
     println!("target       {}", p.target);
@@ -511,7 +542,11 @@ fn print_preview(p: &Preview, execute: bool) {
         "FIRST-REPLAYED",
     ]);
     for pp in &p.plan.partitions {
-        let new = if pp.clamped { format!("{} (asked {})", pp.new, pp.requested) } else { pp.new.to_string() };
+        let new = match (pp.new, pp.requested) {
+            (None, _) => "no commit".to_owned(),
+            (Some(n), Some(r)) if pp.clamped => format!("{n} (asked {r})"),
+            (Some(n), _) => n.to_string(),
+        };
         t.row(vec![
             pp.topic.clone(),
             pp.partition.to_string(),
@@ -557,11 +592,18 @@ fn print_preview(p: &Preview, execute: bool) {
     if tot.without_commit > 0 {
         println!("{} partition(s) have no committed offset yet: their counts are 0.", tot.without_commit);
     }
+    if tot.uncommitted > 0 {
+        println!(
+            "{} partition(s) go back to having no committed offset (they had none before the change undone): \
+             their consumers start where auto.offset.reset says; their counts are 0.",
+            tot.uncommitted
+        );
+    }
     println!("{}", p.oncely.meaning);
-    if let Some(c) = &p.confirmation {
+    if let Some(c) = p.confirmation() {
         println!("Protected environment: executing requires typing `{c}` (or --confirm '{c}').");
     }
-    for r in &p.refusals {
+    for r in p.refusals() {
         println!("REFUSED: {r}");
     }
 }

@@ -115,3 +115,64 @@ async fn an_unknown_effect_is_resolved_by_the_operator_and_audited() -> Result<(
     assert_eq!(audited, 2, "the resolution and the refused attempt are both audited");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn effect_decisions_on_a_protected_environment_need_the_typed_confirmation() -> Result<()> {
+    let db = kit::TestDb::new().await?;
+    let key = "pay/charge-card//tests#2";
+    sqlx::query(
+        "INSERT INTO oncely.effects (key, consumer, effect, event_id, payload, semantics, status)
+         VALUES ($1, 'pay', 'charge-card', '/tests#2', '{}', 'at_most_once', 'unknown')",
+    )
+    .bind(key)
+    .execute(&db.pool)
+    .await?;
+    // Environment `prod`, protected; no terminal on stdin.
+    let cluster = oncely::admin::KafkaAdmin::new(&kit::bootstrap(), &[])?.describe_cluster().await?.cluster_id;
+    let prod = |args: &[&str]| -> Result<Output> {
+        Ok(std::process::Command::new(env!("CARGO_BIN_EXE_oncely"))
+            .args(args)
+            .env_remove("ONCELY_CONFIG")
+            .env("ONCELY_ENV", "prod")
+            .env("ONCELY_PROTECTED", "true")
+            .env("ONCELY_CLUSTER_ID", &cluster)
+            .env("ONCELY_BOOTSTRAP_SERVERS", kit::bootstrap())
+            .env("ONCELY_DATABASE_URL", &db.url)
+            .current_dir(std::env::temp_dir())
+            .output()?)
+    };
+    let status = || async {
+        let s: String = sqlx::query_scalar("SELECT status FROM oncely.effects WHERE key = $1")
+            .bind(key)
+            .fetch_one(&db.pool)
+            .await?;
+        anyhow::Ok(s)
+    };
+
+    let r = prod(&["effects", "retry", key])?;
+    let stderr = String::from_utf8_lossy(&r.stderr).into_owned();
+    assert_eq!(r.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("protected") && stderr.contains(&format!("RETRY prod {key}")), "{stderr}");
+    assert_eq!(status().await?, "unknown");
+    // The text of another decision is refused too.
+    let r = prod(&["effects", "retry", key, "--confirm", &format!("RESOLVE prod {key}")])?;
+    assert_eq!(r.status.code(), Some(2), "{r:?}");
+    assert_eq!(status().await?, "unknown");
+
+    let r = prod(&["effects", "retry", key, "--confirm", &format!("RETRY prod {key}")])?;
+    let stderr = String::from_utf8_lossy(&r.stderr).into_owned();
+    assert!(r.status.success(), "{stderr}");
+    assert!(stderr.contains("may have done it"), "an interrupted at-most-once call is flagged: {stderr}");
+    assert!(stdout(&r).contains("unknown → pending"), "{}", stdout(&r));
+    assert_eq!(status().await?, "pending");
+
+    let rows: Vec<(String, Option<String>, String)> = sqlx::query_as(
+        "SELECT result, group_id, os_user FROM oncely.audit_log WHERE action = 'effects.retry' ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    let results: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(results, ["refused", "refused", "succeeded"]);
+    assert!(rows.iter().all(|r| r.1.as_deref() == Some("pay") && !r.2.is_empty()), "{rows:?}");
+    Ok(())
+}

@@ -606,3 +606,311 @@ async fn an_oncely_consumer_follows_an_oncely_reset_and_applies_nothing_twice() 
     }
     Ok(())
 }
+
+// ---------------------------------------------------------------------------
+// Undo of changes that did not end `succeeded`, partitions without a commit,
+// and Kafka's own flags (`--to-current`, `--export`).
+
+impl World {
+    /// Starts `oncely --config <ours> ARGS` without waiting for it (no
+    /// terminal on stdin); killed if dropped.
+    fn spawn_oncely(&self, args: &[&str]) -> Result<tokio::process::Child> {
+        let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_oncely"));
+        cmd.arg("--config")
+            .arg(&self.config)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true);
+        for v in ["ONCELY_CONFIG", "ONCELY_ENV", "ONCELY_BOOTSTRAP_SERVERS", "ONCELY_DATABASE_URL"] {
+            cmd.env_remove(v);
+        }
+        Ok(cmd.spawn()?)
+    }
+
+    /// The id of the group's newest audit record of `action` with `result`.
+    async fn audit_id(&self, action: &str, result: &str) -> Result<Option<i64>> {
+        Ok(sqlx::query_scalar(
+            "SELECT max(id) FROM oncely.audit_log WHERE group_id = $1 AND action = $2 AND result = $3",
+        )
+        .bind(&self.group)
+        .bind(action)
+        .bind(result)
+        .fetch_one(&self.db.pool)
+        .await?)
+    }
+
+    /// Whether a session of this database waits on a lock in `UPDATE oncely.audit_log`.
+    async fn outcome_update_blocked(&self) -> Result<bool> {
+        Ok(sqlx::query_scalar(
+            "SELECT count(*) > 0 FROM pg_stat_activity
+              WHERE datname = current_database() AND wait_event_type = 'Lock'
+                AND query LIKE 'UPDATE oncely.audit_log%'",
+        )
+        .fetch_one(&self.db.pool)
+        .await?)
+    }
+
+    /// Kafka's own `kafka-consumer-groups` with these arguments.
+    async fn kafka_groups(&self, args: &[&str]) -> Result<String> {
+        let mut all = vec!["--bootstrap-server".to_owned(), kit::bootstrap()];
+        all.extend(args.iter().map(|a| (*a).to_owned()));
+        tokio::task::spawn_blocking(move || {
+            let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+            kit::kafka_tool("kafka-consumer-groups", &refs)
+        })
+        .await?
+    }
+}
+
+/// The `topic,partition,offset` lines of a CSV export, sorted.
+fn csv_lines(text: &str) -> Vec<String> {
+    let mut lines: Vec<String> = text.lines().map(str::trim).filter(|l| !l.is_empty()).map(str::to_owned).collect();
+    lines.sort();
+    lines
+}
+
+/// `partition -> new` of an `-o json` preview.
+fn planned(v: &Value) -> Vec<(i64, Option<i64>)> {
+    v["plan"]["partitions"]
+        .as_array()
+        .map(|a| a.iter().map(|p| (p["partition"].as_i64().unwrap_or(-1), p["new"].as_i64())).collect())
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn undo_leaves_partitions_that_had_no_commit_without_one_again() -> Result<()> {
+    let w = World::new("nocommit", 2).await?;
+    let (g, t) = (w.group.as_str(), w.topic.as_str());
+    w.produce_now(0, 10).await?;
+    w.produce_now(1, 6).await?;
+    w.commit(&[(0, 5)]).await?; // partition 1 was never committed
+    w.oncely(&["offsets", "reset", "-g", g, "-t", t, "--to-earliest", "--execute"]).await?.ok()?;
+    assert_eq!(w.offsets().await?, vec![Some(0), Some(0)]);
+
+    // The preview says partition 1 goes back to no commit.
+    let v = w.oncely(&["-o", "json", "offsets", "undo", "-g", g]).await?.ok()?.json()?;
+    assert_eq!(planned(&v), vec![(0, Some(5)), (1, None)]);
+    assert_eq!(v["plan"]["totals"]["uncommitted"], 1);
+    let r = w.oncely(&["offsets", "undo", "-g", g]).await?.ok()?;
+    ensure!(r.stdout.contains("no commit") && r.stdout.contains("auto.offset.reset"), "{}", r.stdout);
+
+    w.oncely(&["offsets", "undo", "-g", g, "--execute"]).await?.ok()?;
+    assert_eq!(w.offsets().await?, vec![Some(5), None], "exactly as the reset found them");
+    // Kafka's own tool agrees: the group has a committed offset for partition 0 only.
+    let out = w.kafka_groups(&["--describe", "--group", g]).await?;
+    let rows: Vec<(String, String)> = out
+        .lines()
+        .map(|l| l.split_whitespace().collect::<Vec<_>>())
+        .filter(|c| c.len() >= 4 && c[0] == g && c[1] == t)
+        .map(|c| (c[2].to_owned(), c[3].to_owned()))
+        .collect();
+    ensure!(
+        rows.iter().any(|r| r == &("0".to_owned(), "5".to_owned())) && rows.iter().all(|(p, o)| p != "1" || o == "-"),
+        "{out}"
+    );
+
+    // A group that had never committed anything: nothing committed again.
+    let fresh = kit::unique("nocommit-fresh-g");
+    w.oncely(&["offsets", "reset", "-g", &fresh, "-t", t, "--to-offset", "2", "--execute"]).await?.ok()?;
+    assert_eq!(w.admin.list_consumer_group_offsets(&fresh, None).await?.len(), 2);
+    w.oncely(&["offsets", "undo", "-g", &fresh, "--execute"]).await?.ok()?;
+    let left = w.admin.list_consumer_group_offsets(&fresh, None).await?;
+    ensure!(left.is_empty(), "the undo left commits behind: {left:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reset_killed_between_its_audit_record_and_its_outcome_is_undone() -> Result<()> {
+    let w = World::new("killed", 2).await?;
+    let g = w.group.as_str();
+    w.produce_now(0, 20).await?;
+    w.produce_now(1, 20).await?;
+    w.commit(&[(0, 7), (1, 9)]).await?;
+
+    // Hold the reset right after its audit record: its snapshot insert waits
+    // for this table lock.
+    let mut hold_snapshot = w.db.pool.begin().await?;
+    sqlx::query("LOCK TABLE oncely.offset_snapshots IN SHARE MODE").execute(&mut *hold_snapshot).await?;
+    let mut child = w.spawn_oncely(&["offsets", "reset", "-g", g, "--all-topics", "--to-earliest", "--execute"])?;
+    kit::wait_until(WAIT, "the reset's audit record", || async {
+        Ok(w.audit_id("offsets.reset", "started").await?.is_some())
+    })
+    .await?;
+    let id = w.audit_id("offsets.reset", "started").await?.context("audit id")?;
+    // Then let it go as far as recording its outcome, and hold it there: the
+    // outcome update waits for this row lock (NO KEY UPDATE, so the
+    // snapshot's foreign key check does not).
+    let mut hold_outcome = w.db.pool.begin().await?;
+    sqlx::query("SELECT id FROM oncely.audit_log WHERE id = $1 FOR NO KEY UPDATE")
+        .bind(id)
+        .execute(&mut *hold_outcome)
+        .await?;
+    hold_snapshot.commit().await?;
+    let meta = format!("oncely:reset:{id}");
+    kit::wait_until(WAIT, "the offsets to change and the outcome to wait", || async {
+        let moved = w.committed().await?.iter().all(|(_, o, m)| *o == Some(0) && *m == meta);
+        Ok(moved && w.outcome_update_blocked().await?)
+    })
+    .await?;
+    // The operator's terminal dies: SIGKILL. Its outcome update already
+    // reached the server and would run once the row is free (a server does
+    // not notice a dead client while a statement waits), so end that
+    // backend too, as the server does when it notices: nothing is recorded
+    // after the change.
+    let waiting: Vec<i32> = sqlx::query_scalar(
+        "SELECT pid FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'
+            AND query LIKE 'UPDATE oncely.audit_log%'",
+    )
+    .fetch_all(&w.db.pool)
+    .await?;
+    assert_eq!(waiting.len(), 1, "one outcome update waits");
+    child.kill().await?;
+    let ended: bool =
+        sqlx::query_scalar("SELECT pg_terminate_backend($1)").bind(waiting[0]).fetch_one(&w.db.pool).await?;
+    ensure!(ended, "the dead command's backend was ended");
+    kit::wait_until(WAIT, "the dead command's backend to go", || async {
+        let n: i64 = sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE pid = $1")
+            .bind(waiting[0])
+            .fetch_one(&w.db.pool)
+            .await?;
+        Ok(n == 0)
+    })
+    .await?;
+    hold_outcome.rollback().await?;
+    let result: String =
+        sqlx::query_scalar("SELECT result FROM oncely.audit_log WHERE id = $1").bind(id).fetch_one(&w.db.pool).await?;
+    assert_eq!(result, "started", "the outcome was never recorded");
+    assert_eq!(w.offsets().await?, vec![Some(0), Some(0)], "but the offsets changed");
+
+    // Undo finds it and puts the offsets back.
+    let v = w.oncely(&["-o", "json", "offsets", "undo", "-g", g]).await?.ok()?.json()?;
+    assert_eq!(v["undoes"], id);
+    assert_eq!(v["undoes_result"], "started");
+    assert_eq!(planned(&v), vec![(0, Some(7)), (1, Some(9))]);
+    w.oncely(&["offsets", "undo", "-g", g, "--execute"]).await?.ok()?;
+    assert_eq!(w.offsets().await?, vec![Some(7), Some(9)]);
+    let audit = w.audit().await?;
+    ensure!(
+        audit
+            .iter()
+            .any(|a| a["action"] == "offsets.undo" && a["result"] == "succeeded" && a["details"]["undoes"] == id),
+        "{audit:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_reset_that_failed_midway_is_undone_where_it_changed_and_refused_if_the_group_committed_since() -> Result<()>
+{
+    let w = World::new("midway", 2).await?;
+    let (g, t) = (w.group.as_str(), w.topic.as_str());
+    let doomed = kit::unique("midway-doomed");
+    kit::create_topic(&doomed, 1).await?;
+    w.produce_now(0, 20).await?;
+    w.produce_now(1, 20).await?;
+    w.commit(&[(0, 7), (1, 9)]).await?;
+
+    // The reset is held after its checks and audit record, and one of its
+    // topics is deleted meanwhile: the broker changes the other's partitions
+    // and refuses that one's.
+    let mut hold_snapshot = w.db.pool.begin().await?;
+    sqlx::query("LOCK TABLE oncely.offset_snapshots IN SHARE MODE").execute(&mut *hold_snapshot).await?;
+    let child = w.spawn_oncely(&["offsets", "reset", "-g", g, "-t", t, "-t", &doomed, "--to-earliest", "--execute"])?;
+    kit::wait_until(WAIT, "the reset's audit record", || async {
+        Ok(w.audit_id("offsets.reset", "started").await?.is_some())
+    })
+    .await?;
+    let deleted = kit::admin()?.delete_topics(&[doomed.as_str()], &rdkafka::admin::AdminOptions::new()).await?;
+    ensure!(deleted.iter().all(Result::is_ok), "{deleted:?}");
+    kit::wait_until(WAIT, "the topic to be gone", || async { Ok(w.admin.topic_partitions(&doomed).await.is_err()) })
+        .await?;
+    hold_snapshot.commit().await?;
+    let out = tokio::time::timeout(WAIT, child.wait_with_output()).await.context("the reset did not end")??;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "a failure, not a refusal: {stderr}");
+    let id = w.audit_id("offsets.reset", "failed").await?.context("the reset is recorded as failed")?;
+    assert_eq!(w.offsets().await?, vec![Some(0), Some(0)], "it changed the partitions of {t}: {stderr}");
+
+    // The group committed since: undo refuses and changes nothing.
+    w.commit(&[(1, 4)]).await?;
+    let r = w.oncely(&["offsets", "undo", "-g", g, "--execute"]).await?.refused()?;
+    ensure!(r.stderr.contains("committed since") && r.stderr.contains(&format!("#{id}")), "{}", r.stderr);
+    assert_eq!(w.offsets().await?, vec![Some(0), Some(4)]);
+
+    // --force restores what the failed reset found, where it changed.
+    let v = w.oncely(&["-o", "json", "offsets", "undo", "-g", g, "--execute", "--force"]).await?.ok()?.json()?;
+    assert_eq!(v["undoes"], id);
+    assert_eq!(v["undoes_result"], "failed");
+    assert_eq!(w.offsets().await?, vec![Some(7), Some(9)]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn plans_and_exports_match_kafkas_own_tool_and_read_back_with_from_file() -> Result<()> {
+    let w = World::new("kafka-flags", 3).await?;
+    let (g, t) = (w.group.as_str(), w.topic.as_str());
+    w.produce_now(0, 10).await?;
+    w.produce_now(1, 8).await?;
+    w.produce_now(2, 5).await?;
+    w.commit(&[(0, 4), (1, 8)]).await?; // partition 2: no commit
+
+    // Each target as Kafka's tool plans it (its --export CSV) and as oncely
+    // does (the -o json preview and its own --export).
+    let all = t.to_owned();
+    let committed = format!("{t}:0,1");
+    for (topics, target) in [
+        (&all, vec!["--to-current"]),
+        (&all, vec!["--to-earliest"]),
+        (&all, vec!["--to-latest"]),
+        (&all, vec!["--to-offset", "3"]),
+        (&committed, vec!["--shift-by", "-2"]),
+    ] {
+        let mut kafka = vec!["--group", g, "--topic", topics.as_str(), "--reset-offsets", "--dry-run", "--export"];
+        kafka.extend(&target);
+        let theirs = csv_lines(&w.kafka_groups(&kafka).await?);
+        ensure!(!theirs.is_empty(), "Kafka's tool planned nothing for {target:?}");
+
+        let mut ours = vec!["offsets", "reset", "-g", g, "-t", topics.as_str(), "--export"];
+        ours.extend(&target);
+        let r = w.oncely(&ours).await?.ok()?;
+        assert_eq!(csv_lines(&r.stdout), theirs, "--export {target:?}");
+
+        let mut json = vec!["-o", "json", "offsets", "reset", "-g", g, "-t", topics.as_str()];
+        json.extend(&target);
+        let v = w.oncely(&json).await?.ok()?.json()?;
+        let ours: Vec<String> = planned(&v).into_iter().map(|(p, n)| format!("{t},{p},{}", n.unwrap_or(-1))).collect();
+        assert_eq!(csv_lines(&ours.join("\n")), theirs, "plan {target:?}");
+    }
+    // --to-current is where the group is, and the log end without a commit.
+    let r = w.oncely(&["offsets", "reset", "-g", g, "-t", t, "--to-current", "--export"]).await?.ok()?;
+    assert_eq!(csv_lines(&r.stdout), vec![format!("{t},0,4"), format!("{t},1,8"), format!("{t},2,5")]);
+
+    // Out of range: Kafka's tool moves the target into the log with a
+    // warning; oncely refuses and exports nothing.
+    let theirs = w
+        .kafka_groups(&["--group", g, "--topic", t, "--reset-offsets", "--dry-run", "--export", "--to-offset", "100"])
+        .await?;
+    assert_eq!(csv_lines(&theirs), vec![format!("{t},0,10"), format!("{t},1,8"), format!("{t},2,5")]);
+    let r = w.oncely(&["offsets", "reset", "-g", g, "-t", t, "--to-offset", "100", "--export"]).await?.refused()?;
+    ensure!(r.stdout.trim().is_empty() && r.stderr.contains("outside the log"), "{r:?}");
+    // --export is a dry run, and Kafka's CSV has no place for JSON.
+    w.oncely(&["offsets", "reset", "-g", g, "-t", t, "--to-current", "--export", "--execute"]).await?.refused()?;
+    w.oncely(&["-o", "json", "offsets", "reset", "-g", g, "-t", t, "--to-current", "--export"]).await?.refused()?;
+
+    // Export where the group is, move it, and read the file back: with
+    // oncely, and with Kafka's tool, which plans the same from it.
+    let file = w.dir.join("plan.csv");
+    let r = w.oncely(&["offsets", "reset", "-g", g, "-t", t, "--to-current", "--export"]).await?.ok()?;
+    std::fs::write(&file, &r.stdout)?;
+    let path = file.to_string_lossy().into_owned();
+    let theirs =
+        w.kafka_groups(&["--group", g, "--reset-offsets", "--dry-run", "--export", "--from-file", &path]).await?;
+    assert_eq!(csv_lines(&theirs), csv_lines(&r.stdout), "Kafka's tool reads oncely's export");
+    w.oncely(&["offsets", "reset", "-g", g, "-t", t, "--to-earliest", "--execute"]).await?.ok()?;
+    assert_eq!(w.offsets().await?, vec![Some(0), Some(0), Some(0)]);
+    w.oncely(&["offsets", "reset", "-g", g, "--from-file", &path, "--execute"]).await?.ok()?;
+    assert_eq!(w.offsets().await?, vec![Some(4), Some(8), Some(5)]);
+    Ok(())
+}

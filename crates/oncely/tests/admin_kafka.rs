@@ -414,3 +414,50 @@ async fn an_unreachable_cluster_is_a_timeout_error() -> anyhow::Result<()> {
     assert!(started.elapsed() < Duration::from_secs(20));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn deleting_offsets_leaves_no_commit_and_is_refused_while_a_member_subscribes() -> anyhow::Result<()> {
+    kit::init_tracing();
+    let topic = kit::unique("admin-delete");
+    let group = kit::unique("admin-delete-g");
+    kit::create_topic(&topic, 2).await?;
+    produce(&topic, 0, &[now_ms()?; 3]).await?;
+    let admin = admin()?;
+    let meta = "oncely:reset:test".to_owned();
+    admin
+        .alter_consumer_group_offsets(&group, &[(topic.clone(), 0, 2, meta.clone()), (topic.clone(), 1, 0, meta)])
+        .await?;
+
+    admin.delete_consumer_group_offsets(&group, &[(topic.clone(), 1)]).await?;
+    let both = [(topic.clone(), 0), (topic.clone(), 1)];
+    let after = admin.list_consumer_group_offsets(&group, Some(&both)).await?;
+    assert_eq!(after.iter().map(|o| (o.partition, o.offset)).collect::<Vec<_>>(), [(0, Some(2)), (1, None)]);
+    assert_eq!(tool_current_offset(&group, &topic, 0).await?, "2", "kafka-consumer-groups agrees");
+    assert!(tool_current_offset(&group, &topic, 1).await.is_err(), "and lists no offset for partition 1");
+    // Deleting where there is no commit is not an error.
+    admin.delete_consumer_group_offsets(&group, &[(topic.clone(), 1)]).await?;
+
+    let member = ActiveMember::start(&group, &topic, "oncely-admin-delete")?;
+    kit::wait_until(WAIT, "the member to join", || {
+        let (admin, group) = (admin.clone(), group.clone());
+        async move { Ok(describe(&admin, &group).await?.state == "Stable") }
+    })
+    .await?;
+    let refused = admin.delete_consumer_group_offsets(&group, &[(topic.clone(), 0)]).await;
+    assert!(refused.as_ref().is_err_and(AdminError::is_group_active), "{refused:?}");
+    let still = admin.list_consumer_group_offsets(&group, Some(&both[..1])).await?;
+    assert_eq!(still[0].offset, Some(2), "the refused delete changed nothing");
+
+    member.stop();
+    kit::wait_until(WAIT, "the group to empty", || {
+        let (admin, group) = (admin.clone(), group.clone());
+        async move { Ok(describe(&admin, &group).await?.is_inactive()) }
+    })
+    .await?;
+    admin.delete_consumer_group_offsets(&group, &[(topic.clone(), 0)]).await?;
+    assert!(admin.list_consumer_group_offsets(&group, None).await?.is_empty(), "no commit left");
+
+    let bad = admin.delete_consumer_group_offsets(&group, &[]).await;
+    assert!(matches!(bad, Err(AdminError::InvalidArgument(_))), "{bad:?}");
+    Ok(())
+}

@@ -1,11 +1,14 @@
-//! The audit log of operator actions (`oncely.audit_log`): who (OS user and
-//! host), where (environment, cluster id), what (command line, action, group,
-//! before and after), the result and when.
+//! The audit log of operator actions (`oncely.audit_log`): who (an
+//! [`Actor`]: the OS user and host for the CLI, the signed-in operator for a
+//! console), where (environment, cluster id), what (command line or request,
+//! action, group, before and after), the result and when.
 //!
 //! Every command that changes something records its action **before**
 //! executing it ([`record_start`]) and its outcome after ([`record_result`]),
 //! so a crash in between still leaves a `started` row naming who did what.
 //! Refusals of an attempted change are recorded too ([`record_refused`]).
+//! The operations of [`crate::admin::ops`] do all of this themselves; these
+//! functions are for actions that have not moved to that shape yet.
 //!
 //! ```no_run
 //! # async fn run(pool: sqlx::PgPool) -> oncely::Result<()> {
@@ -30,12 +33,14 @@ use sqlx::PgPool;
 use crate::error::Result;
 use crate::store;
 
-/// Who runs an action: the OS user and the host.
+/// Who runs an action: for the CLI the OS user and the host; for a console
+/// the operator's name (from its sign-in) and the host the request came from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Actor {
-    /// OS user name.
+    /// The user: the OS user name, or the operator's name (the audit log's
+    /// `os_user` column).
     pub os_user: String,
-    /// Host name.
+    /// Host name (or the client address of a console request).
     pub host: String,
 }
 
@@ -49,6 +54,13 @@ impl Actor {
             .unwrap_or_else(|| "?".into());
         let host = whoami::fallible::hostname().ok().filter(|h| !h.is_empty()).unwrap_or_else(|| "?".into());
         Actor { os_user, host }
+    }
+
+    /// A named operator (a console's signed-in user) at `host`; empty
+    /// values are recorded as `?`, so a row never names nobody silently.
+    pub fn named(user: impl Into<String>, host: impl Into<String>) -> Self {
+        let or_unknown = |s: String| if s.trim().is_empty() { "?".to_owned() } else { s };
+        Actor { os_user: or_unknown(user.into()), host: or_unknown(host.into()) }
     }
 }
 
@@ -105,6 +117,19 @@ impl AuditEntry {
             before: None,
             details: Value::Object(Default::default()),
         }
+    }
+
+    /// Sets who runs it (default: [`Actor::current`]).
+    pub fn actor(mut self, actor: Actor) -> Self {
+        self.actor = actor;
+        self
+    }
+
+    /// Sets the command line or request it came from (default: this
+    /// process's command line).
+    pub fn command_line(mut self, command_line: impl Into<String>) -> Self {
+        self.command_line = command_line.into();
+        self
     }
 
     /// Sets the cluster id.
@@ -288,6 +313,10 @@ mod tests {
         assert!(!e.actor.os_user.is_empty() && !e.actor.host.is_empty());
         assert!(!e.command_line.is_empty());
         assert!(e.details.is_object());
+        let e = e.actor(Actor::named("alice", "10.0.0.7")).command_line("console: POST /offsets/reset");
+        assert_eq!((e.actor.os_user.as_str(), e.actor.host.as_str()), ("alice", "10.0.0.7"));
+        assert_eq!(e.command_line, "console: POST /offsets/reset");
+        assert_eq!(Actor::named(" ", ""), Actor { os_user: "?".into(), host: "?".into() });
     }
 
     #[test]

@@ -1,8 +1,9 @@
 //! The Kafka Admin API calls the operator tools need, as a safe async API.
 //!
 //! `rdkafka` 0.39 does not wrap ListConsumerGroupOffsets,
-//! AlterConsumerGroupOffsets, DescribeConsumerGroups, ListOffsets,
-//! ListConsumerGroups or DescribeCluster, so [`KafkaAdmin`] drives them
+//! AlterConsumerGroupOffsets, DeleteConsumerGroupOffsets,
+//! DescribeConsumerGroups, ListOffsets, ListConsumerGroups or
+//! DescribeCluster, so [`KafkaAdmin`] drives them
 //! through `rdkafka-sys` (the unsafe part lives in the private `ffi`
 //! submodule: every librdkafka object is owned by a guard that destroys it on
 //! every path, and result memory is copied out before its event is
@@ -10,9 +11,9 @@
 //! tokio's blocking pool, so an `await` never blocks a runtime worker.
 //! Topic metadata and configs use `rdkafka`'s own client.
 //!
-//! Offsets are changed only through AlterConsumerGroupOffsets, which the
-//! broker refuses while the group has members: that refusal is
-//! [`AdminError::GroupActive`], never worked around.
+//! Offsets are changed only through AlterConsumerGroupOffsets and
+//! DeleteConsumerGroupOffsets, which the broker refuses while the group has
+//! members: that refusal is [`AdminError::GroupActive`], never worked around.
 //!
 //! ```no_run
 //! # async fn run() -> Result<(), oncely::admin::kafka::AdminError> {
@@ -81,6 +82,9 @@ impl ErrorCode {
     pub const NON_EMPTY_GROUP: ErrorCode = ErrorCode(68);
     /// `GROUP_ID_NOT_FOUND` (69).
     pub const GROUP_ID_NOT_FOUND: ErrorCode = ErrorCode(69);
+    /// `GROUP_SUBSCRIBED_TO_TOPIC` (86): DeleteConsumerGroupOffsets of a
+    /// topic an active member subscribes to.
+    pub const GROUP_SUBSCRIBED_TO_TOPIC: ErrorCode = ErrorCode(86);
     /// `FENCED_MEMBER_EPOCH` (110, KIP-848 groups).
     pub const FENCED_MEMBER_EPOCH: ErrorCode = ErrorCode(110);
     /// `STALE_MEMBER_EPOCH` (113, KIP-848 groups).
@@ -107,6 +111,7 @@ impl ErrorCode {
             Self::NON_EMPTY_GROUP,
             Self::REBALANCE_IN_PROGRESS,
             Self::ILLEGAL_GENERATION,
+            Self::GROUP_SUBSCRIBED_TO_TOPIC,
             Self::FENCED_MEMBER_EPOCH,
             Self::STALE_MEMBER_EPOCH,
         ]
@@ -649,6 +654,33 @@ impl KafkaAdmin {
         Ok(out)
     }
 
+    /// Removes the group's committed offsets of `partitions`
+    /// (DeleteConsumerGroupOffsets): afterwards the group has no commit there,
+    /// as before its first one, and a consumer starts where its
+    /// `auto.offset.reset` says. The broker refuses while a member subscribes
+    /// to the topic ([`AdminError::GroupActive`]); a partition without a
+    /// commit is not an error.
+    pub async fn delete_consumer_group_offsets(&self, group: &str, partitions: &[(String, i32)]) -> AdminResult<()> {
+        self.with_retry(|| self.delete_consumer_group_offsets_once(group, partitions)).await
+    }
+
+    async fn delete_consumer_group_offsets_once(&self, group: &str, partitions: &[(String, i32)]) -> AdminResult<()> {
+        const OP: &str = "DeleteConsumerGroupOffsets";
+        if partitions.is_empty() {
+            return Err(AdminError::InvalidArgument("no partitions to delete offsets of".into()));
+        }
+        if let Some((t, p)) = partitions.iter().find(|(_, p)| *p < 0) {
+            return Err(AdminError::InvalidArgument(format!("partition {p} of {t} is negative")));
+        }
+        let owned_group = group.to_owned();
+        let partitions = partitions.to_vec();
+        let raw = self
+            .blocking(OP, move |c, s| ffi::delete_group_offsets(c.inner().native_ptr(), s, &owned_group, &partitions))
+            .await
+            .map_err(|e| group_level_active(group, e))?;
+        check_changed(OP, group, &raw)
+    }
+
     /// Looks up offsets by `spec` (ListOffsets), one answer per partition,
     /// sorted by topic and partition.
     pub async fn list_offsets(&self, partitions: &[(String, i32)], spec: OffsetSpec) -> AdminResult<Vec<ListedOffset>> {
@@ -811,11 +843,16 @@ fn check_partitions(op: &'static str, raw: &[ffi::RawPartition]) -> AdminResult<
 /// Per-partition outcome of an alter: any partition refused because the
 /// group is active makes the whole call [`AdminError::GroupActive`].
 fn check_alter(group: &str, raw: &[ffi::RawPartition]) -> AdminResult<()> {
+    check_changed("AlterConsumerGroupOffsets", group, raw)
+}
+
+/// Per-partition outcome of an offset change (alter or delete).
+fn check_changed(op: &'static str, group: &str, raw: &[ffi::RawPartition]) -> AdminResult<()> {
     let failures = failures(raw);
     match failures.iter().find(|f| f.code.means_group_active()) {
         Some(f) => Err(AdminError::GroupActive { group: group.to_owned(), code: f.code, failures }),
         None if failures.is_empty() => Ok(()),
-        None => Err(AdminError::Partitions { op: "AlterConsumerGroupOffsets", failures }),
+        None => Err(AdminError::Partitions { op, failures }),
     }
 }
 
@@ -871,6 +908,7 @@ mod tests {
             (ErrorCode::GROUP_AUTHORIZATION_FAILED, E::RD_KAFKA_RESP_ERR_GROUP_AUTHORIZATION_FAILED),
             (ErrorCode::NON_EMPTY_GROUP, E::RD_KAFKA_RESP_ERR_NON_EMPTY_GROUP),
             (ErrorCode::GROUP_ID_NOT_FOUND, E::RD_KAFKA_RESP_ERR_GROUP_ID_NOT_FOUND),
+            (ErrorCode::GROUP_SUBSCRIBED_TO_TOPIC, E::RD_KAFKA_RESP_ERR_GROUP_SUBSCRIBED_TO_TOPIC),
             (ErrorCode::FENCED_MEMBER_EPOCH, E::RD_KAFKA_RESP_ERR_FENCED_MEMBER_EPOCH),
             (ErrorCode::STALE_MEMBER_EPOCH, E::RD_KAFKA_RESP_ERR_STALE_MEMBER_EPOCH),
             (ErrorCode::TIMED_OUT, E::RD_KAFKA_RESP_ERR__TIMED_OUT),

@@ -1,12 +1,16 @@
 //! Operator tools over the Kafka Admin API: the safe Admin API wrapper
-//! ([`kafka`]), offset-reset plans ([`plan`]), previews and guarded execution
-//! ([`reset`]), snapshots, the audit log, and lag with Burrow's statuses
+//! ([`kafka`]), offset-reset plans ([`plan`]), operator actions as typed
+//! operations, preview → confirm → execute ([`ops`]; offsets resets,
+//! restores and undo in [`reset`], decisions on side-effect intents in
+//! [`effects`]), snapshots, the audit log, and lag with Burrow's statuses
 //! ([`lag`]), all run through a [`session::Session`] that checks the live
 //! cluster id first.
 
 pub mod audit;
+pub mod effects;
 pub mod kafka;
 pub mod lag;
+pub mod ops;
 pub mod parse;
 pub mod plan;
 pub mod records;

@@ -190,6 +190,25 @@ pub fn parse_offsets_csv(text: &str, group: &str) -> Result<Vec<FileOffset>, Str
     Ok(out)
 }
 
+/// The plan's new offsets as Kafka's `kafka-consumer-groups --reset-offsets
+/// --export` prints them for one group: `topic,partition,offset` per line,
+/// every planned partition, sorted; [`parse_offsets_csv`] reads it back. A
+/// partition that goes back to no commit cannot be said in that format: an
+/// error naming it.
+pub fn format_offsets_csv(plan: &crate::admin::plan::Plan) -> Result<String, String> {
+    let mut out = String::new();
+    for p in &plan.partitions {
+        let Some(offset) = p.new else {
+            return Err(format!(
+                "{}[{}] goes back to no committed offset, which Kafka's CSV cannot say",
+                p.topic, p.partition
+            ));
+        };
+        out.push_str(&format!("{},{},{offset}\n", p.topic, p.partition));
+    }
+    Ok(out)
+}
+
 /// Formats milliseconds since the epoch as RFC 3339 UTC (`-` when out of range).
 pub fn format_ms(ms: i64) -> String {
     DateTime::<Utc>::from_timestamp_millis(ms)
@@ -265,6 +284,37 @@ mod tests {
         assert!(parse_offsets_csv("orders,0,-1", "g").expect_err("neg").contains("line 1"));
         assert!(parse_offsets_csv("orders,0", "g").is_err());
         assert!(parse_offsets_csv("\n# nothing\n", "g").is_err());
+    }
+
+    #[test]
+    fn an_exported_plan_reads_back_as_the_same_offsets() {
+        use crate::admin::plan::{plan, PartitionState, PlanOptions, Requested};
+        let st =
+            |t: &str, p, cur| PartitionState { topic: t.into(), partition: p, current: cur, log_start: 0, log_end: 50 };
+        let inputs = vec![
+            (st("payments", 1, Some(7)), Requested::Current),
+            (st("orders", 0, Some(9)), Requested::Offset(3)),
+            (st("orders", 2, None), Requested::Current),
+        ];
+        let p = plan(&inputs, PlanOptions::default()).expect("plan");
+        let csv = format_offsets_csv(&p).expect("csv");
+        assert_eq!(csv, "orders,0,3\norders,2,50\npayments,1,7\n");
+        let back: Vec<(String, i32, i64)> = parse_offsets_csv(&csv, "g")
+            .expect("reads back")
+            .into_iter()
+            .map(|f| (f.topic, f.partition, f.offset))
+            .collect();
+        assert_eq!(
+            back,
+            p.changes()
+                .into_iter()
+                .chain([("payments".to_owned(), 1, 7)])
+                .collect::<std::collections::BTreeSet<_>>()
+                .into_iter()
+                .collect::<Vec<_>>()
+        );
+        let p = plan(&[(st("orders", 0, Some(9)), Requested::NoCommit)], PlanOptions::default()).expect("plan");
+        assert!(format_offsets_csv(&p).expect_err("no commit").contains("orders[0]"));
     }
 
     #[test]

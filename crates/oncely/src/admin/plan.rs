@@ -1,7 +1,13 @@
 //! Offset-reset planning, pure: from each partition's current committed
 //! offset, its log bounds and what the target asks for, compute the new
-//! offset, what moving there re-delivers or skips, and what would make the
-//! reset refused (out-of-range targets, `--max-replay`).
+//! offset (or none: the commit is removed), what moving there re-delivers or
+//! skips, and what would make the reset refused (out-of-range targets,
+//! `--max-replay`).
+//!
+//! The new offsets are Kafka's own: `kafka-consumer-groups --reset-offsets
+//! --dry-run` plans the same for every target both have. Where Kafka's tool
+//! moves an out-of-range target into the log with a warning, the plan marks
+//! it and refuses unless clamping is allowed.
 //!
 //! Counts are in offsets between positions that exist in the log. On a plain
 //! topic that is the number of records; compaction and transaction markers
@@ -12,7 +18,7 @@
 //!
 //! let p0 = PartitionState { topic: "orders".into(), partition: 0, current: Some(120), log_start: 100, log_end: 130 };
 //! let plan = plan(&[(p0, Requested::Earliest)], PlanOptions::default()).unwrap();
-//! assert_eq!(plan.partitions[0].new, 100);
+//! assert_eq!(plan.partitions[0].new, Some(100));
 //! assert_eq!(plan.totals.redelivered, 20);
 //! assert!(plan.refusals.is_empty());
 //! ```
@@ -33,6 +39,14 @@ pub enum Requested {
     Offset(i64),
     /// The current committed offset plus this (negative: back).
     ShiftBy(i64),
+    /// Where the group is: its committed offset as it is (never clamped:
+    /// nothing moves), or the log end where it has none (Kafka's
+    /// `--to-current`).
+    Current,
+    /// No committed offset at all: the commit is removed, as before the
+    /// group's first one (what undo restores for a partition the change
+    /// found without a commit).
+    NoCommit,
 }
 
 /// One partition as it is now.
@@ -75,16 +89,20 @@ pub struct PartitionPlan {
     pub log_start: i64,
     /// Log end offset.
     pub log_end: i64,
-    /// The offset the target asked for.
-    pub requested: i64,
+    /// The offset the target asked for (`None`: no commit).
+    pub requested: Option<i64>,
     /// The offset it will be set to: `requested` moved into
-    /// `log_start..=log_end`.
-    pub new: i64,
+    /// `log_start..=log_end`. `None`: the committed offset is removed, and
+    /// the group's consumers start where their `auto.offset.reset` says.
+    pub new: Option<i64>,
     /// Whether `requested` was outside the log (so `new` differs from it).
     pub clamped: bool,
-    /// Records between `new` and `current` that the group will read again.
+    /// Records between `new` and `current` that the group will read again
+    /// (0 when `new` is `None`: that depends on the consumers'
+    /// `auto.offset.reset`).
     pub redelivered: u64,
-    /// Records between `current` and `new` that the group will never read.
+    /// Records between `current` and `new` that the group will never read
+    /// (0 when `new` is `None`, as above).
     pub skipped: u64,
     /// Timestamp (ms since the epoch) of the first record that will be
     /// re-delivered, when the caller looked it up.
@@ -94,7 +112,7 @@ pub struct PartitionPlan {
 impl PartitionPlan {
     /// Whether the committed offset changes.
     pub fn changes(&self) -> bool {
-        self.current != Some(self.new)
+        self.current != self.new
     }
 }
 
@@ -114,6 +132,9 @@ pub struct Totals {
     /// Partitions without a committed offset (their counts are 0: the group
     /// never read them, so nothing is re-delivered or skipped).
     pub without_commit: usize,
+    /// Partitions whose committed offset is removed (their counts are 0:
+    /// where the group starts depends on its consumers' `auto.offset.reset`).
+    pub uncommitted: usize,
 }
 
 /// One target partition outside its log.
@@ -195,9 +216,22 @@ impl Plan {
         self.partitions.iter().filter_map(|p| p.first_replayed_ms).min()
     }
 
-    /// `(topic, partition, new)` of the partitions that change.
+    /// `(topic, partition, new)` of the partitions that change to an offset.
     pub fn changes(&self) -> Vec<(String, i32, i64)> {
-        self.partitions.iter().filter(|p| p.changes()).map(|p| (p.topic.clone(), p.partition, p.new)).collect()
+        self.partitions
+            .iter()
+            .filter(|p| p.changes())
+            .filter_map(|p| p.new.map(|n| (p.topic.clone(), p.partition, n)))
+            .collect()
+    }
+
+    /// `(topic, partition)` of the partitions whose committed offset is removed.
+    pub fn uncommits(&self) -> Vec<(String, i32)> {
+        self.partitions
+            .iter()
+            .filter(|p| p.changes() && p.new.is_none())
+            .map(|p| (p.topic.clone(), p.partition))
+            .collect()
     }
 }
 
@@ -255,17 +289,23 @@ pub fn plan(inputs: &[(PartitionState, Requested)], opts: PlanOptions) -> Result
             });
         }
         let requested = match *req {
-            Requested::Earliest => s.log_start,
-            Requested::Latest => s.log_end,
-            Requested::Offset(o) => o,
-            Requested::ShiftBy(n) => s
-                .current
-                .ok_or_else(|| PlanError::NoCommittedOffset { topic: s.topic.clone(), partition: s.partition })?
-                .saturating_add(n),
+            Requested::Earliest => Some(s.log_start),
+            Requested::Latest => Some(s.log_end),
+            Requested::Offset(o) => Some(o),
+            Requested::ShiftBy(n) => Some(
+                s.current
+                    .ok_or_else(|| PlanError::NoCommittedOffset { topic: s.topic.clone(), partition: s.partition })?
+                    .saturating_add(n),
+            ),
+            Requested::Current => Some(s.current.unwrap_or(s.log_end)),
+            Requested::NoCommit => None,
         };
-        let new = requested.clamp(s.log_start, s.log_end);
+        // Where the group already is is not a target: `--to-current` keeps
+        // even an offset retention has passed, as Kafka's tool does.
+        let keep = matches!(req, Requested::Current) && s.current.is_some();
+        let new = requested.map(|r| if keep { r } else { r.clamp(s.log_start, s.log_end) });
         let clamped = new != requested;
-        if clamped {
+        if let (true, Some(requested)) = (clamped, requested) {
             out_of_range.push(OutOfRange {
                 topic: s.topic.clone(),
                 partition: s.partition,
@@ -274,14 +314,15 @@ pub fn plan(inputs: &[(PartitionState, Requested)], opts: PlanOptions) -> Result
                 log_end: s.log_end,
             });
         }
-        let (redelivered, skipped) = match s.current {
+        let (redelivered, skipped) = match (s.current, new) {
             // Count only offsets that exist: a committed offset outside the
             // log is where the consumer's auto.offset.reset would take over.
-            Some(c) => {
+            (Some(c), Some(new)) => {
                 let c = c.clamp(s.log_start, s.log_end);
+                let new = new.clamp(s.log_start, s.log_end);
                 (u64::try_from(c - new).unwrap_or(0), u64::try_from(new - c).unwrap_or(0))
             }
-            None => (0, 0),
+            _ => (0, 0),
         };
         partitions.push(PartitionPlan {
             topic: s.topic.clone(),
@@ -308,6 +349,7 @@ pub fn plan(inputs: &[(PartitionState, Requested)], opts: PlanOptions) -> Result
         skipped: partitions.iter().map(|p| p.skipped).sum(),
         out_of_range: out_of_range.len(),
         without_commit: partitions.iter().filter(|p| p.current.is_none()).count(),
+        uncommitted: partitions.iter().filter(|p| p.changes() && p.new.is_none()).count(),
     };
     let mut refusals = Vec::new();
     if !out_of_range.is_empty() && !opts.allow_clamp {
@@ -338,7 +380,7 @@ mod tests {
     fn earliest_counts_what_is_read_again() {
         let p = one(st(0, Some(1300), 0, 1300), Requested::Earliest, PlanOptions::default());
         let pp = &p.partitions[0];
-        assert_eq!((pp.new, pp.redelivered, pp.skipped, pp.clamped), (0, 1300, 0, false));
+        assert_eq!((pp.new, pp.redelivered, pp.skipped, pp.clamped), (Some(0), 1300, 0, false));
         assert_eq!(p.totals.redelivered, 1300);
         assert_eq!(p.totals.changed, 1);
         assert!(p.refusals.is_empty());
@@ -347,13 +389,13 @@ mod tests {
     #[test]
     fn latest_counts_what_is_skipped() {
         let p = one(st(0, Some(40), 10, 100), Requested::Latest, PlanOptions::default());
-        assert_eq!((p.partitions[0].new, p.partitions[0].redelivered, p.partitions[0].skipped), (100, 0, 60));
+        assert_eq!((p.partitions[0].new, p.partitions[0].redelivered, p.partitions[0].skipped), (Some(100), 0, 60));
     }
 
     #[test]
     fn shift_by_moves_from_the_committed_offset_and_needs_one() {
         let p = one(st(0, Some(50), 0, 100), Requested::ShiftBy(-20), PlanOptions::default());
-        assert_eq!((p.partitions[0].new, p.partitions[0].redelivered), (30, 20));
+        assert_eq!((p.partitions[0].new, p.partitions[0].redelivered), (Some(30), 20));
         let e = plan(&[(st(0, None, 0, 100), Requested::ShiftBy(-20))], PlanOptions::default());
         assert!(matches!(e, Err(PlanError::NoCommittedOffset { partition: 0, .. })), "{e:?}");
     }
@@ -362,16 +404,16 @@ mod tests {
     fn out_of_range_is_refused_unless_clamping_is_allowed() {
         let s = st(0, Some(50), 10, 100);
         let p = one(s.clone(), Requested::Offset(5), PlanOptions::default());
-        assert_eq!(p.partitions[0].new, 10);
+        assert_eq!(p.partitions[0].new, Some(10));
         assert!(p.partitions[0].clamped);
         assert!(matches!(&p.refusals[..], [Refusal::OutOfRange { partitions }] if partitions[0].requested == 5));
         assert!(p.refusals[0].to_string().contains("t[0] asks 5 but the log holds 10..100"), "{}", p.refusals[0]);
         let p = one(s.clone(), Requested::Offset(500), PlanOptions { allow_clamp: true, max_replay: None });
-        assert_eq!(p.partitions[0].new, 100);
+        assert_eq!(p.partitions[0].new, Some(100));
         assert!(p.refusals.is_empty());
         assert_eq!(p.totals.out_of_range, 1);
         let p = one(s, Requested::ShiftBy(-1000), PlanOptions { allow_clamp: true, max_replay: None });
-        assert_eq!((p.partitions[0].new, p.partitions[0].redelivered), (10, 40));
+        assert_eq!((p.partitions[0].new, p.partitions[0].redelivered), (Some(10), 40));
     }
 
     #[test]
@@ -390,6 +432,33 @@ mod tests {
         assert_eq!((p.partitions[0].redelivered, p.partitions[0].skipped), (0, 0));
         assert_eq!(p.totals.without_commit, 1);
         assert!(p.partitions[0].changes());
+    }
+
+    #[test]
+    fn to_current_keeps_the_committed_offset_and_takes_the_log_end_without_one() {
+        let inputs = vec![
+            (st(0, Some(40), 10, 100), Requested::Current),
+            // Retention passed the group: Kafka's tool keeps the offset, so do we.
+            (st(1, Some(5), 10, 100), Requested::Current),
+            (st(2, None, 10, 100), Requested::Current),
+        ];
+        let p = plan(&inputs, PlanOptions::default()).expect("plan");
+        let got: Vec<_> = p.partitions.iter().map(|p| (p.new, p.clamped, p.changes())).collect();
+        assert_eq!(got, vec![(Some(40), false, false), (Some(5), false, false), (Some(100), false, true)]);
+        assert!(p.refusals.is_empty());
+        assert_eq!((p.totals.changed, p.totals.redelivered, p.totals.skipped), (1, 0, 0));
+    }
+
+    #[test]
+    fn no_commit_removes_the_offset_and_counts_nothing() {
+        let inputs = vec![(st(0, Some(40), 10, 100), Requested::NoCommit), (st(1, None, 0, 9), Requested::NoCommit)];
+        let p = plan(&inputs, PlanOptions { allow_clamp: false, max_replay: Some(0) }).expect("plan");
+        let got: Vec<_> = p.partitions.iter().map(|p| (p.new, p.changes(), p.redelivered, p.skipped)).collect();
+        assert_eq!(got, vec![(None, true, 0, 0), (None, false, 0, 0)]);
+        assert_eq!((p.totals.changed, p.totals.uncommitted), (1, 1));
+        assert_eq!(p.uncommits(), vec![("t".to_owned(), 0)]);
+        assert!(p.changes().is_empty(), "nothing to alter, one commit to remove");
+        assert!(p.refusals.is_empty());
     }
 
     #[test]
@@ -450,12 +519,13 @@ mod tests {
             let mut re = 0;
             let mut sk = 0;
             for pp in &p.partitions {
-                prop_assert!(pp.log_start <= pp.new && pp.new <= pp.log_end);
+                let new = pp.new.expect("these targets name an offset");
+                prop_assert!(pp.log_start <= new && new <= pp.log_end);
                 prop_assert_eq!(pp.clamped, pp.new != pp.requested);
                 prop_assert!(pp.redelivered == 0 || pp.skipped == 0);
                 if let Some(c) = pp.current {
                     let c = c.clamp(pp.log_start, pp.log_end);
-                    prop_assert_eq!(pp.redelivered as i64 - pp.skipped as i64, c - pp.new);
+                    prop_assert_eq!(pp.redelivered as i64 - pp.skipped as i64, c - new);
                 }
                 re += pp.redelivered;
                 sk += pp.skipped;

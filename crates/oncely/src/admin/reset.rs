@@ -1,14 +1,16 @@
-//! Offset resets, restores and undo: always a [`Preview`] first (what moves
-//! where, what is re-delivered or skipped, how old the oldest replayed record
-//! is, whether an oncely inbox protects the group), then, only on request,
-//! the guarded [`Session::execute`]: inactive group, offsets unchanged since
-//! the preview, one operator at a time, the audit record and a snapshot
-//! written before anything changes, commit metadata `oncely:reset:<audit id>`.
+//! Offset resets, restores and undo as [`ops`](crate::admin::ops)
+//! operations: always a preview first ([`OffsetChange`]: what moves where,
+//! what is re-delivered or skipped, how old the oldest replayed record is,
+//! whether an oncely inbox protects the group), then, only once confirmed,
+//! the guarded execution: inactive group, offsets unchanged since the
+//! preview, one operator at a time, the audit record and a snapshot written
+//! before anything changes, commit metadata `oncely:reset:<audit id>`.
 //!
 //! ```no_run
 //! # async fn run(env: oncely::config::Environment) -> oncely::Result<()> {
+//! use oncely::admin::ops::Origin;
 //! use oncely::admin::plan::PlanOptions;
-//! use oncely::admin::reset::{Action, ResetRequest, Scope, Target};
+//! use oncely::admin::reset::{ResetRequest, Scope, Target};
 //! use oncely::admin::session::Session;
 //!
 //! let session = Session::open(env).await?; // refuses a wrong cluster
@@ -18,12 +20,12 @@
 //!     target: Target::Earliest,
 //!     options: PlanOptions { allow_clamp: false, max_replay: Some(10_000) },
 //! };
-//! let preview = session.preview_reset(&req, Action::Reset).await?;
+//! let preview = session.preview_reset(&req, Origin::cli()).await?;
 //! println!("{} records would be re-delivered", preview.plan.totals.redelivered);
-//! if preview.refusals.is_empty() {
-//!     let done = session.execute(&preview).await?;
-//!     println!("audit #{}, snapshot #{}", done.audit_id, done.snapshot_id);
-//! }
+//! // On a protected environment, the text the operator typed:
+//! let typed = preview.asks_for().map(|_| "RESET prod payment-service");
+//! let done = preview.confirm(&session, typed).await?.execute(&session).await?;
+//! println!("audit #{}, snapshot #{}", done.audit_id, done.snapshot_id);
 //! # Ok(()) }
 //! ```
 
@@ -31,11 +33,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-use crate::admin::audit::{self, AuditEntry, AuditOutcome};
-use crate::admin::kafka::{AdminError, ErrorCode, GroupDescription, OffsetSpec};
+use crate::admin::audit::{AuditEntry, AuditOutcome, AuditRecord, AuditResult};
+use crate::admin::kafka::{AdminError, ErrorCode, GroupDescription, GroupOffset, OffsetSpec};
+use crate::admin::ops::{Operation, Origin, Preview, Trail};
 use crate::admin::parse::{format_duration, FileOffset, TopicSelection};
 use crate::admin::plan::{plan, PartitionState, Plan, PlanOptions, Requested};
 use crate::admin::records::first_record_timestamps;
@@ -67,7 +70,11 @@ pub enum Target {
         /// Its lines.
         offsets: Vec<FileOffset>,
     },
-    /// The offsets of a stored snapshot.
+    /// Where the group is: each committed offset as it is, the log end
+    /// where it has none (Kafka's `--to-current`).
+    Current,
+    /// The offsets of a stored snapshot (a partition it records without a
+    /// commit goes back to having none).
     Snapshot(i64),
     /// The last snapshot of the group taken at or before this time.
     SnapshotAt(DateTime<Utc>),
@@ -171,17 +178,13 @@ pub struct DbOffset {
     pub offset: i64,
 }
 
-/// Everything an operator sees before an offset change.
+/// Everything an operator sees before an offset change: the operation of an
+/// offsets reset, restore or undo (wrapped in an [`ops::Preview`](Preview)
+/// with the environment and who asks).
 #[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct Preview {
+pub struct OffsetChange {
     /// Reset, restore or undo.
     pub action: Action,
-    /// Environment.
-    pub environment: String,
-    /// Whether the environment is protected.
-    pub protected: bool,
-    /// Live cluster id (checked).
-    pub cluster_id: String,
     /// Group.
     pub group: String,
     /// Its state now.
@@ -194,6 +197,10 @@ pub struct Preview {
     pub source_snapshot: Option<SnapshotRef>,
     /// The audit record an undo reverts.
     pub undoes: Option<i64>,
+    /// How that record ended (`succeeded`; `failed` or `started` for a
+    /// change that failed midway or whose command died).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub undoes_result: Option<String>,
     /// The plan.
     pub plan: Plan,
     /// Timestamp (ms) of the oldest record that will be re-delivered, read
@@ -201,11 +208,9 @@ pub struct Preview {
     pub oldest_replayed_ms: Option<i64>,
     /// The oncely view of the group.
     pub oncely: OncelyInfo,
-    /// Why `execute` would refuse (empty: it would go ahead, after the
+    /// Why execution would be refused (empty: it would go ahead, after the
     /// confirmation on a protected environment).
     pub refusals: Vec<String>,
-    /// The confirmation text a protected environment requires.
-    pub confirmation: Option<String>,
     /// The committed offsets (with metadata) of the planned partitions, as
     /// the preview saw them: execution refuses if they moved since.
     pub before: Vec<PartitionOffset>,
@@ -256,6 +261,7 @@ fn describe_target(t: &Target, snapshot: Option<&Snapshot>) -> String {
         Target::Latest => "latest (log end)".into(),
         Target::Offset(o) => format!("offset {o}"),
         Target::ShiftBy(n) => format!("shift by {n:+}"),
+        Target::Current => "current committed offsets (the log end where there is none)".into(),
         Target::Datetime(at) => format!("first offset at or after {}", rfc3339(*at)),
         Target::ByDuration(d) => format!("first offset at or after {} ago", format_duration(*d)),
         Target::FromFile { path, offsets } => format!("{} offset(s) from file {path}", offsets.len()),
@@ -296,6 +302,59 @@ fn offsets_json(o: &[PartitionOffset]) -> Value {
     serde_json::to_value(o).unwrap_or(Value::Null)
 }
 
+/// How many past offset changes undo looks back through for the last one
+/// that left a trace (changes that failed before changing anything are
+/// passed over).
+const UNDO_LOOKBACK: i64 = 100;
+
+/// One partition of a past change's plan, as its audit record keeps it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+struct PlannedPartition {
+    topic: String,
+    partition: i32,
+    current: Option<i64>,
+    new: Option<i64>,
+}
+
+/// The partitions a recorded offset change meant to change.
+fn planned_changes(rec: &AuditRecord) -> Result<Vec<PlannedPartition>> {
+    let plan: Vec<PlannedPartition> = serde_json::from_value(rec.details.get("plan").cloned().unwrap_or(Value::Null))
+        .map_err(|e| refused(format!("audit #{} has no usable plan: {e}", rec.id)))?;
+    Ok(plan.into_iter().filter(|p| p.current != p.new).collect())
+}
+
+/// What a past offset change left on one partition, judged from the
+/// snapshot taken right before it and the live committed offset.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Trace {
+    /// The live offset is what the change wrote (its offset with its commit
+    /// metadata, or no commit where it removed one).
+    Changed,
+    /// The live offset is where the change found it: the change did not
+    /// reach this partition (it failed first), or it was put back.
+    Untouched,
+    /// Neither: the group (or someone) committed since.
+    MovedSince,
+}
+
+/// Judges one partition. `before` is the snapshot's offset (`None`: no
+/// commit), `planned` what the change set (`None`: it removed the commit),
+/// `live` and `live_metadata` the committed offset now, `metadata` the
+/// change's own `oncely:reset:<audit id>`.
+fn trace(before: Option<i64>, planned: Option<i64>, live: Option<i64>, live_metadata: &str, metadata: &str) -> Trace {
+    if live == planned && (live.is_none() || live_metadata == metadata) {
+        Trace::Changed
+    } else if live == before {
+        Trace::Untouched
+    } else {
+        Trace::MovedSince
+    }
+}
+
+fn opt_offset(o: Option<i64>) -> String {
+    o.map_or_else(|| "none".into(), |o| o.to_string())
+}
+
 impl Session {
     /// The partitions of `topic`, or a refusal naming it when the cluster
     /// does not know it.
@@ -330,14 +389,21 @@ impl Session {
         }
     }
 
-    /// Previews `req`: nothing is changed.
-    pub async fn preview_reset(&self, req: &ResetRequest, action: Action) -> Result<Preview> {
+    /// Previews the reset `req` asked for by `origin`: nothing is changed.
+    pub async fn preview_reset(&self, req: &ResetRequest, origin: Origin) -> Result<Preview<OffsetChange>> {
+        let change = self.plan_change(req, Action::Reset).await?;
+        Ok(Preview::new(self, change, origin))
+    }
+
+    /// Plans the change `req` describes.
+    async fn plan_change(&self, req: &ResetRequest, action: Action) -> Result<OffsetChange> {
         let group = req.group.as_str();
         let desc = self.describe_group(group).await?;
 
-        // Offsets the target names itself (file, snapshot).
+        // Offsets the target names itself (file, snapshot); `None` is a
+        // partition a snapshot records without a commit.
         let mut snapshot = None;
-        let explicit: Option<BTreeMap<(String, i32), i64>> = match &req.target {
+        let explicit: Option<BTreeMap<(String, i32), Option<i64>>> = match &req.target {
             Target::Snapshot(id) => {
                 let s = snapshots::get(self.pool(), *id)
                     .await?
@@ -345,7 +411,7 @@ impl Session {
                 if s.group != group {
                     return Err(refused(format!("snapshot #{id} is of group {}, not {group}", s.group)));
                 }
-                let m = s.committed();
+                let m = s.offsets.iter().map(|o| ((o.topic.clone(), o.partition), o.offset)).collect();
                 snapshot = Some(s);
                 Some(m)
             }
@@ -360,12 +426,12 @@ impl Session {
                     ))
                     },
                 )?;
-                let m = s.committed();
+                let m = s.offsets.iter().map(|o| ((o.topic.clone(), o.partition), o.offset)).collect();
                 snapshot = Some(s);
                 Some(m)
             }
             Target::FromFile { offsets, .. } => {
-                Some(offsets.iter().map(|f| ((f.topic.clone(), f.partition), f.offset)).collect())
+                Some(offsets.iter().map(|f| ((f.topic.clone(), f.partition), Some(f.offset))).collect())
             }
             _ => None,
         };
@@ -457,7 +523,10 @@ impl Session {
                 .get(key)
                 .ok_or_else(|| refused(format!("the log bounds of {}[{}] are unknown", key.0, key.1)))?;
             let requested = match (&req.target, &explicit, &by_time) {
-                (_, Some(m), _) => Requested::Offset(m[key]),
+                (_, Some(m), _) => match m.get(key) {
+                    Some(Some(o)) => Requested::Offset(*o),
+                    _ => Requested::NoCommit,
+                },
                 (_, _, Some(t)) => match t.get(key).copied().flatten() {
                     Some(o) => Requested::Offset(o),
                     None => Requested::Latest,
@@ -466,6 +535,7 @@ impl Session {
                 (Target::Latest, ..) => Requested::Latest,
                 (Target::Offset(o), ..) => Requested::Offset(*o),
                 (Target::ShiftBy(n), ..) => Requested::ShiftBy(*n),
+                (Target::Current, ..) => Requested::Current,
                 _ => unreachable!("explicit and timestamp targets are resolved above"),
             };
             let state = PartitionState {
@@ -484,7 +554,7 @@ impl Session {
             .partitions
             .iter()
             .filter(|p| p.redelivered > 0)
-            .map(|p| (p.topic.clone(), p.partition, p.new))
+            .filter_map(|p| p.new.map(|n| (p.topic.clone(), p.partition, n)))
             .collect();
         let ts =
             first_record_timestamps(&self.env().config.bootstrap_servers, &replayed, Duration::from_secs(10)).await?;
@@ -503,17 +573,15 @@ impl Session {
                 oncely.db_offsets.get(k).map(|o| DbOffset { topic: k.0.clone(), partition: k.1, offset: *o })
             })
             .collect();
-        Ok(Preview {
+        Ok(OffsetChange {
             action,
-            environment: self.env().name.clone(),
-            protected: self.env().config.protected,
-            cluster_id: self.cluster_id().to_owned(),
             group: group.to_owned(),
             group_state: desc.state.clone(),
             members: desc.members.iter().map(MemberInfo::from).collect(),
             target: describe_target(&req.target, snapshot.as_ref()),
             source_snapshot: snapshot.map(|s| SnapshotRef { id: s.id, taken_at: s.taken_at, reason: s.reason }),
             undoes: None,
+            undoes_result: None,
             oldest_replayed_ms: plan.oldest_replayed_ms(),
             oncely: OncelyInfo {
                 consumer: oncely.consumer,
@@ -522,20 +590,21 @@ impl Session {
             },
             plan,
             refusals,
-            confirmation: self.env().config.protected.then(|| confirmation_text(&self.env().name, group)),
             before,
             options: req.options,
         })
     }
 
     /// Previews restoring snapshot `id` (to its own group), optionally only
-    /// some topics.
+    /// some topics. A partition the snapshot records without a commit goes
+    /// back to having none.
     pub async fn preview_restore(
         &self,
         id: i64,
         topics: Option<Vec<TopicSelection>>,
         options: PlanOptions,
-    ) -> Result<Preview> {
+        origin: Origin,
+    ) -> Result<Preview<OffsetChange>> {
         let s = snapshots::get(self.pool(), id).await?.ok_or_else(|| refused(format!("there is no snapshot #{id}")))?;
         let req = ResetRequest {
             group: s.group,
@@ -543,42 +612,111 @@ impl Session {
             target: Target::Snapshot(id),
             options,
         };
-        self.preview_reset(&req, Action::Restore).await
+        let change = self.plan_change(&req, Action::Restore).await?;
+        Ok(Preview::new(self, change, origin))
     }
 
     /// Previews undoing the last offset change oncely made to `group` on
     /// this cluster: restoring, for the partitions it changed, the snapshot
-    /// taken right before it. Refused (in [`Preview::refusals`]) when the
-    /// group committed since, unless `force`.
-    pub async fn preview_undo(&self, group: &str, force: bool, options: PlanOptions) -> Result<Preview> {
+    /// taken right before it (a partition that had no commit goes back to
+    /// having none).
+    ///
+    /// The last change is the newest one that may have changed something:
+    /// `succeeded`, but also `failed` (midway) and `started` (its command
+    /// died), judged partition by partition against the live offsets; one
+    /// of those that left no trace is passed over. Refused (in the
+    /// preview's refusals) when the group committed since, unless `force`.
+    pub async fn preview_undo(
+        &self,
+        group: &str,
+        force: bool,
+        options: PlanOptions,
+        origin: Origin,
+    ) -> Result<Preview<OffsetChange>> {
+        let change = self.undo_change(group, force, options).await?;
+        Ok(Preview::new(self, change, origin))
+    }
+
+    async fn undo_change(&self, group: &str, force: bool, options: PlanOptions) -> Result<OffsetChange> {
         let actions: Vec<&str> = Action::ALL.iter().map(|a| a.as_str()).collect();
-        let last = store::admin::last_succeeded_action(self.pool(), self.cluster_id(), group, &actions)
-            .await?
-            .ok_or_else(|| {
-                refused(format!(
-                    "oncely has not changed the offsets of group {group} on cluster {}: nothing to undo",
-                    self.cluster_id()
-                ))
-            })?;
-        let snap = snapshots::before_change(self.pool(), last.id)
-            .await?
-            .ok_or_else(|| refused(format!("the snapshot taken before audit #{} is missing", last.id)))?;
-        let after: Vec<PartitionOffset> = serde_json::from_value(last.after.clone().unwrap_or(Value::Null))
-            .map_err(|e| refused(format!("audit #{} has no usable `after` offsets: {e}", last.id)))?;
-        let restorable = snap.committed();
+        let candidates =
+            store::admin::offset_changes(self.pool(), self.cluster_id(), group, &actions, UNDO_LOOKBACK).await?;
+        let mut found = None;
+        for rec in candidates {
+            let succeeded = rec.result == AuditResult::Succeeded.as_str();
+            let Some(snap) = snapshots::before_change(self.pool(), rec.id).await? else {
+                if succeeded {
+                    return Err(refused(format!("the snapshot taken before audit #{} is missing", rec.id)));
+                }
+                // It failed or died before its snapshot, so before any change.
+                continue;
+            };
+            let planned = planned_changes(&rec)?;
+            if planned.is_empty() {
+                continue;
+            }
+            let parts: Vec<(String, i32)> = planned.iter().map(|p| (p.topic.clone(), p.partition)).collect();
+            let live: BTreeMap<(String, i32), GroupOffset> = self
+                .admin()
+                .list_consumer_group_offsets(group, Some(&parts))
+                .await?
+                .into_iter()
+                .map(|o| ((o.topic.clone(), o.partition), o))
+                .collect();
+            let was: BTreeMap<(String, i32), Option<i64>> =
+                snap.offsets.iter().map(|o| ((o.topic.clone(), o.partition), o.offset)).collect();
+            let metadata = format!("{RESET_METADATA_PREFIX}{}", rec.id);
+            let traces: Vec<(PlannedPartition, Option<i64>, Trace)> = planned
+                .into_iter()
+                .map(|p| {
+                    let key = (p.topic.clone(), p.partition);
+                    let (now, now_meta) = live.get(&key).map_or((None, ""), |o| (o.offset, o.metadata.as_str()));
+                    let t = trace(was.get(&key).copied().flatten(), p.new, now, now_meta, &metadata);
+                    (p, now, t)
+                })
+                .collect();
+            if !succeeded && traces.iter().all(|(_, _, t)| *t == Trace::Untouched) {
+                tracing::info!(
+                    audit_id = rec.id,
+                    result = %rec.result,
+                    group,
+                    "An offset change that did not succeed left no trace; undo looks further back."
+                );
+                continue;
+            }
+            found = Some((rec, snap, traces));
+            break;
+        }
+        let (rec, snap, traces) = found.ok_or_else(|| {
+            refused(format!(
+                "oncely has not changed the offsets of group {group} on cluster {}: nothing to undo",
+                self.cluster_id()
+            ))
+        })?;
+        let succeeded = rec.result == AuditResult::Succeeded.as_str();
         let mut by_topic: BTreeMap<String, Vec<i32>> = BTreeMap::new();
-        let mut unrestorable = Vec::new();
-        for a in &after {
-            if restorable.contains_key(&(a.topic.clone(), a.partition)) {
-                by_topic.entry(a.topic.clone()).or_default().push(a.partition);
-            } else {
-                unrestorable.push(format!("{}[{}]", a.topic, a.partition));
+        let mut untouched = Vec::new();
+        let mut moved = Vec::new();
+        for (p, now, t) in &traces {
+            match t {
+                Trace::Untouched => untouched.push(format!("{}[{}]", p.topic, p.partition)),
+                Trace::Changed | Trace::MovedSince => by_topic.entry(p.topic.clone()).or_default().push(p.partition),
+            }
+            if *t == Trace::MovedSince {
+                moved.push(format!(
+                    "{}[{}] {} {} and is now {}",
+                    p.topic,
+                    p.partition,
+                    if succeeded { "was set to" } else { "was to be set to" },
+                    opt_offset(p.new),
+                    opt_offset(*now)
+                ));
             }
         }
         if by_topic.is_empty() {
             return Err(refused(format!(
-                "audit #{} changed only partitions that had no committed offset before: nothing to restore",
-                last.id
+                "the partitions audit #{} changed are back where it found them: nothing to undo",
+                rec.id
             )));
         }
         let req = ResetRequest {
@@ -589,157 +727,94 @@ impl Session {
             target: Target::Snapshot(snap.id),
             options,
         };
-        let mut p = self.preview_reset(&req, Action::Undo).await?;
-        p.undoes = Some(last.id);
-        p.target = format!(
-            "undo audit #{} ({} by {}@{} at {}): {}",
-            last.id,
-            last.action,
-            last.os_user,
-            last.host,
-            rfc3339(last.started_at),
-            p.target
+        let mut c = self.plan_change(&req, Action::Undo).await?;
+        c.undoes = Some(rec.id);
+        c.undoes_result = Some(rec.result.clone());
+        c.target = format!(
+            "undo audit #{} ({} by {}@{} at {}{}): {}",
+            rec.id,
+            rec.action,
+            rec.os_user,
+            rec.host,
+            rfc3339(rec.started_at),
+            if succeeded {
+                String::new()
+            } else {
+                format!(", which ended `{}`: the partitions it changed are restored", rec.result)
+            },
+            c.target
         );
-        if !unrestorable.is_empty() {
-            p.target.push_str(&format!("; left as they are (no committed offset before): {}", unrestorable.join(", ")));
+        if !untouched.is_empty() {
+            c.target.push_str(&format!(
+                "; left as they are (audit #{} did not change them): {}",
+                rec.id,
+                untouched.join(", ")
+            ));
         }
-        let now: BTreeMap<(String, i32), Option<i64>> =
-            p.before.iter().map(|o| ((o.topic.clone(), o.partition), o.offset)).collect();
-        let moved: Vec<String> = after
-            .iter()
-            .filter_map(|a| {
-                let n = now.get(&(a.topic.clone(), a.partition)).copied().flatten();
-                (n != a.offset && now.contains_key(&(a.topic.clone(), a.partition))).then(|| {
-                    format!(
-                        "{}[{}] was set to {} and is now {}",
-                        a.topic,
-                        a.partition,
-                        a.offset.map_or("-".into(), |o| o.to_string()),
-                        n.map_or("-".into(), |o| o.to_string())
-                    )
-                })
-            })
-            .collect();
         if !moved.is_empty() && !force {
-            p.refusals.push(format!(
+            c.refusals.push(format!(
                 "group {group} committed since audit #{}: {} (--force restores the snapshot anyway)",
-                last.id,
+                rec.id,
                 moved.join(", ")
             ));
         }
-        Ok(p)
+        Ok(c)
     }
 
-    fn audit_entry(&self, p: &Preview) -> AuditEntry {
-        let plan: Vec<Value> = p
-            .plan
-            .partitions
-            .iter()
-            .map(|pp| json!({"topic": pp.topic, "partition": pp.partition, "current": pp.current, "new": pp.new}))
-            .collect();
-        AuditEntry::new(&self.env().name, p.action.as_str())
-            .cluster_id(self.cluster_id())
-            .group(&p.group)
-            .before(offsets_json(&p.before))
-            .details(json!({
-                "target": p.target,
-                "source_snapshot": p.source_snapshot.as_ref().map(|s| s.id),
-                "undoes": p.undoes,
-                "protected": p.protected,
-                "oncely_consumer": p.oncely.consumer,
-                "totals": p.plan.totals,
-                "oldest_replayed_ms": p.oldest_replayed_ms,
-                "max_replay": p.options.max_replay,
-                "allow_clamp": p.options.allow_clamp,
-                "plan": plan,
-            }))
-    }
-
-    /// Records in the audit log that the change previewed in `p` was
-    /// attempted and refused for `reason`; returns the audit id.
-    pub async fn record_refusal(&self, p: &Preview, reason: &str) -> Result<i64> {
-        audit::record_refused(self.pool(), &self.audit_entry(p), reason).await
-    }
-
-    /// Records the refusal (best effort: the refusal stands even if the
-    /// database cannot record it) and returns it as the error.
-    async fn refuse(&self, p: &Preview, reason: String) -> Error {
-        if let Err(e) = self.record_refusal(p, &reason).await {
-            tracing::warn!(error = %e, "Could not record the refusal in the audit log.");
-        }
-        Error::Refused(reason)
-    }
-
-    /// Executes a previewed change. Refuses (recording the refusal) when the
-    /// preview has refusals, when another oncely command is changing the same
-    /// group, when the group has members, or when its offsets moved since the
-    /// preview. Then: audit record (`started`), snapshot of the group, the
-    /// change with metadata `oncely:reset:<audit id>`, audit outcome.
-    ///
-    /// The typed confirmation of protected environments is the caller's
-    /// (it needs a terminal); see [`confirmation_text`].
-    pub async fn execute(&self, p: &Preview) -> Result<Executed> {
-        if p.cluster_id != self.cluster_id() {
-            return Err(refused("the preview was made on another cluster"));
-        }
-        if !p.refusals.is_empty() {
-            return Err(self.refuse(p, p.refusals.join("; ")).await);
-        }
-        if p.plan.totals.changed == 0 {
+    /// Executes a confirmed offset change (see [`OffsetChange`]'s
+    /// [`Operation`] implementation).
+    async fn execute_change(&self, c: &OffsetChange, trail: &mut Trail) -> Result<Executed> {
+        if c.plan.totals.changed == 0 {
             return Err(refused("nothing to change: every partition is already there"));
         }
         // One operator per group at a time: a session-level advisory lock on
         // a connection of our own, released by closing it (also on a crash).
         let mut conn = self.pool().acquire().await?.detach();
-        if !store::admin::try_lock_group(&mut conn, &p.group).await? {
+        if !store::admin::try_lock_group(&mut conn, &c.group).await? {
             let _ = sqlx::Connection::close(conn).await;
-            return Err(self
-                .refuse(p, format!("another oncely command is changing the offsets of group {} right now", p.group))
+            return Err(trail
+                .refuse(format!("another oncely command is changing the offsets of group {} right now", c.group))
                 .await);
         }
-        let result = self.execute_locked(p).await;
+        let result = self.execute_locked(c, trail).await;
         if let Err(e) = sqlx::Connection::close(conn).await {
             tracing::warn!(error = %e, "Closing the lock connection failed; the server releases the lock when it notices.");
         }
         result
     }
 
-    async fn execute_locked(&self, p: &Preview) -> Result<Executed> {
-        let desc = self.describe_group(&p.group).await?;
+    async fn execute_locked(&self, c: &OffsetChange, trail: &mut Trail) -> Result<Executed> {
+        let desc = self.describe_group(&c.group).await?;
         if !desc.is_inactive() {
-            return Err(self.refuse(p, group_active_reason(&desc)).await);
+            return Err(trail.refuse(group_active_reason(&desc)).await);
         }
-        let parts: Vec<(String, i32)> = p.plan.partitions.iter().map(|pp| (pp.topic.clone(), pp.partition)).collect();
-        let now = self.admin().list_consumer_group_offsets(&p.group, Some(&parts)).await?;
+        let parts: Vec<(String, i32)> = c.plan.partitions.iter().map(|pp| (pp.topic.clone(), pp.partition)).collect();
+        let now = self.admin().list_consumer_group_offsets(&c.group, Some(&parts)).await?;
         let was: BTreeMap<(String, i32), Option<i64>> =
-            p.before.iter().map(|o| ((o.topic.clone(), o.partition), o.offset)).collect();
+            c.before.iter().map(|o| ((o.topic.clone(), o.partition), o.offset)).collect();
         let moved: Vec<String> = now
             .iter()
             .filter(|n| was.get(&(n.topic.clone(), n.partition)).copied().flatten() != n.offset)
             .map(|n| format!("{}[{}]", n.topic, n.partition))
             .collect();
         if !moved.is_empty() {
-            return Err(self
-                .refuse(
-                    p,
-                    format!(
-                        "the offsets of {} moved since the preview ({}): run the command again for a fresh preview",
-                        p.group,
-                        moved.join(", ")
-                    ),
-                )
+            return Err(trail
+                .refuse(format!(
+                    "the offsets of {} moved since the preview ({}): run the command again for a fresh preview",
+                    c.group,
+                    moved.join(", ")
+                ))
                 .await);
         }
 
-        let entry = self.audit_entry(p);
-        let audit_id = audit::record_start(self.pool(), &entry).await?;
-        let fail = |e: &Error| AuditOutcome::failed(e.to_string());
+        // Recorded before anything changes.
+        let audit_id = trail.start().await?;
 
         // The snapshot undo restores: every committed offset of the group,
         // plus the planned partitions without a commit (as `null`).
         let snapshot = async {
-            let mut offsets = self.current_offsets(&p.group).await?;
-            for o in &p.before {
+            let mut offsets = self.current_offsets(&c.group).await?;
+            for o in &c.before {
                 if !offsets.iter().any(|x| x.topic == o.topic && x.partition == o.partition) {
                     offsets.push(o.clone());
                 }
@@ -749,7 +824,7 @@ impl Session {
                 &NewSnapshot {
                     environment: &self.env().name,
                     cluster_id: self.cluster_id(),
-                    group: &p.group,
+                    group: &c.group,
                     reason: SnapshotReason::BeforeChange,
                     audit_id: Some(audit_id),
                     offsets: &offsets,
@@ -761,51 +836,108 @@ impl Session {
         let snapshot = match snapshot {
             Ok(s) => s,
             Err(e) => {
-                let _ = audit::record_result(self.pool(), audit_id, &fail(&e)).await;
+                trail.finish_quietly(&AuditOutcome::failed(e.to_string())).await;
                 return Err(e);
             }
         };
 
         let metadata = format!("{RESET_METADATA_PREFIX}{audit_id}");
-        let changes: Vec<(String, i32, i64, String)> =
-            p.plan.changes().into_iter().map(|(t, part, o)| (t, part, o, metadata.clone())).collect();
-        let changed: Vec<(String, i32)> = changes.iter().map(|(t, part, _, _)| (t.clone(), *part)).collect();
+        let alters: Vec<(String, i32, i64, String)> =
+            c.plan.changes().into_iter().map(|(t, part, o)| (t, part, o, metadata.clone())).collect();
+        let uncommits = c.plan.uncommits();
+        let changed: Vec<(String, i32)> =
+            alters.iter().map(|(t, part, _, _)| (t.clone(), *part)).chain(uncommits.iter().cloned()).collect();
         let details = json!({ "snapshot_id": snapshot.id, "metadata": metadata });
-        if let Err(e) = self.admin().alter_consumer_group_offsets(&p.group, &changes).await {
-            let after = self.admin().list_consumer_group_offsets(&p.group, Some(&changed)).await.ok();
+        let applied = async {
+            if !alters.is_empty() {
+                self.admin().alter_consumer_group_offsets(&c.group, &alters).await?;
+            }
+            if !uncommits.is_empty() {
+                self.admin().delete_consumer_group_offsets(&c.group, &uncommits).await?;
+            }
+            Ok::<_, AdminError>(())
+        }
+        .await;
+        if let Err(e) = applied {
+            // Some partitions may have changed: record what the broker says now.
+            let after = self.admin().list_consumer_group_offsets(&c.group, Some(&changed)).await.ok();
             let after = after.map(|a| offsets_json(&a.into_iter().map(PartitionOffset::from).collect::<Vec<_>>()));
             let (outcome, err) = if e.is_group_active() {
                 let reason = format!("{e}: stop its consumers first");
                 (AuditOutcome::refused(reason.clone()), Error::Refused(reason))
             } else {
                 let err = Error::from(e);
-                (fail(&err), err)
+                (AuditOutcome::failed(err.to_string()), err)
             };
             let mut outcome = outcome.details(details);
             outcome.after = after;
-            if let Err(db) = audit::record_result(self.pool(), audit_id, &outcome).await {
-                tracing::warn!(error = %db, audit_id, "Could not record the outcome in the audit log.");
-            }
+            trail.finish_quietly(&outcome).await;
             return Err(err);
         }
-        let after: Vec<PartitionOffset> = match self.admin().list_consumer_group_offsets(&p.group, Some(&changed)).await
+        let after: Vec<PartitionOffset> = match self.admin().list_consumer_group_offsets(&c.group, Some(&changed)).await
         {
             Ok(a) => a.into_iter().map(PartitionOffset::from).collect(),
             Err(e) => {
                 // Changed, but we cannot read it back: say so rather than guess.
                 let outcome =
                     AuditOutcome::failed(format!("offsets changed but could not be read back: {e}")).details(details);
-                let _ = audit::record_result(self.pool(), audit_id, &outcome).await;
+                trail.finish_quietly(&outcome).await;
                 return Err(e.into());
             }
         };
-        audit::record_result(
-            self.pool(),
-            audit_id,
-            &AuditOutcome::succeeded(Some(offsets_json(&after))).details(details),
-        )
-        .await?;
+        trail.finish(&AuditOutcome::succeeded(Some(offsets_json(&after))).details(details)).await?;
         Ok(Executed { audit_id, snapshot_id: snapshot.id, metadata, after })
+    }
+}
+
+impl Operation for OffsetChange {
+    type Output = Executed;
+
+    fn action(&self) -> &'static str {
+        self.action.as_str()
+    }
+
+    fn confirmation_text(&self, environment: &str) -> String {
+        confirmation_text(environment, &self.group)
+    }
+
+    fn refusals(&self) -> &[String] {
+        &self.refusals
+    }
+
+    fn audit_entry(&self, entry: AuditEntry) -> AuditEntry {
+        let plan: Vec<Value> = self
+            .plan
+            .partitions
+            .iter()
+            .map(|pp| json!({"topic": pp.topic, "partition": pp.partition, "current": pp.current, "new": pp.new}))
+            .collect();
+        entry.group(&self.group).before(offsets_json(&self.before)).details(json!({
+            "target": self.target,
+            "source_snapshot": self.source_snapshot.as_ref().map(|s| s.id),
+            "undoes": self.undoes,
+            "oncely_consumer": self.oncely.consumer,
+            "totals": self.plan.totals,
+            "oldest_replayed_ms": self.oldest_replayed_ms,
+            "max_replay": self.options.max_replay,
+            "allow_clamp": self.options.allow_clamp,
+            "plan": plan,
+        }))
+    }
+
+    /// The execution: refused (recorded) when another oncely command is
+    /// changing the same group, when the group has members, or when its
+    /// offsets moved since the preview. Then: audit record (`started`),
+    /// snapshot of the group, the change (AlterConsumerGroupOffsets with
+    /// metadata `oncely:reset:<audit id>`, DeleteConsumerGroupOffsets for
+    /// partitions that go back to no commit), audit outcome with the offsets
+    /// after.
+    fn run<'a>(
+        &'a self,
+        session: &'a Session,
+        trail: &'a mut Trail,
+    ) -> impl std::future::Future<Output = Result<Executed>> + Send + 'a {
+        session.execute_change(self, trail)
     }
 }
 
@@ -813,6 +945,53 @@ impl Session {
 mod tests {
     use super::*;
     use crate::admin::kafka::Member;
+
+    #[test]
+    fn a_past_change_is_judged_by_what_it_wrote_and_what_it_found() {
+        let m = "oncely:reset:7";
+        // It wrote 0 with its metadata: changed.
+        assert_eq!(trace(Some(40), Some(0), Some(0), m, m), Trace::Changed);
+        // It removed a commit (an undo of a partition that had none): changed.
+        assert_eq!(trace(Some(3), None, None, "", m), Trace::Changed);
+        // Still where the snapshot found it (it failed before this partition): untouched.
+        assert_eq!(trace(Some(40), Some(0), Some(40), "oncely:consumer", m), Trace::Untouched);
+        assert_eq!(trace(None, Some(0), None, "", m), Trace::Untouched);
+        // Someone committed since: moved, even at the offset it wrote.
+        assert_eq!(trace(Some(40), Some(0), Some(3), "", m), Trace::MovedSince);
+        assert_eq!(trace(Some(40), Some(0), Some(0), "oncely:consumer", m), Trace::MovedSince);
+        assert_eq!(trace(None, Some(0), Some(5), "", m), Trace::MovedSince);
+    }
+
+    #[test]
+    fn a_recorded_plan_yields_only_the_partitions_it_meant_to_change() {
+        let rec = AuditRecord {
+            id: 7,
+            started_at: Utc::now(),
+            finished_at: None,
+            os_user: "u".into(),
+            host: "h".into(),
+            environment: "e".into(),
+            cluster_id: Some("c".into()),
+            command_line: "oncely offsets reset".into(),
+            action: "offsets.reset".into(),
+            group: Some("g".into()),
+            before: None,
+            after: None,
+            details: json!({"plan": [
+                {"topic": "t", "partition": 0, "current": 5, "new": 0},
+                {"topic": "t", "partition": 1, "current": 0, "new": 0},
+                {"topic": "t", "partition": 2, "current": null, "new": 0},
+                {"topic": "t", "partition": 3, "current": 4, "new": null},
+            ]}),
+            result: "started".into(),
+            error: None,
+        };
+        let p: Vec<(i32, Option<i64>)> =
+            planned_changes(&rec).expect("plan").into_iter().map(|p| (p.partition, p.new)).collect();
+        assert_eq!(p, vec![(0, Some(0)), (2, Some(0)), (3, None)]);
+        let bad = AuditRecord { details: json!({}), ..rec };
+        assert!(matches!(planned_changes(&bad), Err(Error::Refused(m)) if m.contains("audit #7 has no usable plan")));
+    }
 
     #[test]
     fn confirmation_names_environment_and_group() {

@@ -239,25 +239,30 @@ pub async fn list_audit(pool: &PgPool, f: &AuditFilter) -> Result<Vec<AuditRecor
     rows.iter().map(audit_row).collect()
 }
 
-/// The last offset change of a group on a cluster that succeeded (one of
-/// `actions`), newest first.
-pub async fn last_succeeded_action(
+/// The offset changes of a group on a cluster (one of `actions`) that may
+/// have changed something: `succeeded`, and also `failed` and `started` (a
+/// change that failed midway, or whose command died, may have moved some
+/// partitions), never `refused`. Newest first, at most `limit`.
+pub async fn offset_changes(
     pool: &PgPool,
     cluster_id: &str,
     group: &str,
     actions: &[&str],
-) -> Result<Option<AuditRecord>> {
-    let row = sqlx::query(&format!(
+    limit: i64,
+) -> Result<Vec<AuditRecord>> {
+    let rows = sqlx::query(&format!(
         "SELECT {AUDIT_COLUMNS} FROM oncely.audit_log
-          WHERE cluster_id = $1 AND group_id = $2 AND action = ANY($3) AND result = 'succeeded'
-          ORDER BY id DESC LIMIT 1"
+          WHERE cluster_id = $1 AND group_id = $2 AND action = ANY($3)
+            AND result IN ('succeeded', 'failed', 'started')
+          ORDER BY id DESC LIMIT $4"
     ))
     .bind(cluster_id)
     .bind(group)
     .bind(actions)
-    .fetch_optional(pool)
+    .bind(limit)
+    .fetch_all(pool)
     .await?;
-    row.as_ref().map(audit_row).transpose()
+    rows.iter().map(audit_row).collect()
 }
 
 /// First key of the group lock (an arbitrary constant: "onc").

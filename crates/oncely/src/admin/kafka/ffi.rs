@@ -567,6 +567,52 @@ pub(super) fn alter_group_offsets(
     }
 }
 
+/// `rd_kafka_DeleteConsumerGroupOffsets` for one group: the partitions'
+/// committed offsets are removed, so the group has none there (as before
+/// its first commit).
+pub(super) fn delete_group_offsets(
+    rk: *mut RDKafka,
+    settings: Settings,
+    group: &str,
+    partitions: &[(String, i32)],
+) -> Result<Vec<RawPartition>, AdminError> {
+    const OP: &str = "DeleteConsumerGroupOffsets";
+    let group_c = c_string("group", group)?;
+    let mut list = PartitionList::new(OP, partitions.len())?;
+    for (topic, partition) in partitions {
+        list.push(topic, *partition, OFFSET_INVALID, None)?;
+    }
+    // SAFETY: valid arguments, copied by the function (only topic and
+    // partition are read); the object is ours.
+    let req = unsafe {
+        Owned::new(
+            rd::rd_kafka_DeleteConsumerGroupOffsets_new(group_c.as_ptr(), list.as_ptr()),
+            rd::rd_kafka_DeleteConsumerGroupOffsets_destroy,
+        )
+    }
+    .ok_or_else(|| alloc_failed(OP, "request object"))?;
+    let ev = request(
+        rk,
+        AdminOp::RD_KAFKA_ADMIN_OP_DELETECONSUMERGROUPOFFSETS,
+        OP,
+        settings,
+        rd::RD_KAFKA_EVENT_DELETECONSUMERGROUPOFFSETS_RESULT,
+        |opts, queue| {
+            let mut reqs = [req.as_ptr()];
+            // SAFETY: exactly one live request object, as the API requires;
+            // `rk`, the options and the queue are live for the call.
+            unsafe { rd::rd_kafka_DeleteConsumerGroupOffsets(rk, reqs.as_mut_ptr(), 1, opts, queue) }
+        },
+    )?;
+    let res = ev.result(rd::rd_kafka_event_DeleteConsumerGroupOffsets_result)?;
+    // SAFETY: `res` lives as long as `ev`.
+    unsafe {
+        let mut cnt = 0usize;
+        let groups = rd::rd_kafka_DeleteConsumerGroupOffsets_result_groups(res, &mut cnt);
+        read_group_results(OP, group, groups, cnt)
+    }
+}
+
 /// A `ListOffsets` answer for one partition: the copied element (offset and
 /// error) and the timestamp librdkafka reports beside it.
 #[derive(Debug, Clone, PartialEq, Eq)]
