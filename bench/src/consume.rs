@@ -5,7 +5,13 @@
 //! - **baseline**: the best plain at-least-once consumer a good engineer writes
 //!   without oncely: the same per-partition parallelism and batching, one
 //!   multi-row insert per batch, no inbox, offsets committed to Kafka after
-//!   the insert.
+//!   the insert, into a table with no index.
+//! - **baseline_pk**: the same into a table with a primary key on the event id
+//!   and `ON CONFLICT DO NOTHING` (what a real table has).
+//! - **baseline_per_event**: the same, one `INSERT` per event inside one
+//!   transaction per batch (the work a per-event oncely handler does).
+//! - **oncely duplicates-only**: the whole topic replayed into the batch
+//!   handler's consumer after it applied it (a rewind with policy `replay`).
 //! - **naive**: the per-event "check, then insert, then commit" pattern from
 //!   the incident write-ups.
 //!
@@ -50,6 +56,13 @@ pub struct ConsumeArgs {
     /// Also run oncely with this many rows already in its inbox (0: skip).
     #[arg(long, default_value_t = 0)]
     pub prefill_inbox: u64,
+    /// Bytes of padding in each event's payload (record size ≈ 150 + this).
+    #[arg(long, default_value_t = 0)]
+    pub pad: usize,
+    /// Variants to run (comma separated; default all): oncely, oncely-batch,
+    /// oncely-dups, baseline, baseline-pk, baseline-per-event, naive.
+    #[arg(long)]
+    pub only: Option<String>,
     /// Print one JSON object as the last line.
     #[arg(long)]
     pub json: bool,
@@ -88,6 +101,8 @@ struct BenchEvent {
     key: String,
     seq: u64,
     amount: i64,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pad: String,
 }
 
 fn peak_rss_mb() -> f64 {
@@ -108,9 +123,12 @@ pub async fn run(args: ConsumeArgs) -> Result<()> {
         let topic = args.topic.clone().context("--topic")?;
         let group = args.group.clone().context("--group")?;
         let r = match v.as_str() {
-            "oncely" => run_oncely(&topic, &group, args.events, false).await?,
-            "oncely-batch" => run_oncely(&topic, &group, args.events, true).await?,
-            "baseline" => run_baseline(&topic, &group, args.events).await?,
+            "oncely" => run_oncely(&topic, &group, args.events, false, "oncely").await?,
+            "oncely-batch" => run_oncely(&topic, &group, args.events, true, "oncely-batch").await?,
+            "oncely-dups" => run_oncely(&topic, &group, args.events, true, "oncely-dups").await?,
+            "baseline" => run_baseline(&topic, &group, args.events, Baseline::NoIndex).await?,
+            "baseline-pk" => run_baseline(&topic, &group, args.events, Baseline::PrimaryKey).await?,
+            "baseline-per-event" => run_baseline(&topic, &group, args.events, Baseline::PerEvent).await?,
             "naive" => run_naive(&topic, &group, args.naive_events).await?,
             other => bail!("unknown variant {other}"),
         };
@@ -123,21 +141,45 @@ pub async fn run(args: ConsumeArgs) -> Result<()> {
     setup_tables(&pool).await?;
     let topic = format!("bench-consume-{:08x}", fastrand::u32(..));
     create_topic(&topic, args.partitions).await?;
-    eprintln!("producing {} events to {topic} ({} partitions, {} keys)…", args.events, args.partitions, args.keys);
+    eprintln!(
+        "producing {} events to {topic} ({} partitions, {} keys, {} bytes of padding)…",
+        args.events, args.partitions, args.keys, args.pad
+    );
     let t = Instant::now();
-    produce(&topic, args.events, args.keys).await?;
+    produce(&topic, args.events, args.keys, args.pad).await?;
     eprintln!("produced in {:.1}s", t.elapsed().as_secs_f64());
 
+    let all = ["oncely", "oncely-batch", "oncely-dups", "baseline", "baseline-pk", "baseline-per-event", "naive"];
+    let wanted: Vec<&str> = match &args.only {
+        Some(list) => all.iter().copied().filter(|v| list.split(',').any(|w| w.trim() == *v)).collect(),
+        None => all.to_vec(),
+    };
     let mut results: HashMap<String, VariantResult> = HashMap::new();
-    for v in ["oncely", "oncely-batch", "baseline", "naive"] {
-        let group = format!("bench-{v}-{:08x}", fastrand::u32(..));
+    let batch_group = format!("bench-oncely-batch-{:08x}", fastrand::u32(..));
+    for v in &wanted {
+        let group = match *v {
+            // The replay runs as the batch handler's consumer, whose inbox
+            // holds every identity: everything it reads is a duplicate.
+            "oncely-batch" | "oncely-dups" => batch_group.clone(),
+            _ => format!("bench-{v}-{:08x}", fastrand::u32(..)),
+        };
+        if *v == "oncely-dups" {
+            if !results.contains_key("oncely-batch") {
+                bail!("oncely-dups replays what oncely-batch applied: run both");
+            }
+            // Rewind the database position: the consumer reads the topic again.
+            sqlx::query("UPDATE oncely.offsets SET next_offset = 0 WHERE consumer = $1")
+                .bind(&group)
+                .execute(&pool)
+                .await?;
+        }
         eprintln!("running {v}…");
         let r = child(&args, v, &topic, &group).await?;
         eprintln!(
             "  {v}: {:.0} events/s ({} events in {:.1}s), peak RSS {:.0} MB",
             r.events_per_s, r.events, r.seconds, r.peak_rss_mb
         );
-        results.insert(v.to_owned(), r);
+        results.insert((*v).to_owned(), r);
     }
     let mut prefilled = None;
     if args.prefill_inbox > 0 {
@@ -150,15 +192,12 @@ pub async fn run(args: ConsumeArgs) -> Result<()> {
         prefilled = Some(r);
     }
 
-    let o = &results["oncely"];
-    let ob = &results["oncely-batch"];
-    let b = &results["baseline"];
-    let n = &results["naive"];
     println!();
-    println!("variant     events/s   p50 batch ms   p99 batch ms   peak RSS MB");
-    for r in [o, ob, b, n] {
+    println!("variant              events/s   p50 batch ms   p99 batch ms   peak RSS MB");
+    for v in &wanted {
+        let r = &results[*v];
         println!(
-            "{:<10} {:>9.0}   {:>12}   {:>12}   {:>11.0}",
+            "{:<19} {:>9.0}   {:>12}   {:>12}   {:>11.0}",
             r.variant,
             r.events_per_s,
             r.batch_p50_ms.map_or("-".into(), |v| format!("{v:.1}")),
@@ -166,46 +205,55 @@ pub async fn run(args: ConsumeArgs) -> Result<()> {
             r.peak_rss_mb
         );
     }
-    println!(
-        "per-event handler: oncely / baseline = {:.2}x, oncely / naive = {:.1}x",
-        o.events_per_s / b.events_per_s,
-        o.events_per_s / n.events_per_s
-    );
-    println!(
-        "batch handler:     oncely / baseline = {:.2}x, oncely / naive = {:.1}x",
-        ob.events_per_s / b.events_per_s,
-        ob.events_per_s / n.events_per_s
-    );
-    if let Some(p) = &prefilled {
+    let rate = |v: &str| results.get(v).map(|r| r.events_per_s);
+    let ratio = |a: &str, b: &str| Some(rate(a)? / rate(b)?);
+    let show = |label: &str, r: Option<f64>| {
+        if let Some(r) = r {
+            println!("{label:<48} {r:.2}x");
+        }
+    };
+    show("batch handler / baseline_pk", ratio("oncely-batch", "baseline-pk"));
+    show("batch handler / baseline (no index)", ratio("oncely-batch", "baseline"));
+    show("per-event handler / baseline_per_event", ratio("oncely", "baseline-per-event"));
+    show("per-event handler / baseline (no index)", ratio("oncely", "baseline"));
+    show("per-event handler / naive", ratio("oncely", "naive"));
+    if let (Some(p), Some(ob)) = (&prefilled, rate("oncely-batch")) {
         println!(
             "oncely (batch handler) with {} rows in the inbox: {:.0} events/s ({:.0}% of the empty-inbox run)",
             args.prefill_inbox,
             p.events_per_s,
-            100.0 * p.events_per_s / ob.events_per_s
+            100.0 * p.events_per_s / ob
         );
     }
     if args.json {
+        let get = |v: &str| results.get(v);
         println!(
             "{}",
             json!({
                 "events": args.events,
                 "partitions": args.partitions,
                 "keys": args.keys,
-                "oncely_events_per_s": o.events_per_s,
-                "oncely_batch_handler_events_per_s": ob.events_per_s,
-                "batch_ratio_vs_baseline": ob.events_per_s / b.events_per_s,
-                "oncely_batch_handler_peak_rss_mb": ob.peak_rss_mb,
-                "baseline_events_per_s": b.events_per_s,
-                "naive_events_per_s": n.events_per_s,
-                "naive_events": n.events,
-                "ratio_vs_baseline": o.events_per_s / b.events_per_s,
-                "ratio_vs_naive": o.events_per_s / n.events_per_s,
-                "oncely_batch_p50_ms": o.batch_p50_ms,
-                "oncely_batch_p99_ms": o.batch_p99_ms,
-                "baseline_batch_p50_ms": b.batch_p50_ms,
-                "baseline_batch_p99_ms": b.batch_p99_ms,
-                "peak_rss_mb": o.peak_rss_mb,
-                "baseline_peak_rss_mb": b.peak_rss_mb,
+                "pad_bytes": args.pad,
+                "oncely_events_per_s": rate("oncely"),
+                "oncely_batch_handler_events_per_s": rate("oncely-batch"),
+                "oncely_duplicates_events_per_s": rate("oncely-dups"),
+                "baseline_events_per_s": rate("baseline"),
+                "baseline_pk_events_per_s": rate("baseline-pk"),
+                "baseline_per_event_events_per_s": rate("baseline-per-event"),
+                "naive_events_per_s": rate("naive"),
+                "naive_events": get("naive").map(|r| r.events),
+                "batch_ratio_vs_baseline": ratio("oncely-batch", "baseline"),
+                "batch_ratio_vs_baseline_pk": ratio("oncely-batch", "baseline-pk"),
+                "ratio_vs_baseline": ratio("oncely", "baseline"),
+                "ratio_vs_baseline_per_event": ratio("oncely", "baseline-per-event"),
+                "ratio_vs_naive": ratio("oncely", "naive"),
+                "oncely_batch_p50_ms": get("oncely").and_then(|r| r.batch_p50_ms),
+                "oncely_batch_p99_ms": get("oncely").and_then(|r| r.batch_p99_ms),
+                "baseline_batch_p50_ms": get("baseline").and_then(|r| r.batch_p50_ms),
+                "baseline_batch_p99_ms": get("baseline").and_then(|r| r.batch_p99_ms),
+                "peak_rss_mb": get("oncely").map(|r| r.peak_rss_mb),
+                "oncely_batch_handler_peak_rss_mb": get("oncely-batch").map(|r| r.peak_rss_mb),
+                "baseline_peak_rss_mb": get("baseline").map(|r| r.peak_rss_mb),
                 "prefilled_inbox_rows": args.prefill_inbox,
                 "prefilled_events_per_s": prefilled.as_ref().map(|p| p.events_per_s),
             })
@@ -219,6 +267,7 @@ async fn child(args: &ConsumeArgs, variant: &str, topic: &str, group: &str) -> R
     let out = tokio::process::Command::new(exe)
         .args(["consume", "--variant", variant, "--topic", topic, "--group", group])
         .args(["--events", &args.events.to_string(), "--naive-events", &args.naive_events.to_string()])
+        .args(["--pad", &args.pad.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         // spawn, not output(): output() pipes stderr too, and a child whose
@@ -243,13 +292,20 @@ async fn setup_tables(pool: &PgPool) -> Result<()> {
         .execute(pool)
         .await?;
     }
+    // What a real table has: the event id as its primary key (no serial).
+    sqlx::query(
+        "CREATE TABLE IF NOT EXISTS bench_baseline_pk (event_id text PRIMARY KEY, consumer text NOT NULL,
+             key text NOT NULL, seq bigint NOT NULL, amount bigint NOT NULL)",
+    )
+    .execute(pool)
+    .await?;
     sqlx::query("CREATE UNIQUE INDEX IF NOT EXISTS bench_naive_event ON bench_naive (consumer, event_id)")
         .execute(pool)
         .await?;
     Ok(())
 }
 
-async fn produce(topic: &str, events: u64, keys: u64) -> Result<()> {
+async fn produce(topic: &str, events: u64, keys: u64, pad: usize) -> Result<()> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap())
         .set("enable.idempotence", "true")
@@ -258,13 +314,22 @@ async fn produce(topic: &str, events: u64, keys: u64) -> Result<()> {
         .set("batch.size", "1000000")
         .set("compression.type", "lz4")
         .set("queue.buffering.max.messages", "500000")
+        .set("queue.buffering.max.kbytes", "1048576")
+        .set("message.max.bytes", "10000000")
         .create()?;
+    let padding = "x".repeat(pad);
+    let window = if pad > 10_000 { 2_000 } else { 50_000 };
     let mut inflight = futures::stream::FuturesUnordered::new();
     use futures::StreamExt;
     for seq in 0..events {
         let key = format!("key-{}", seq % keys);
         let attrs = CloudEventAttrs::new_now("/bench/producer", "bench.event");
-        let payload = serde_json::to_vec(&BenchEvent { key: key.clone(), seq, amount: (seq % 1000) as i64 })?;
+        let payload = serde_json::to_vec(&BenchEvent {
+            key: key.clone(),
+            seq,
+            amount: (seq % 1000) as i64,
+            pad: padding.clone(),
+        })?;
         let headers = owned_headers(&attrs.to_headers());
         let producer = producer.clone();
         let topic = topic.to_owned();
@@ -272,7 +337,7 @@ async fn produce(topic: &str, events: u64, keys: u64) -> Result<()> {
             let rec = FutureRecord::to(&topic).key(&key).payload(&payload).headers(headers);
             producer.send(rec, Duration::from_secs(60)).await.map(|_| ()).map_err(|(e, _)| e)
         });
-        if inflight.len() >= 50_000 {
+        if inflight.len() >= window {
             if let Some(r) = inflight.next().await {
                 r?;
             }
@@ -342,7 +407,7 @@ async fn bench_batch_handler(evs: Vec<Event<BenchEvent>>, cx: &mut Cx) -> Result
     Ok(())
 }
 
-async fn run_oncely(topic: &str, group: &str, events: u64, batch: bool) -> Result<VariantResult> {
+async fn run_oncely(topic: &str, group: &str, events: u64, batch: bool, variant: &str) -> Result<VariantResult> {
     let pool = oncely::store::connect(&database_url(), 16).await?;
     let token = CancellationToken::new();
     let consumer = oncely::Consumer::builder(group)
@@ -364,7 +429,7 @@ async fn run_oncely(topic: &str, group: &str, events: u64, batch: bool) -> Resul
     run.await??;
     let (p50, p99) = histogram_percentiles(&oncely::metrics::render(), group);
     Ok(VariantResult {
-        variant: if batch { "oncely-batch".into() } else { "oncely".into() },
+        variant: variant.into(),
         events,
         seconds,
         events_per_s: events as f64 / seconds,
@@ -398,9 +463,30 @@ fn histogram_percentiles(text: &str, consumer: &str) -> (Option<f64>, Option<f64
     }
 }
 
-/// The baseline: per-partition tasks, batches of up to 500 or 20 ms, one
-/// multi-row insert per batch, then the Kafka commit.
-async fn run_baseline(topic: &str, group: &str, events: u64) -> Result<VariantResult> {
+/// How a baseline writes a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Baseline {
+    /// One multi-row insert into a table with no index.
+    NoIndex,
+    /// One multi-row insert into a table keyed by the event id, `ON CONFLICT DO NOTHING`.
+    PrimaryKey,
+    /// One insert per event (no index), in one transaction per batch.
+    PerEvent,
+}
+
+impl Baseline {
+    fn name(self) -> &'static str {
+        match self {
+            Baseline::NoIndex => "baseline",
+            Baseline::PrimaryKey => "baseline-pk",
+            Baseline::PerEvent => "baseline-per-event",
+        }
+    }
+}
+
+/// A plain at-least-once consumer: per-partition tasks, batches of up to 500
+/// or 20 ms, the batch written (see [`Baseline`]), then the Kafka commit.
+async fn run_baseline(topic: &str, group: &str, events: u64, mode: Baseline) -> Result<VariantResult> {
     let pool = oncely::store::connect(&database_url(), 16).await?;
     let consumer: Arc<StreamConsumer> = Arc::new(
         ClientConfig::new()
@@ -446,6 +532,7 @@ async fn run_baseline(topic: &str, group: &str, events: u64) -> Result<VariantRe
                 done.clone(),
                 latencies.clone(),
                 token.clone(),
+                mode,
             ));
             tx
         });
@@ -459,7 +546,7 @@ async fn run_baseline(topic: &str, group: &str, events: u64) -> Result<VariantRe
     let mut l = latencies.lock().map(|l| l.clone()).unwrap_or_default();
     l.sort_by(f64::total_cmp);
     Ok(VariantResult {
-        variant: "baseline".into(),
+        variant: mode.name().into(),
         events,
         seconds,
         events_per_s: events as f64 / seconds,
@@ -479,6 +566,7 @@ async fn baseline_lane(
     done: Arc<AtomicU64>,
     latencies: Arc<std::sync::Mutex<Vec<f64>>>,
     token: CancellationToken,
+    mode: Baseline,
 ) {
     let mut batch = Vec::with_capacity(500);
     loop {
@@ -502,17 +590,7 @@ async fn baseline_lane(
                 (a, b, c, d)
             },
         );
-        let r = sqlx::query(
-            "INSERT INTO bench_baseline (consumer, event_id, key, seq, amount)
-             SELECT $1, * FROM unnest($2::text[], $3::text[], $4::int8[], $5::int8[])",
-        )
-        .bind(&group)
-        .bind(&ids)
-        .bind(&keys)
-        .bind(&seqs)
-        .bind(&amounts)
-        .execute(&pool)
-        .await;
+        let r = write_baseline_batch(&pool, mode, &group, &ids, &keys, &seqs, &amounts).await;
         if let Err(e) = r {
             eprintln!("baseline insert failed: {e}");
             return;
@@ -528,6 +606,47 @@ async fn baseline_lane(
         done.fetch_add(batch.len() as u64, Ordering::Relaxed);
         batch.clear();
     }
+}
+
+async fn write_baseline_batch(
+    pool: &PgPool,
+    mode: Baseline,
+    group: &str,
+    ids: &[String],
+    keys: &[String],
+    seqs: &[i64],
+    amounts: &[i64],
+) -> sqlx::Result<()> {
+    match mode {
+        Baseline::NoIndex | Baseline::PrimaryKey => {
+            let sql = if mode == Baseline::NoIndex {
+                "INSERT INTO bench_baseline (consumer, event_id, key, seq, amount)
+                 SELECT $1, * FROM unnest($2::text[], $3::text[], $4::int8[], $5::int8[])"
+            } else {
+                "INSERT INTO bench_baseline_pk (consumer, event_id, key, seq, amount)
+                 SELECT $1, * FROM unnest($2::text[], $3::text[], $4::int8[], $5::int8[])
+                 ON CONFLICT DO NOTHING"
+            };
+            sqlx::query(sql).bind(group).bind(ids).bind(keys).bind(seqs).bind(amounts).execute(pool).await?;
+        }
+        Baseline::PerEvent => {
+            let mut tx = pool.begin().await?;
+            for i in 0..ids.len() {
+                sqlx::query(
+                    "INSERT INTO bench_baseline (consumer, event_id, key, seq, amount) VALUES ($1, $2, $3, $4, $5)",
+                )
+                .bind(group)
+                .bind(&ids[i])
+                .bind(&keys[i])
+                .bind(seqs[i])
+                .bind(amounts[i])
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await?;
+        }
+    }
+    Ok(())
 }
 
 /// The naive pattern: per event, check the processed table, insert, commit

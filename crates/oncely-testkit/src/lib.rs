@@ -187,6 +187,57 @@ pub fn kafka_tool(name: &str, args: &[&str]) -> Result<String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
+/// Runs `scripts/services <cmd>` (`stop-kafka`, `start-postgres`, ...) with
+/// this process's environment, so a private instance (`ONCELY_CACHE`, ports)
+/// is the one acted on. Its output goes to a file, not to a pipe:
+/// `start-kafka` leaves a shell (the broker's parent) holding its stdout and
+/// stderr, and a pipe would stay open until the broker stops.
+pub fn services(cmd: &str) -> Result<()> {
+    let log = std::env::temp_dir().join(format!("{}.log", unique("services")));
+    let file = std::fs::File::create(&log)?;
+    let status = Command::new(repo_root().join("scripts/services"))
+        .arg(cmd)
+        .stdin(std::process::Stdio::null())
+        .stdout(file.try_clone()?)
+        .stderr(file)
+        .status()
+        .with_context(|| format!("running scripts/services {cmd}"))?;
+    let output = std::fs::read_to_string(&log).unwrap_or_default();
+    let _ = std::fs::remove_file(&log);
+    if !status.success() {
+        bail!("scripts/services {cmd} failed: {status}\n{output}");
+    }
+    Ok(())
+}
+
+/// A stopped service (`kafka` or `postgres`), started again when dropped,
+/// also when the test fails.
+#[derive(Debug)]
+pub struct Stopped(&'static str);
+
+impl Stopped {
+    /// Stops `service` (`kafka` or `postgres`).
+    pub fn stop(service: &'static str) -> Result<Self> {
+        services(&format!("stop-{service}"))?;
+        Ok(Stopped(service))
+    }
+
+    /// Starts it again now.
+    pub fn start(self) -> Result<()> {
+        let s = self.0;
+        std::mem::forget(self);
+        services(&format!("start-{s}"))
+    }
+}
+
+impl Drop for Stopped {
+    fn drop(&mut self) {
+        if let Err(e) = services(&format!("start-{}", self.0)) {
+            eprintln!("could not start {} again: {e:#}", self.0);
+        }
+    }
+}
+
 /// Waits until `cond` returns true, polling every 50 ms; fails after `timeout`
 /// naming `what`.
 pub async fn wait_until<F, Fut>(timeout: Duration, what: &str, mut cond: F) -> Result<()>

@@ -6,58 +6,13 @@
 mod outbox_support;
 
 use std::collections::HashSet;
-use std::process::Stdio;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use oncely::outbox;
 use oncely_testkit::{self as kit, app::SeqEvent};
 use outbox_support::{read_to_end, relay, start, wait_drained, WAIT};
 use sqlx::PgPool;
-
-/// Runs `scripts/services <cmd>`. Its output goes to a file, not to a pipe:
-/// `start-kafka` leaves a shell (the broker's parent) holding its stdout and
-/// stderr, and a pipe would stay open until the broker stops.
-fn services(cmd: &str) -> Result<()> {
-    let log = std::env::temp_dir().join(format!("{}.log", kit::unique("outbox-services")));
-    let file = std::fs::File::create(&log)?;
-    let status = std::process::Command::new(kit::repo_root().join("scripts/services"))
-        .arg(cmd)
-        .stdin(Stdio::null())
-        .stdout(file.try_clone()?)
-        .stderr(file)
-        .status()
-        .with_context(|| format!("running scripts/services {cmd}"))?;
-    let output = std::fs::read_to_string(&log).unwrap_or_default();
-    let _ = std::fs::remove_file(&log);
-    if !status.success() {
-        bail!("scripts/services {cmd} failed: {status}\n{output}");
-    }
-    Ok(())
-}
-
-/// Starts the broker again when dropped, also when the test fails.
-struct BrokerDown;
-
-impl BrokerDown {
-    fn stop() -> Result<Self> {
-        services("stop-kafka")?;
-        Ok(BrokerDown)
-    }
-
-    fn start(self) -> Result<()> {
-        std::mem::forget(self);
-        services("start-kafka")
-    }
-}
-
-impl Drop for BrokerDown {
-    fn drop(&mut self) {
-        if let Err(e) = services("start-kafka") {
-            eprintln!("could not restart the broker: {e:#}");
-        }
-    }
-}
 
 async fn enqueue_round(pool: &PgPool, topic: &str, round: i64, keys: usize, per_key: i64) -> Result<()> {
     for seq in 1..=per_key {
@@ -87,7 +42,7 @@ async fn rows_enqueued_while_the_broker_is_down_are_all_published_after_it_resta
 
     // Round 2, broker down, default relay: records never time out, the batch
     // waits for the broker.
-    let down = BrokerDown::stop()?;
+    let down = kit::Stopped::stop("kafka")?;
     enqueue_round(&db.pool, &topic, 2, 10, 20).await?;
     assert!(
         kit::count(&db.pool, "SELECT count(*) FROM oncely.outbox WHERE published_at IS NULL").await? > 0,
@@ -101,7 +56,7 @@ async fn rows_enqueued_while_the_broker_is_down_are_all_published_after_it_resta
     // attempts fail and are retried with backoff until the broker is back.
     let name = kit::unique("relay-retries");
     let retrying = start(relay(&db.pool, &name).message_timeout(Duration::from_secs(2)))?;
-    let down = BrokerDown::stop()?;
+    let down = kit::Stopped::stop("kafka")?;
     enqueue_round(&db.pool, &topic, 3, 10, 20).await?;
     kit::wait_until(WAIT, "failed attempts while the broker is down", || async {
         Ok(outbox::events::failures_of(&name) > 0)
