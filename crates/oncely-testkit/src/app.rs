@@ -6,11 +6,11 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Write as _;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Result;
-use oncely::{Consumer, ConsumerBuilder, Cx, Event, HandlerError, Publisher};
+use oncely::{Consumer, ConsumerBuilder, Cx, Event, HandlerError, Publisher, State};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
@@ -79,8 +79,7 @@ pub async fn setup(pool: &PgPool) -> Result<()> {
 }
 
 /// The test handler: one row per applied event.
-pub async fn record(ev: Event<SeqEvent>, cx: &mut Cx) -> Result<(), HandlerError> {
-    let b = cx.state::<Behaviour>().ok_or_else(|| HandlerError::reject("no behaviour"))?;
+pub async fn record(ev: Event<SeqEvent>, cx: &mut Cx, b: State<Behaviour>) -> Result<(), HandlerError> {
     let key = ev.data.key.clone();
     if b.panic_keys.contains(&key) {
         panic!("test handler told to panic for key {key}");
@@ -134,8 +133,7 @@ pub async fn record(ev: Event<SeqEvent>, cx: &mut Cx) -> Result<(), HandlerError
 
 /// The test handler as a batch handler: one multi-row insert per batch; a
 /// panic key panics the whole call (so oncely isolates it event by event).
-pub async fn record_batch(evs: Vec<Event<SeqEvent>>, cx: &mut Cx) -> Result<(), HandlerError> {
-    let b = cx.state::<Behaviour>().ok_or_else(|| HandlerError::reject("no behaviour"))?;
+pub async fn record_batch(evs: Vec<Event<SeqEvent>>, cx: &mut Cx, b: State<Behaviour>) -> Result<(), HandlerError> {
     if let Some(ev) = evs.iter().find(|e| b.panic_keys.contains(&e.data.key)) {
         panic!("test batch handler told to panic for key {}", ev.data.key);
     }
@@ -155,14 +153,20 @@ pub async fn record_batch(evs: Vec<Event<SeqEvent>>, cx: &mut Cx) -> Result<(), 
     Ok(())
 }
 
-/// A consumer of `topic` in group `group` with the test handler.
-pub fn consumer(group: &str, topic: &str, pool: PgPool, behaviour: Behaviour) -> ConsumerBuilder {
+/// A consumer of `topic` in group `group` with the test handler (pass an
+/// `Arc<Behaviour>` to keep a handle on it while it runs).
+pub fn consumer(
+    group: &str,
+    topic: &str,
+    pool: PgPool,
+    behaviour: impl Into<Arc<Behaviour>>,
+) -> ConsumerBuilder<Behaviour> {
     Consumer::builder(group)
+        .shared_state(behaviour.into())
         .bootstrap_servers(crate::bootstrap())
         .pool(pool)
         .topic(topic)
         .handler(record)
-        .state(behaviour)
         .handle_sigterm(false)
         .kafka("session.timeout.ms", "6000")
         .kafka("heartbeat.interval.ms", "500")
@@ -180,7 +184,7 @@ pub fn consumer_with_gateway(
     mut behaviour: Behaviour,
     gateway_url: &str,
     opts: oncely::effects::EffectOptions,
-) -> Result<ConsumerBuilder> {
+) -> Result<ConsumerBuilder<Behaviour>> {
     behaviour.charge = true;
     let client = crate::gateway::GatewayClient::new(gateway_url, Duration::from_secs(5))?;
     let charge = move |call: oncely::effects::EffectCall| {

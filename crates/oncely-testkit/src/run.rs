@@ -31,7 +31,7 @@ impl Running {
 }
 
 /// Runs `builder` in this process.
-pub fn start(builder: oncely::ConsumerBuilder) -> Running {
+pub fn start<S: Send + Sync + 'static>(builder: oncely::ConsumerBuilder<S>) -> Running {
     let token = CancellationToken::new();
     let join = tokio::spawn(builder.run(token.clone()));
     Running { token, join }

@@ -2,46 +2,17 @@
 
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use oncely::consumer::events;
 use oncely::envelope::{CloudEventAttrs, VersionSource, H_ID, H_SOURCE, H_VERSION};
-use oncely::{Publisher, RewindPolicy};
+use oncely::{Cx, Event, HandlerError, Publisher, RewindPolicy};
 use oncely_testkit::process::TestConsumer;
+use oncely_testkit::run::{start, wait_offsets as wait_offsets_of, WAIT};
 use oncely_testkit::{self as kit, app};
-use tokio_util::sync::CancellationToken;
-
-const WAIT: Duration = Duration::from_secs(90);
-
-struct Running {
-    token: CancellationToken,
-    join: tokio::task::JoinHandle<oncely::Result<()>>,
-}
-
-impl Running {
-    async fn stop(self) -> Result<()> {
-        self.token.cancel();
-        tokio::time::timeout(Duration::from_secs(60), self.join).await.context("consumer did not stop")???;
-        Ok(())
-    }
-}
-
-fn start(builder: oncely::ConsumerBuilder) -> Running {
-    let token = CancellationToken::new();
-    let join = tokio::spawn(builder.run(token.clone()));
-    Running { token, join }
-}
 
 async fn wait_rows(db: &kit::TestDb, n: i64) -> Result<()> {
     kit::wait_until(WAIT, &format!("{n} applied rows"), || async {
         Ok(kit::count(&db.pool, "SELECT count(*) FROM applied").await? >= n)
-    })
-    .await
-}
-
-async fn wait_offsets(db: &kit::TestDb, group: &str, total: i64) -> Result<()> {
-    let sql = format!("SELECT coalesce(sum(next_offset), 0)::bigint FROM oncely.offsets WHERE consumer = '{group}'");
-    kit::wait_until(WAIT, &format!("database offsets of {group} to reach {total}"), || async {
-        Ok(kit::count(&db.pool, &sql).await? >= total)
     })
     .await
 }
@@ -62,7 +33,7 @@ async fn the_same_event_published_twice_is_applied_once() -> Result<()> {
     let other = publisher.publish(&topic, "k2", "test.seq", &app::SeqEvent { key: "k2".into(), seq: 1 }).await?;
 
     let c = start(app::consumer(&group, &topic, db.pool.clone(), app::Behaviour::tagged("a")));
-    wait_offsets(&db, &group, 3).await?;
+    wait_offsets_of(&db.pool, &group, 3).await?;
     c.stop().await?;
 
     let rows = app::applied(&db.pool).await?;
@@ -95,7 +66,7 @@ async fn sigkill_mid_batch_then_restart_applies_every_event_exactly_once() -> Re
     assert!(before < 137, "the hanging batch was not committed ({before} rows)");
 
     let child2 = spawn_process(&db, &group, &topic, &[]).await?;
-    wait_offsets(&db, &group, published.len() as i64).await?;
+    wait_offsets_of(&db.pool, &group, published.len() as i64).await?;
     child2.kill9().await?;
     app::check_exactly_once_in_order(&db.pool, &published).await?;
     Ok(())
@@ -137,7 +108,7 @@ async fn rebalances_during_load_keep_exactly_once_and_per_key_order() -> Result<
     .await?;
     b.terminate(WAIT).await?;
     let all: Vec<_> = first.into_iter().chain(second).collect();
-    wait_offsets(&db, &group, all.len() as i64).await?;
+    wait_offsets_of(&db.pool, &group, all.len() as i64).await?;
     a.kill9().await?;
     app::check_exactly_once_in_order(&db.pool, &all).await?;
     let tags = kit::count(&db.pool, "SELECT count(DISTINCT tag) FROM applied").await?;
@@ -156,7 +127,7 @@ async fn a_rewind_with_kafkas_own_tool_reruns_nothing() -> Result<()> {
     let n = published.len() as i64;
 
     let c = start(app::consumer(&group, &topic, db.pool.clone(), app::Behaviour::tagged("1")));
-    wait_offsets(&db, &group, n).await?;
+    wait_offsets_of(&db.pool, &group, n).await?;
     c.stop().await?;
 
     // The incident's command, with Kafka's own tool, while the group is stopped.
@@ -221,7 +192,7 @@ async fn a_stale_event_is_skipped_by_the_version_guard() -> Result<()> {
         app::consumer(&group, &topic, db.pool.clone(), app::Behaviour::tagged("v"))
             .version_guard(VersionSource::Header(H_VERSION.into()), None),
     );
-    wait_offsets(&db, &group, 4).await?;
+    wait_offsets_of(&db.pool, &group, 4).await?;
     c.stop().await?;
     let seqs: Vec<i64> = app::applied(&db.pool).await?.into_iter().map(|r| r.3).collect();
     assert_eq!(seqs, vec![1, 2, 4], "version 2 arrived after version 3 and was skipped");
@@ -246,7 +217,7 @@ async fn a_failing_or_panicking_handler_does_not_corrupt_the_batch() -> Result<(
             .max_attempts(3)
             .retry_backoff(Duration::from_millis(10), Duration::from_millis(50)),
     );
-    wait_offsets(&db, &group, published.len() as i64).await?;
+    wait_offsets_of(&db.pool, &group, published.len() as i64).await?;
     kit::wait_until(WAIT, "parked keys to drain or die", || async {
         Ok(kit::count(&db.pool, "SELECT count(*) FROM oncely.parked").await? == 0)
     })
@@ -301,7 +272,7 @@ async fn bad_input_is_dead_lettered_and_the_partition_keeps_flowing() -> Result<
     publisher.publish(&topic, "k", "test.seq", &good(2)).await?;
 
     let c = start(app::consumer(&group, &topic, db.pool.clone(), app::Behaviour::tagged("b")).max_record_bytes(4096));
-    wait_offsets(&db, &group, 6).await?;
+    wait_offsets_of(&db.pool, &group, 6).await?;
     c.stop().await?;
     let seqs: Vec<i64> = app::applied(&db.pool).await?.into_iter().map(|r| r.3).collect();
     assert_eq!(seqs, vec![1, 2], "the good events around the bad ones were applied");
@@ -342,7 +313,7 @@ async fn a_batch_handler_applies_each_event_once_and_isolates_a_failing_one() ->
             .max_attempts(2)
             .retry_backoff(Duration::from_millis(10), Duration::from_millis(20)),
     );
-    wait_offsets(&db, &group, published.len() as i64 + 1).await?;
+    wait_offsets_of(&db.pool, &group, published.len() as i64 + 1).await?;
     kit::wait_until(WAIT, "k5 to be dead-lettered", || async {
         Ok(kit::count(&db.pool, "SELECT count(*) FROM oncely.parked").await? == 0
             && kit::count(&db.pool, "SELECT count(*) FROM oncely.dead_letters").await? == 6)
@@ -355,5 +326,87 @@ async fn a_batch_handler_applies_each_event_once_and_isolates_a_failing_one() ->
     app::check_exactly_once_in_order(&db.pool, &rest).await?;
     assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM applied").await?, 42);
     assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM applied WHERE key = 'k5'").await?, 0);
+    Ok(())
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Created {
+    key: String,
+    seq: i64,
+}
+
+#[derive(Debug, serde::Deserialize)]
+struct Renamed {
+    key: String,
+    name: String,
+}
+
+async fn on_created(ev: Event<Created>, cx: &mut Cx) -> Result<(), HandlerError> {
+    sqlx::query("INSERT INTO applied (event_id, key, seq, tag) VALUES ($1, $2, $3, 'created')")
+        .bind(ev.id.display())
+        .bind(&ev.data.key)
+        .bind(ev.data.seq)
+        .execute(cx.db())
+        .await?;
+    Ok(())
+}
+
+async fn on_renamed(ev: Event<Renamed>, cx: &mut Cx, tag: oncely::State<String>) -> Result<(), HandlerError> {
+    sqlx::query("INSERT INTO applied (event_id, key, seq, tag) VALUES ($1, $2, 0, $3)")
+        .bind(ev.id.display())
+        .bind(&ev.data.key)
+        .bind(format!("{}:{}", tag.as_str(), ev.data.name))
+        .execute(cx.db())
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn events_are_routed_by_type_to_typed_handlers() -> Result<()> {
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    app::setup(&db.pool).await?;
+    let (topic, group, group2) = (kit::unique("orders"), kit::unique("g"), kit::unique("g"));
+    kit::create_topic(&topic, 1).await?;
+    let p = Publisher::new(&kit::bootstrap(), "/tests/routes")?;
+    p.publish(&topic, "a", "created", &serde_json::json!({"key": "a", "seq": 1})).await?;
+    p.publish(&topic, "a", "renamed", &serde_json::json!({"key": "a", "name": "x"})).await?;
+    p.publish(&topic, "a", "deleted", &serde_json::json!({"key": "a"})).await?;
+    // A `created` whose payload is not a `Created`: that route's decode error.
+    p.publish(&topic, "b", "created", &serde_json::json!({"key": "b", "name": "y"})).await?;
+    let routed = |group: &str| {
+        oncely::Consumer::builder(group)
+            .bootstrap_servers(kit::bootstrap())
+            .pool(db.pool.clone())
+            .topic(&topic)
+            .state("v1".to_owned())
+            .route("created", on_created)
+            .route("renamed", on_renamed)
+            .handle_sigterm(false)
+            .force_inbox_retention(true)
+    };
+    let c = start(routed(&group));
+    wait_offsets_of(&db.pool, &group, 4).await?;
+    c.stop().await?;
+    let tags: Vec<String> = sqlx::query_scalar("SELECT tag FROM applied ORDER BY n").fetch_all(&db.pool).await?;
+    assert_eq!(tags, ["created", "v1:x"]);
+    assert_eq!(events::events_counted(&group, &topic, "unrouted"), 1, "`deleted` is counted and skipped");
+    let dead: Vec<(i64, String, String)> =
+        sqlx::query_as(r#"SELECT "offset", reason, error FROM oncely.dead_letters ORDER BY "offset""#)
+            .fetch_all(&db.pool)
+            .await?;
+    assert_eq!(dead.len(), 1, "{dead:?}");
+    assert_eq!((dead[0].0, dead[0].1.as_str()), (3, "undecodable-payload"));
+    assert!(dead[0].2.contains("Created"), "the serde error names the route's type: {}", dead[0].2);
+    // The same topic with unrouted types dead-lettered instead.
+    let c = start(routed(&group2).unrouted(oncely::Unrouted::DeadLetter));
+    wait_offsets_of(&db.pool, &group2, 4).await?;
+    c.stop().await?;
+    let reasons: Vec<String> =
+        sqlx::query_scalar("SELECT reason FROM oncely.dead_letters WHERE consumer = $1 ORDER BY \"offset\"")
+            .bind(&group2)
+            .fetch_all(&db.pool)
+            .await?;
+    assert_eq!(reasons, ["unrouted-type", "undecodable-payload"]);
     Ok(())
 }

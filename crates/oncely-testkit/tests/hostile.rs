@@ -152,10 +152,7 @@ async fn under_the_hold_policy_a_rejected_event_holds_its_key_in_the_batch_path_
     let b = std::sync::Arc::new(app::Behaviour::tagged("r"));
     b.reject_keys.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.insert("k1".into());
     let c = run::start(
-        app::consumer(&group, &topic, db.pool.clone(), app::Behaviour::tagged("unused"))
-            .shared_state(b.clone())
-            .max_batch(100)
-            .dead_key_policy(DeadKeyPolicy::Hold),
+        app::consumer(&group, &topic, db.pool.clone(), b.clone()).max_batch(100).dead_key_policy(DeadKeyPolicy::Hold),
     );
     wait_offsets(&db.pool, &group, published.len() as i64).await?;
     // k1's first event is dead; its other two wait for the operator, in one batch.
@@ -223,5 +220,26 @@ async fn duplicates_across_batches_and_partitions_are_caught_by_the_inbox() -> R
     assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM applied WHERE key = 'dup'").await?, 1);
     assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM applied WHERE key = 'dup2'").await?, 1);
     assert_eq!(oncely::consumer::events::events_counted(&group, &topic, "duplicate"), 3);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_effect_that_is_not_registered_stops_the_consumer_instead_of_dead_lettering_every_event() -> Result<()> {
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    app::setup(&db.pool).await?;
+    let (topic, group) = (kit::unique("orders"), kit::unique("g"));
+    kit::create_topic(&topic, 1).await?;
+    app::publish_seq(&topic, 3, 3).await?;
+    // The handler records `charge-card`, which this consumer never registered.
+    let mut b = app::Behaviour::tagged("e");
+    b.charge = true;
+    let run = app::consumer(&group, &topic, db.pool.clone(), b).run(tokio_util::sync::CancellationToken::new());
+    let err = tokio::time::timeout(run::WAIT, run).await?.expect_err("the consumer stops");
+    assert!(matches!(err, oncely::Error::Config(_)), "{err}");
+    assert!(err.to_string().contains("charge-card"), "{err}");
+    assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM applied").await?, 0, "nothing committed");
+    assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM oncely.dead_letters").await?, 0, "nothing dead-lettered");
+    assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM oncely.parked").await?, 0, "nothing parked");
     Ok(())
 }

@@ -91,6 +91,13 @@ pub enum DecodeError {
     /// The record has no payload but the handler expects data.
     #[error("the record has no payload")]
     EmptyPayload,
+    /// No route of the consumer takes this CloudEvents type (and the
+    /// consumer dead-letters such events).
+    #[error("no handler is routed for CloudEvents type {ty:?}")]
+    UnroutedType {
+        /// The event's `ce_type`.
+        ty: String,
+    },
     /// The record is larger than the consumer's size limit.
     #[error("record of {size} bytes exceeds the limit of {limit} bytes")]
     Oversized {
@@ -111,6 +118,7 @@ impl DecodeError {
             DecodeError::InvalidHeaderValue { .. } => "invalid-header-value",
             DecodeError::UndecodablePayload { .. } => "undecodable-payload",
             DecodeError::EmptyPayload => "empty-payload",
+            DecodeError::UnroutedType { .. } => "unrouted-type",
             DecodeError::Oversized { .. } => "oversized-record",
         }
     }

@@ -55,6 +55,6 @@ pub mod metrics;
 pub mod outbox;
 pub mod store;
 
-pub use consumer::{Consumer, ConsumerBuilder, Cx, HandlerError, RewindPolicy};
+pub use consumer::{Consumer, ConsumerBuilder, Cx, HandlerError, RewindPolicy, State, Unrouted};
 pub use envelope::{Event, EventId, IdentitySource, Publisher};
 pub use error::{Error, Result};

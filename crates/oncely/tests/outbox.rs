@@ -256,8 +256,7 @@ struct Forward {
     failed_once: AtomicBool,
 }
 
-async fn forward(ev: Event<SeqEvent>, cx: &mut Cx) -> Result<(), HandlerError> {
-    let f = cx.state::<Forward>().ok_or_else(|| HandlerError::reject("no state"))?;
+async fn forward(ev: Event<SeqEvent>, cx: &mut Cx, f: oncely::State<Forward>) -> Result<(), HandlerError> {
     cx.publish(&f.out, &ev.key(), "test.forwarded", &ev.data).await?;
     // The first event of key k0 fails after publishing: the savepoint rolls
     // its outbox row back with the rest, and the retry publishes once.
@@ -287,8 +286,8 @@ async fn a_handler_publishes_through_the_outbox_in_its_transaction() -> Result<(
             .bootstrap_servers(kit::bootstrap())
             .pool(db.pool.clone())
             .topic(input.clone())
-            .handler(forward)
             .state(Forward { out: out.clone(), failed_once: AtomicBool::new(false) })
+            .handler(forward)
             .retry_backoff(Duration::from_millis(50), Duration::from_millis(200))
             .handle_sigterm(false)
             .force_inbox_retention(true)

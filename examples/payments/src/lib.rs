@@ -99,7 +99,7 @@ impl ConsumerOpts {
     }
 
     /// Applies the settings to a consumer builder.
-    pub fn apply(&self, mut b: oncely::ConsumerBuilder) -> oncely::ConsumerBuilder {
+    pub fn apply<S: Send + Sync + 'static>(&self, mut b: oncely::ConsumerBuilder<S>) -> oncely::ConsumerBuilder<S> {
         let session = self.session_timeout_ms.max(1000);
         b = b
             .kafka("session.timeout.ms", session.to_string())

@@ -171,7 +171,10 @@ async fn prepare(common: &Common, topics: &[&str]) -> Result<sqlx::PgPool> {
 }
 
 /// Runs an oncely consumer until `shutdown`; prints `READY` once it starts.
-async fn run_consumer(c: oncely::ConsumerBuilder, shutdown: CancellationToken) -> Result<()> {
+async fn run_consumer<S: Send + Sync + 'static>(
+    c: oncely::ConsumerBuilder<S>,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let run = tokio::spawn(c.run(shutdown.clone()));
     payments::ready();
     run.await.context("the consumer task")?.context("running the consumer")

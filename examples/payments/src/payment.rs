@@ -10,13 +10,10 @@
 //! On `OrderConfirmed`: the payment's order status. Per-key order means it is
 //! applied after the order's `OrderCreated`; `history` records the order.
 
-use std::sync::Arc;
-
 use anyhow::Result;
 use oncely::effects::{EffectCall, EffectOptions};
-use oncely::{Consumer, ConsumerBuilder, Cx, Event, HandlerError};
+use oncely::{Consumer, ConsumerBuilder, Cx, Event, HandlerError, State};
 use oncely_testkit::gateway::GatewayClient;
-use serde_json::Value;
 use sqlx::PgPool;
 
 use crate::events::{
@@ -28,8 +25,9 @@ pub const CHARGE_CARD: &str = "charge-card";
 
 /// What the handler needs besides the transaction.
 #[derive(Debug)]
-struct Deps {
-    payments_topic: String,
+pub struct Deps {
+    /// Where `PaymentSucceeded` goes.
+    pub payments_topic: String,
 }
 
 /// The payment-service consumer: group `group`, reading `orders_topic`,
@@ -40,7 +38,7 @@ pub fn consumer(
     opts: &crate::ConsumerOpts,
     pool: PgPool,
     gateway_url: &str,
-) -> Result<ConsumerBuilder> {
+) -> Result<ConsumerBuilder<Deps>> {
     opts.validate()?;
     let gateway = GatewayClient::new(gateway_url, opts.call_timeout())?;
     let charge = move |call: EffectCall| {
@@ -51,32 +49,18 @@ pub fn consumer(
         .bootstrap_servers(&common.bootstrap_servers)
         .pool(pool)
         .topic(&common.orders_topic)
-        .handler(on_order_event)
         .state(Deps { payments_topic: common.payments_topic.clone() })
+        .route(ORDER_CREATED, on_order_created)
+        .route(ORDER_CONFIRMED, on_order_confirmed)
         .effect_executor(CHARGE_CARD, charge, EffectOptions::default());
     Ok(opts.apply(b))
 }
 
-/// The handler: dispatches on `ce_type`; other types are not ours and are skipped.
-pub async fn on_order_event(ev: Event<Value>, cx: &mut Cx) -> Result<(), HandlerError> {
-    match ev.attrs.ty.as_str() {
-        ORDER_CREATED => {
-            let data: OrderCreated = serde_json::from_value(ev.data.clone()).map_err(HandlerError::reject)?;
-            on_order_created(&ev, data, cx).await
-        }
-        ORDER_CONFIRMED => {
-            let data: OrderConfirmed = serde_json::from_value(ev.data.clone()).map_err(HandlerError::reject)?;
-            on_order_confirmed(data, cx).await
-        }
-        other => {
-            tracing::debug!(event_id = %ev.id, ce_type = other, "Ignored an event of another type.");
-            Ok(())
-        }
-    }
-}
-
-async fn on_order_created(ev: &Event<Value>, o: OrderCreated, cx: &mut Cx) -> Result<(), HandlerError> {
-    let deps: Arc<Deps> = cx.state::<Deps>().ok_or_else(|| HandlerError::reject("payment-service state missing"))?;
+/// `OrderCreated`: the payment row, the charge intent and `PaymentSucceeded`,
+/// in the batch's transaction. (Other types on the topic are not routed and
+/// are skipped.)
+pub async fn on_order_created(ev: Event<OrderCreated>, cx: &mut Cx, deps: State<Deps>) -> Result<(), HandlerError> {
+    let o = ev.data.clone();
     if o.order_id != ev.key() {
         return Err(HandlerError::reject(format!("event key {:?} is not its order id {:?}", ev.key(), o.order_id)));
     }
@@ -117,7 +101,9 @@ async fn on_order_created(ev: &Event<Value>, o: OrderCreated, cx: &mut Cx) -> Re
     Ok(())
 }
 
-async fn on_order_confirmed(o: OrderConfirmed, cx: &mut Cx) -> Result<(), HandlerError> {
+/// `OrderConfirmed`: the payment's order status.
+pub async fn on_order_confirmed(ev: Event<OrderConfirmed>, cx: &mut Cx) -> Result<(), HandlerError> {
+    let o = ev.data;
     let updated = sqlx::query(
         "UPDATE payments SET order_status = 'confirmed', history = history || 'OrderConfirmed'::text,
                 updated_at = clock_timestamp()

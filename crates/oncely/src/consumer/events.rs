@@ -14,7 +14,7 @@ pub(crate) fn count_events(consumer: &str, topic: &str, outcome: &'static str, n
 }
 
 /// The number of events of `outcome` counted for a consumer and topic so far.
-pub fn events_counted(consumer: &str, topic: &str, outcome: &'static str) -> u64 {
+pub fn events_counted(consumer: &str, topic: &str, outcome: &str) -> u64 {
     metrics::counter(EVENTS, &[("consumer", consumer), ("topic", topic), ("outcome", outcome)])
 }
 
@@ -63,6 +63,29 @@ impl StaleSkipped<'_> {
             "Skipped a stale event: a newer version of the entity is already applied."
         );
         count_events(self.consumer, self.topic, "stale", 1);
+    }
+}
+
+/// An event of a CloudEvents type no route takes was skipped.
+pub(crate) struct UnroutedSkipped<'a> {
+    pub consumer: &'a str,
+    pub topic: &'a str,
+    pub offset: i64,
+    pub event_id: &'a crate::envelope::EventId,
+    pub ty: &'a str,
+}
+
+impl UnroutedSkipped<'_> {
+    pub fn emit(self) {
+        tracing::debug!(
+            consumer = self.consumer,
+            topic = self.topic,
+            offset = self.offset,
+            event_id = %self.event_id,
+            ce_type = self.ty,
+            "Skipped an event of a type no route takes."
+        );
+        count_events(self.consumer, self.topic, "unrouted", 1);
     }
 }
 

@@ -122,11 +122,13 @@ pub struct Cx {
     pub(crate) consumer: Arc<str>,
     pub(crate) event_id: Option<EventId>,
     pub(crate) replay: bool,
-    pub(crate) state: Option<Arc<dyn Any + Send + Sync>>,
     pub(crate) effects: Vec<crate::store::effects::NewIntent>,
     pub(crate) registry: Arc<crate::effects::Registry>,
     /// The record being handled (per-event handlers), for `traceparent`.
     pub(crate) record: Option<Arc<RawRecord>>,
+    /// Set when the handler used something the consumer is not configured
+    /// for (an unregistered effect): the consumer stops.
+    pub(crate) misconfigured: Option<String>,
 }
 
 impl fmt::Debug for Cx {
@@ -150,13 +152,6 @@ impl Cx {
     /// Identity of the event being handled.
     pub fn event_id(&self) -> Option<&EventId> {
         self.event_id.as_ref()
-    }
-
-    /// The state given to [`ConsumerBuilder::state`](super::ConsumerBuilder::state),
-    /// if it has type `S` (an HTTP client, settings, ...). A shared handle, so
-    /// the handler can hold it while it uses [`db`](Self::db).
-    pub fn state<S: Send + Sync + 'static>(&self) -> Option<Arc<S>> {
-        self.state.clone().and_then(|s| s.downcast::<S>().ok())
     }
 
     /// Records the intent to run effect `name` with `payload` after the
@@ -215,9 +210,15 @@ impl Cx {
         payload: &P,
     ) -> Result<(), HandlerError> {
         let Some(semantics) = self.registry.semantics_of(name) else {
-            return Err(HandlerError::retry(format!(
-                "effect `{name}` is not registered with this consumer (effect_executor or effect_semantics)"
-            )));
+            // A configuration error, not the event's: retrying or
+            // dead-lettering would do the same to every event. The lane
+            // rolls the batch back and stops the consumer with this error.
+            let msg = format!(
+                "effect `{name}` is not registered with consumer {} (register it with effect_executor, or with effect_semantics when another process runs it)",
+                self.consumer
+            );
+            self.misconfigured = Some(msg.clone());
+            return Err(HandlerError::retry(msg));
         };
         let payload = serde_json::to_value(payload).map_err(HandlerError::reject)?;
         self.effects.push(crate::store::effects::NewIntent {
@@ -317,10 +318,181 @@ where
     }
 }
 
+/// The state a handler takes as its third argument: what was given to
+/// [`ConsumerBuilder::state`](super::ConsumerBuilder::state). A handler that
+/// takes `State<S>` only compiles on a builder whose state is an `S`, so a
+/// forgotten `.state(..)` is a compile error, not a dead letter per event.
+///
+/// ```
+/// # use oncely::{Consumer, Cx, Event, HandlerError, State};
+/// struct Gateway { url: String }
+/// async fn on_order(ev: Event<serde_json::Value>, cx: &mut Cx, gw: State<Gateway>) -> Result<(), HandlerError> {
+///     let _ = (&ev, cx, &gw.url);
+///     Ok(())
+/// }
+/// let _builder = Consumer::builder("billing").state(Gateway { url: "https://gw".into() }).handler(on_order);
+/// ```
+///
+/// Without the state, it does not compile:
+///
+/// ```compile_fail
+/// # use oncely::{Consumer, Cx, Event, HandlerError, State};
+/// struct Gateway { url: String }
+/// async fn on_order(ev: Event<serde_json::Value>, cx: &mut Cx, gw: State<Gateway>) -> Result<(), HandlerError> {
+///     Ok(())
+/// }
+/// let _builder = Consumer::builder("billing").handler(on_order);
+/// ```
+#[derive(Debug)]
+pub struct State<S>(pub Arc<S>);
+
+impl<S> Clone for State<S> {
+    fn clone(&self) -> Self {
+        State(self.0.clone())
+    }
+}
+
+impl<S> std::ops::Deref for State<S> {
+    type Target = S;
+    fn deref(&self) -> &S {
+        &self.0
+    }
+}
+
+/// A handler function with state: implemented for every
+/// `async fn(Event<T>, &mut Cx, State<S>) -> Result<(), HandlerError>`.
+pub trait StatefulHandlerFn<'a, T, S>: Send + Sync + 'static {
+    /// The handler's future.
+    type Fut: Future<Output = Result<(), HandlerError>> + Send + 'a;
+    /// Calls the handler.
+    fn call(&self, ev: Event<T>, cx: &'a mut Cx, state: State<S>) -> Self::Fut;
+}
+
+impl<'a, T, S, F, Fut> StatefulHandlerFn<'a, T, S> for F
+where
+    F: Fn(Event<T>, &'a mut Cx, State<S>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'a,
+    T: 'a,
+{
+    type Fut = Fut;
+    fn call(&self, ev: Event<T>, cx: &'a mut Cx, state: State<S>) -> Fut {
+        (self)(ev, cx, state)
+    }
+}
+
+/// A batch handler function with state: implemented for every
+/// `async fn(Vec<Event<T>>, &mut Cx, State<S>) -> Result<(), HandlerError>`.
+pub trait StatefulBatchHandlerFn<'a, T, S>: Send + Sync + 'static {
+    /// The handler's future.
+    type Fut: Future<Output = Result<(), HandlerError>> + Send + 'a;
+    /// Calls the handler.
+    fn call(&self, evs: Vec<Event<T>>, cx: &'a mut Cx, state: State<S>) -> Self::Fut;
+}
+
+impl<'a, T, S, F, Fut> StatefulBatchHandlerFn<'a, T, S> for F
+where
+    F: Fn(Vec<Event<T>>, &'a mut Cx, State<S>) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<(), HandlerError>> + Send + 'a,
+    T: 'a,
+{
+    type Fut = Fut;
+    fn call(&self, evs: Vec<Event<T>>, cx: &'a mut Cx, state: State<S>) -> Fut {
+        (self)(evs, cx, state)
+    }
+}
+
+/// Marks a handler without state (`async fn(Event<T>, &mut Cx)`).
+#[derive(Debug)]
+pub enum WithoutState {}
+/// Marks a handler with state (`async fn(Event<T>, &mut Cx, State<S>)`).
+#[derive(Debug)]
+pub enum WithState {}
+
+/// Anything [`ConsumerBuilder::handler`](super::ConsumerBuilder::handler) and
+/// [`route`](super::ConsumerBuilder::route) take: an async fn of the event
+/// and the context, with or without the builder's state `S`. `M` is a marker
+/// the compiler infers.
+pub trait IntoHandler<T, S, M>: Sized {
+    #[doc(hidden)]
+    fn into_erased(self, state: Arc<S>) -> Erased;
+}
+
+impl<T, S, H> IntoHandler<T, S, WithoutState> for H
+where
+    T: DecodePayload,
+    H: for<'a> HandlerFn<'a, T>,
+{
+    fn into_erased(self, _state: Arc<S>) -> Erased {
+        Erased(Arc::new(Typed { handler: self, _t: PhantomData }))
+    }
+}
+
+impl<T, S, H> IntoHandler<T, S, WithState> for H
+where
+    T: DecodePayload,
+    S: Send + Sync + 'static,
+    H: for<'a> StatefulHandlerFn<'a, T, S>,
+{
+    fn into_erased(self, state: Arc<S>) -> Erased {
+        Erased(Arc::new(TypedWithState { handler: self, state, _t: PhantomData }))
+    }
+}
+
+/// Anything [`ConsumerBuilder::batch_handler`](super::ConsumerBuilder::batch_handler)
+/// takes: an async fn of the batch's events and the context, with or without
+/// the builder's state `S`.
+pub trait IntoBatchHandler<T, S, M>: Sized {
+    #[doc(hidden)]
+    fn into_erased(self, state: Arc<S>) -> Erased;
+}
+
+impl<T, S, H> IntoBatchHandler<T, S, WithoutState> for H
+where
+    T: DecodePayload,
+    H: for<'a> BatchHandlerFn<'a, T>,
+{
+    fn into_erased(self, _state: Arc<S>) -> Erased {
+        Erased(Arc::new(TypedBatch { handler: self, _t: PhantomData }))
+    }
+}
+
+impl<T, S, H> IntoBatchHandler<T, S, WithState> for H
+where
+    T: DecodePayload,
+    S: Send + Sync + 'static,
+    H: for<'a> StatefulBatchHandlerFn<'a, T, S>,
+{
+    fn into_erased(self, state: Arc<S>) -> Erased {
+        Erased(Arc::new(TypedBatchWithState { handler: self, state, _t: PhantomData }))
+    }
+}
+
+/// A decoded record, as the runtime sees it.
+pub(crate) enum Decoded {
+    /// An event for the handler.
+    Event(Box<dyn Any + Send>),
+    /// No route takes this CloudEvents type, and the policy is to skip it.
+    Unrouted(String),
+}
+
+/// A handler as the consumer keeps it (opaque).
+#[doc(hidden)]
+pub struct Erased(pub(crate) Arc<dyn ErasedHandler>);
+
+impl fmt::Debug for Erased {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Erased(..)")
+    }
+}
+
 /// The runtime's view of a handler: decode, then call. Type-erased so the
 /// runtime is not generic over the event type.
 pub(crate) trait ErasedHandler: Send + Sync + 'static {
-    fn decode(&self, id: EventId, record: Arc<RawRecord>) -> Result<Box<dyn Any + Send>, DecodeError>;
+    fn decode_any(&self, id: EventId, record: Arc<RawRecord>) -> Result<Box<dyn Any + Send>, DecodeError>;
+    /// Decodes a record for the handler (a router may also skip it).
+    fn decode(&self, id: EventId, record: Arc<RawRecord>) -> Result<Decoded, DecodeError> {
+        self.decode_any(id, record).map(Decoded::Event)
+    }
     /// Whether the handler takes a whole batch at once.
     fn is_batch(&self) -> bool;
     /// Calls the handler; a per-event handler gets exactly one event.
@@ -341,7 +513,7 @@ where
     T: DecodePayload,
     H: for<'a> HandlerFn<'a, T>,
 {
-    fn decode(&self, id: EventId, record: Arc<RawRecord>) -> Result<Box<dyn Any + Send>, DecodeError> {
+    fn decode_any(&self, id: EventId, record: Arc<RawRecord>) -> Result<Box<dyn Any + Send>, DecodeError> {
         Ok(Box::new(decode_event::<T>(id, record)?))
     }
 
@@ -370,7 +542,7 @@ where
     T: DecodePayload,
     H: for<'a> BatchHandlerFn<'a, T>,
 {
-    fn decode(&self, id: EventId, record: Arc<RawRecord>) -> Result<Box<dyn Any + Send>, DecodeError> {
+    fn decode_any(&self, id: EventId, record: Arc<RawRecord>) -> Result<Box<dyn Any + Send>, DecodeError> {
         Ok(Box::new(decode_event::<T>(id, record)?))
     }
 
@@ -382,6 +554,137 @@ where
         match downcast_all::<T>(evs) {
             Some(v) => Box::pin(self.handler.call(v, cx)),
             None => Box::pin(async { Err(HandlerError::reject("internal: event type mismatch")) }),
+        }
+    }
+}
+
+pub(crate) struct TypedWithState<T, S, H> {
+    handler: H,
+    state: Arc<S>,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T, S, H> ErasedHandler for TypedWithState<T, S, H>
+where
+    T: DecodePayload,
+    S: Send + Sync + 'static,
+    H: for<'a> StatefulHandlerFn<'a, T, S>,
+{
+    fn decode_any(&self, id: EventId, record: Arc<RawRecord>) -> Result<Box<dyn Any + Send>, DecodeError> {
+        Ok(Box::new(decode_event::<T>(id, record)?))
+    }
+
+    fn is_batch(&self) -> bool {
+        false
+    }
+
+    fn call<'a>(&'a self, evs: Vec<Box<dyn Any + Send>>, cx: &'a mut Cx) -> BoxFuture<'a, Result<(), HandlerError>> {
+        match downcast_all::<T>(evs) {
+            Some(mut v) if v.len() == 1 => match v.pop() {
+                Some(ev) => Box::pin(self.handler.call(ev, cx, State(self.state.clone()))),
+                None => Box::pin(async { Err(HandlerError::reject("internal: no event")) }),
+            },
+            _ => Box::pin(async { Err(HandlerError::reject("internal: event type mismatch")) }),
+        }
+    }
+}
+
+pub(crate) struct TypedBatchWithState<T, S, H> {
+    handler: H,
+    state: Arc<S>,
+    _t: PhantomData<fn() -> T>,
+}
+
+impl<T, S, H> ErasedHandler for TypedBatchWithState<T, S, H>
+where
+    T: DecodePayload,
+    S: Send + Sync + 'static,
+    H: for<'a> StatefulBatchHandlerFn<'a, T, S>,
+{
+    fn decode_any(&self, id: EventId, record: Arc<RawRecord>) -> Result<Box<dyn Any + Send>, DecodeError> {
+        Ok(Box::new(decode_event::<T>(id, record)?))
+    }
+
+    fn is_batch(&self) -> bool {
+        true
+    }
+
+    fn call<'a>(&'a self, evs: Vec<Box<dyn Any + Send>>, cx: &'a mut Cx) -> BoxFuture<'a, Result<(), HandlerError>> {
+        match downcast_all::<T>(evs) {
+            Some(v) => Box::pin(self.handler.call(v, cx, State(self.state.clone()))),
+            None => Box::pin(async { Err(HandlerError::reject("internal: event type mismatch")) }),
+        }
+    }
+}
+
+/// What happens to an event whose CloudEvents type no route takes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum Unrouted {
+    /// Counted (`oncely_events_total{outcome="unrouted"}`), logged at debug,
+    /// and skipped: claimed in the inbox, no handler runs (default: topics
+    /// often carry types a consumer does not care about).
+    #[default]
+    Skip,
+    /// Dead-lettered with reason `unrouted-type`.
+    DeadLetter,
+}
+
+/// Routes events by their CloudEvents type (`ce_type`) to typed handlers.
+pub(crate) struct Router {
+    pub(crate) routes: std::collections::HashMap<String, Arc<dyn ErasedHandler>>,
+    pub(crate) unrouted: Unrouted,
+}
+
+/// A routed event: which route, and the event it decoded.
+struct RoutedEvent(Arc<dyn ErasedHandler>, Box<dyn Any + Send>);
+
+impl Router {
+    pub(crate) fn decode_routed(&self, id: EventId, record: Arc<RawRecord>) -> Result<Decoded, DecodeError> {
+        let ty = match record.header(crate::envelope::H_TYPE) {
+            Some(Some(t)) => std::str::from_utf8(t).ok().map(str::to_owned),
+            _ => None,
+        };
+        let Some(ty) = ty else {
+            return Err(DecodeError::MissingHeader { header: crate::envelope::H_TYPE.into() });
+        };
+        match self.routes.get(&ty) {
+            Some(route) => Ok(Decoded::Event(Box::new(RoutedEvent(route.clone(), route.decode_any(id, record)?)))),
+            None => match self.unrouted {
+                Unrouted::Skip => Ok(Decoded::Unrouted(ty)),
+                Unrouted::DeadLetter => Err(DecodeError::UnroutedType { ty }),
+            },
+        }
+    }
+}
+
+impl ErasedHandler for Router {
+    fn decode_any(&self, id: EventId, record: Arc<RawRecord>) -> Result<Box<dyn Any + Send>, DecodeError> {
+        match self.decode_routed(id, record)? {
+            Decoded::Event(e) => Ok(e),
+            Decoded::Unrouted(ty) => Err(DecodeError::UnroutedType { ty }),
+        }
+    }
+
+    fn decode(&self, id: EventId, record: Arc<RawRecord>) -> Result<Decoded, DecodeError> {
+        self.decode_routed(id, record)
+    }
+
+    fn is_batch(&self) -> bool {
+        false
+    }
+
+    fn call<'a>(
+        &'a self,
+        mut evs: Vec<Box<dyn Any + Send>>,
+        cx: &'a mut Cx,
+    ) -> BoxFuture<'a, Result<(), HandlerError>> {
+        match (evs.len(), evs.pop().map(|e| e.downcast::<RoutedEvent>())) {
+            (1, Some(Ok(routed))) => {
+                let RoutedEvent(route, ev) = *routed;
+                Box::pin(async move { route.call(vec![ev], cx).await })
+            }
+            _ => Box::pin(async { Err(HandlerError::reject("internal: routed event mismatch")) }),
         }
     }
 }

@@ -30,7 +30,7 @@ use uuid::Uuid;
 
 use super::decide::{AfterFailure, Decider, Verdict};
 use super::events::{self, count_events};
-use super::handler::{Cx, HandlerError, PanicError};
+use super::handler::{Cx, Decoded, HandlerError, PanicError};
 use super::{PartitionQueue, Shared, COMMIT_METADATA};
 use crate::envelope::{DecodeError, EventId, RawRecord};
 use crate::error::Result;
@@ -691,10 +691,10 @@ impl Lane {
             consumer: s.name.clone(),
             event_id: None,
             replay: s.settings.replay,
-            state: s.state.clone(),
             effects: Vec::new(),
             registry: s.registry.clone(),
             record: None,
+            misconfigured: None,
         })
     }
 
@@ -733,6 +733,7 @@ impl Lane {
         };
         let mut tail = Tail::default();
         let mut skipped: Vec<Skipped<'_>> = Vec::new();
+        let mut unrouted: Vec<(i64, &EventId, String)> = Vec::new();
         let (mut processed, mut dead, mut parked) = (0u64, 0u64, 0u64);
         let mut batch_evs: Vec<Box<dyn Any + Send>> = Vec::new();
 
@@ -770,7 +771,12 @@ impl Lane {
             };
             // Decode only what will be applied (a replayed backlog is not decoded).
             let ev = match s.handler.decode(id.clone(), rec.clone()) {
-                Ok(ev) => ev,
+                Ok(Decoded::Event(ev)) => ev,
+                Ok(Decoded::Unrouted(ty)) => {
+                    // Claimed and skipped: a copy of it is a duplicate too.
+                    unrouted.push((rec.offset, id, ty));
+                    continue;
+                }
                 Err(err) => {
                     tail.unclaim.push(inbox_key);
                     let msg = err.to_string();
@@ -857,6 +863,11 @@ impl Lane {
                 }
             }
         }
+        if s.has_failed() {
+            // A configuration error stops the consumer: nothing of this batch commits.
+            cx.tx.rollback().await?;
+            return Err(crate::Error::Config("the consumer is stopping on a configuration error".into()));
+        }
         // The tail also proves the transaction is not aborted: a handler that
         // swallowed an SQL error in the optimistic pass leaves it aborted, and
         // COMMIT would then silently roll back.
@@ -889,6 +900,9 @@ impl Lane {
                 }
                 .emit();
             }
+        }
+        for (offset, id, ty) in &unrouted {
+            events::UnroutedSkipped { consumer, topic: &self.topic, offset: *offset, event_id: id, ty }.emit();
         }
         count_events(consumer, &self.topic, "processed", processed);
         count_events(consumer, &self.topic, "dead", dead);
@@ -1028,7 +1042,13 @@ impl Lane {
                 }
             };
             let ev = match s.handler.decode(id.clone(), rec.clone()) {
-                Ok(ev) => ev,
+                Ok(Decoded::Event(ev)) => ev,
+                Ok(Decoded::Unrouted(ty)) => {
+                    parked_store::unpark(cx.db(), consumer, &self.topic, self.partition, rec.offset).await?;
+                    events::UnroutedSkipped { consumer, topic: &self.topic, offset: rec.offset, event_id: id, ty: &ty }
+                        .emit();
+                    continue;
+                }
                 Err(err) => {
                     inbox::unclaim(cx.db(), s.consumer_id, &[inbox_key]).await?;
                     let msg = err.to_string();
@@ -1105,6 +1125,10 @@ impl Lane {
         }
         if !tail.parks.is_empty() {
             parked_store::park(cx.db(), &tail.parks).await?;
+        }
+        if s.has_failed() {
+            cx.tx.rollback().await?;
+            return Err(crate::Error::Config("the consumer is stopping on a configuration error".into()));
         }
         let Cx { tx, .. } = cx;
         tx.commit().await?;
@@ -1187,6 +1211,10 @@ impl Lane {
     ) -> Result<(), HandlerError> {
         cx.event_id = id.cloned();
         cx.effects.clear();
+        if let Some(msg) = cx.misconfigured.take() {
+            self.shared.fail(crate::Error::Config(msg.clone()));
+            return Err(HandlerError::retry(msg));
+        }
         let fut = self.shared.handler.call(evs, cx);
         match AssertUnwindSafe(fut).catch_unwind().await {
             Ok(Ok(())) => {
@@ -1196,7 +1224,14 @@ impl Lane {
                 }
                 Ok(())
             }
-            Ok(Err(e)) => Err(e),
+            Ok(Err(e)) => {
+                if let Some(msg) = cx.misconfigured.take() {
+                    // Stop before this reaches the failure path of any event.
+                    self.shared.fail(crate::Error::Config(msg));
+                    return Err(HandlerError::retry(ConsumerStopping));
+                }
+                Err(e)
+            }
             Err(panic) => {
                 let msg = panic
                     .downcast_ref::<&str>()
@@ -1292,6 +1327,18 @@ impl<'a> Tail<'a> {
         });
     }
 }
+
+/// The consumer is stopping on a configuration error (see `Shared::fail`).
+#[derive(Debug)]
+struct ConsumerStopping;
+
+impl std::fmt::Display for ConsumerStopping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the consumer is stopping on a configuration error")
+    }
+}
+
+impl std::error::Error for ConsumerStopping {}
 
 /// A handler returned Ok but left its transaction aborted.
 #[derive(Debug)]

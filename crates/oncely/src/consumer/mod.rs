@@ -17,7 +17,6 @@
 //! and the final offsets are committed inside the rebalance callback.
 
 use std::collections::HashMap;
-use std::marker::PhantomData;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, OnceLock, Weak};
 use std::time::Duration;
@@ -31,7 +30,7 @@ use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::envelope::{DecodePayload, IdentitySource, VersionSource};
+use crate::envelope::{IdentitySource, VersionSource};
 use crate::error::{Error, Result};
 use crate::store;
 
@@ -42,8 +41,11 @@ mod handler;
 mod lane;
 
 pub use guard::SpikeGuard;
-pub use handler::{BatchHandlerFn, Cx, FailureClass, HandlerError, HandlerFn};
-use handler::{ErasedHandler, Typed, TypedBatch};
+use handler::ErasedHandler;
+pub use handler::{
+    BatchHandlerFn, Cx, FailureClass, HandlerError, HandlerFn, IntoBatchHandler, IntoHandler, State,
+    StatefulBatchHandlerFn, StatefulHandlerFn, Unrouted, WithState, WithoutState,
+};
 
 /// Commit metadata oncely's consumers write with their Kafka commits; an
 /// offset committed with any other metadata was moved by someone else.
@@ -121,14 +123,28 @@ pub(crate) struct Shared {
     pub bucket: Option<guard::TokenBucket>,
     pub spike: Option<guard::SpikeState>,
     pub shutdown: CancellationToken,
-    pub state: Option<Arc<dyn std::any::Any + Send + Sync>>,
     /// Effects this consumer may record (and run, when registered).
     pub registry: Arc<crate::effects::Registry>,
     /// Wakes the in-process effect executor after a commit.
     pub effects_wake: Arc<tokio::sync::Notify>,
+    /// The error that stopped the consumer, if one did.
+    pub fatal: Mutex<Option<Error>>,
 }
 
 impl Shared {
+    /// Stops the consumer with `e` (a configuration error found while running).
+    pub(crate) fn fail(&self, e: Error) {
+        tracing::error!(consumer = &*self.name, error = %e, "Stopping the consumer.");
+        if let Ok(mut f) = self.fatal.lock() {
+            f.get_or_insert(e);
+        }
+        self.shutdown.cancel();
+    }
+
+    pub(crate) fn has_failed(&self) -> bool {
+        self.fatal.lock().map(|f| f.is_some()).unwrap_or(true)
+    }
+
     pub(crate) fn rules(&self) -> decide::Rules {
         decide::Rules { max_attempts: self.settings.max_attempts, dead_key: self.settings.dead_key_policy }
     }
@@ -361,13 +377,38 @@ impl Consumer {
 }
 
 /// Builder for a consumer. Every setter documents its default and why.
-pub struct ConsumerBuilder {
+///
+/// `S` is the handlers' state (see [`state`](Self::state)): a handler that
+/// takes [`State<S>`](State) only compiles on a builder holding an `S`.
+pub struct ConsumerBuilder<S = ()> {
+    p: Parts,
+    state: Arc<S>,
+}
+
+impl<S> std::ops::Deref for ConsumerBuilder<S> {
+    type Target = Parts;
+    fn deref(&self) -> &Parts {
+        &self.p
+    }
+}
+
+impl<S> std::ops::DerefMut for ConsumerBuilder<S> {
+    fn deref_mut(&mut self) -> &mut Parts {
+        &mut self.p
+    }
+}
+
+/// Everything a builder holds but the state.
+#[doc(hidden)]
+pub struct Parts {
     name: String,
     bootstrap: Option<String>,
     pool: Option<PgPool>,
     database_url: Option<String>,
     topics: Vec<String>,
     handler: Option<Arc<dyn ErasedHandler>>,
+    routes: HashMap<String, Arc<dyn ErasedHandler>>,
+    unrouted: Unrouted,
     identity: IdentitySource,
     version: Option<VersionGuard>,
     settings: Settings,
@@ -379,13 +420,18 @@ pub struct ConsumerBuilder {
     metrics_addr: Option<SocketAddr>,
     migrate: bool,
     handle_sigterm: bool,
-    state: Option<Arc<dyn std::any::Any + Send + Sync>>,
     registry: crate::effects::Registry,
     effect_lease: Duration,
     create_dlt_topics: bool,
 }
 
-impl std::fmt::Debug for ConsumerBuilder {
+impl std::fmt::Debug for Parts {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Parts").field("name", &self.name).finish_non_exhaustive()
+    }
+}
+
+impl<S> std::fmt::Debug for ConsumerBuilder<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ConsumerBuilder")
             .field("name", &self.name)
@@ -407,15 +453,23 @@ pub const FORCED_KAFKA_SETTINGS: &[(&str, &str)] = &[
     ("isolation.level", "read_committed"),
 ];
 
-impl ConsumerBuilder {
+impl ConsumerBuilder<()> {
     fn new(name: String) -> Self {
-        ConsumerBuilder {
+        ConsumerBuilder { p: Parts::new(name), state: Arc::new(()) }
+    }
+}
+
+impl Parts {
+    fn new(name: String) -> Self {
+        Parts {
             name,
             bootstrap: None,
             pool: None,
             database_url: None,
             topics: Vec::new(),
             handler: None,
+            routes: HashMap::new(),
+            unrouted: Unrouted::Skip,
             identity: IdentitySource::CloudEvents,
             version: None,
             settings: Settings {
@@ -442,13 +496,14 @@ impl ConsumerBuilder {
             metrics_addr: None,
             migrate: true,
             handle_sigterm: true,
-            state: None,
             registry: crate::effects::Registry::default(),
             effect_lease: Duration::from_secs(60),
             create_dlt_topics: true,
         }
     }
+}
 
+impl<S: Send + Sync + 'static> ConsumerBuilder<S> {
     /// Kafka `bootstrap.servers`. Required (no default: guessing a cluster is
     /// how production gets touched by mistake).
     pub fn bootstrap_servers(mut self, servers: impl Into<String>) -> Self {
@@ -476,32 +531,48 @@ impl ConsumerBuilder {
         self
     }
 
-    /// The handler: `async fn(Event<T>, &mut Cx) -> Result<(), HandlerError>`.
-    /// `T` is decoded from the JSON payload (or use
+    /// The handler: `async fn(Event<T>, &mut Cx) -> Result<(), HandlerError>`,
+    /// or `async fn(Event<T>, &mut Cx, State<S>) -> …` to take the builder's
+    /// state. `T` is decoded from the JSON payload (or use
     /// [`RawPayload`](crate::envelope::RawPayload)); a payload that does not
-    /// decode is dead-lettered with reason `undecodable-payload`.
-    pub fn handler<T, H>(mut self, handler: H) -> Self
-    where
-        T: DecodePayload,
-        H: for<'a> HandlerFn<'a, T>,
-    {
-        self.handler = Some(Arc::new(Typed { handler, _t: PhantomData }));
+    /// decode is dead-lettered with reason `undecodable-payload`. For several
+    /// event types on one consumer, use [`route`](Self::route) instead.
+    pub fn handler<T, M, H: IntoHandler<T, S, M>>(mut self, handler: H) -> Self {
+        let h = handler.into_erased(self.state.clone());
+        self.handler = Some(h.0);
         self
     }
 
-    /// State the handler reaches with [`Cx::state`] (a client, settings):
-    /// handlers are plain async fns, so this is how they get their
-    /// dependencies. Default: none.
-    pub fn state<S: Send + Sync + 'static>(mut self, state: S) -> Self {
-        self.state = Some(Arc::new(state));
+    /// Routes events of CloudEvents type `ce_type` to `handler` (the same
+    /// kinds of functions as [`handler`](Self::handler)); each route decodes
+    /// its own event type. Events of a type no route takes follow
+    /// [`unrouted`](Self::unrouted). Use either routes or one handler.
+    pub fn route<T, M, H: IntoHandler<T, S, M>>(mut self, ce_type: impl Into<String>, handler: H) -> Self {
+        let h = handler.into_erased(self.state.clone());
+        self.routes.insert(ce_type.into(), h.0);
         self
+    }
+
+    /// What happens to an event whose type no [`route`](Self::route) takes.
+    /// Default [`Unrouted::Skip`]: counted and skipped (topics often carry
+    /// types a consumer does not handle); [`Unrouted::DeadLetter`] sends it to
+    /// the dead-letter topic with reason `unrouted-type`.
+    pub fn unrouted(mut self, policy: Unrouted) -> Self {
+        self.unrouted = policy;
+        self
+    }
+
+    /// The handlers' state (a client, settings), given to every handler that
+    /// takes [`State<S>`](State). Call it before registering the handlers
+    /// that take it: they are type-checked against it. Default: none (`()`).
+    pub fn state<S2: Send + Sync + 'static>(self, state: S2) -> ConsumerBuilder<S2> {
+        ConsumerBuilder { p: self.p, state: Arc::new(state) }
     }
 
     /// [`state`](Self::state) that the caller keeps a handle on too (to
     /// change settings while the consumer runs, or share a client).
-    pub fn shared_state<S: Send + Sync + 'static>(mut self, state: Arc<S>) -> Self {
-        self.state = Some(state);
-        self
+    pub fn shared_state<S2: Send + Sync + 'static>(self, state: Arc<S2>) -> ConsumerBuilder<S2> {
+        ConsumerBuilder { p: self.p, state }
     }
 
     /// Registers the function that runs effect `name` after commit (see
@@ -533,17 +604,15 @@ impl ConsumerBuilder {
     }
 
     /// A batch handler instead of a per-event one:
-    /// `async fn(Vec<Event<T>>, &mut Cx) -> Result<(), HandlerError>` gets the
-    /// new events of each batch at once (write them with one multi-row
-    /// statement). Duplicates are already removed and the version guard
-    /// applied. On failure the events are retried one at a time to isolate
-    /// the failing one. Record effects with [`Cx::effect_for`].
-    pub fn batch_handler<T, H>(mut self, handler: H) -> Self
-    where
-        T: DecodePayload,
-        H: for<'a> BatchHandlerFn<'a, T>,
-    {
-        self.handler = Some(Arc::new(TypedBatch { handler, _t: PhantomData }));
+    /// `async fn(Vec<Event<T>>, &mut Cx) -> Result<(), HandlerError>` (or with
+    /// a third argument `State<S>`) gets the new events of each batch at once
+    /// (write them with one multi-row statement). Duplicates are already
+    /// removed and the version guard applied. On failure the events are
+    /// retried one at a time to isolate the failing one. Record effects with
+    /// [`Cx::effect_for`].
+    pub fn batch_handler<T, M, H: IntoBatchHandler<T, S, M>>(mut self, handler: H) -> Self {
+        let h = handler.into_erased(self.state.clone());
+        self.handler = Some(h.0);
         self
     }
 
@@ -729,15 +798,24 @@ impl ConsumerBuilder {
         // Boxed here, where the future's type is concrete: proving `Send` for
         // sqlx futures inside a caller's generic `tokio::spawn` trips a known
         // compiler limitation ("implementation of Send is not general enough").
-        Box::pin(self.run_inner(shutdown))
+        Box::pin(self.p.run_inner(shutdown))
     }
+}
 
+impl Parts {
     async fn run_inner(self, shutdown: CancellationToken) -> Result<()> {
         let bootstrap = self.bootstrap.ok_or_else(|| Error::Config("bootstrap_servers is required".into()))?;
         if self.topics.is_empty() {
             return Err(Error::Config("at least one topic is required".into()));
         }
-        let handler = self.handler.ok_or_else(|| Error::Config("a handler is required".into()))?;
+        let handler: Arc<dyn ErasedHandler> = match (self.handler, self.routes.is_empty()) {
+            (Some(h), true) => h,
+            (None, false) => Arc::new(handler::Router { routes: self.routes, unrouted: self.unrouted }),
+            (Some(_), false) => {
+                return Err(Error::Config("use either one handler or routes by CloudEvents type, not both".into()))
+            }
+            (None, true) => return Err(Error::Config("a handler (or a route) is required".into())),
+        };
         let pool = match (self.pool, &self.database_url) {
             (Some(p), _) => p,
             (None, Some(url)) => store::connect(url, 20).await?,
@@ -812,9 +890,9 @@ impl ConsumerBuilder {
             bucket: self.rate.map(|r| guard::TokenBucket::new(r, r)),
             spike: self.spike.map(guard::SpikeState::new),
             shutdown: shutdown.clone(),
-            state: self.state,
             registry: Arc::new(self.registry),
             effects_wake,
+            fatal: Mutex::new(None),
         });
         let consumer: Arc<KafkaConsumer> = Arc::new(cfg.create_with_context(Ctx(shared.clone()))?);
         let _ = shared.consumer.set(Arc::downgrade(&consumer));
@@ -853,7 +931,10 @@ impl ConsumerBuilder {
                 let _ = done_tx.send(r);
             })
             .map_err(Error::Io)?;
-        let result = done_rx.await.unwrap_or_else(|_| Err(Error::Config("the consumer thread panicked".into())));
+        let mut result = done_rx.await.unwrap_or_else(|_| Err(Error::Config("the consumer thread panicked".into())));
+        if let Some(e) = shared.fatal.lock().ok().and_then(|mut f| f.take()) {
+            result = Err(e);
+        }
         maintenance.abort();
         if let Ok(Err(e)) = executor_task.await {
             tracing::warn!(error = %e, "The effect executor stopped with an error.");
