@@ -1,7 +1,6 @@
 //! Helpers every benchmark uses: where the services are, topics, statistics.
 
 use anyhow::Result;
-use rdkafka::ClientConfig;
 
 /// Kafka bootstrap servers (`ONCELY_KAFKA_BOOTSTRAP`, as `scripts/services env` prints).
 pub fn bootstrap() -> String {
@@ -17,7 +16,7 @@ pub fn database_url() -> String {
 pub async fn create_topic(topic: &str, partitions: i32) -> Result<()> {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     let admin: AdminClient<rdkafka::client::DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", bootstrap()).create()?;
+        oncely::kafka::KafkaConnection::new(bootstrap()).client_config()?.create()?;
     let t = NewTopic::new(topic, partitions, TopicReplication::Fixed(1));
     for r in admin.create_topics([&t], &AdminOptions::new()).await? {
         r.map_err(|(t, e)| anyhow::anyhow!("creating {t}: {e}"))?;

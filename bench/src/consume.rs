@@ -32,7 +32,7 @@ use oncely::{Cx, Event, HandlerError};
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::PgPool;
@@ -306,8 +306,8 @@ async fn setup_tables(pool: &PgPool) -> Result<()> {
 }
 
 async fn produce(topic: &str, events: u64, keys: u64, pad: usize) -> Result<()> {
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
+    let producer: FutureProducer = oncely::kafka::KafkaConnection::new(bootstrap())
+        .client_config()?
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "20")
@@ -489,8 +489,8 @@ impl Baseline {
 async fn run_baseline(topic: &str, group: &str, events: u64, mode: Baseline) -> Result<VariantResult> {
     let pool = oncely::store::connect(&database_url(), 16).await?;
     let consumer: Arc<StreamConsumer> = Arc::new(
-        ClientConfig::new()
-            .set("bootstrap.servers", bootstrap())
+        oncely::kafka::KafkaConnection::new(bootstrap())
+            .client_config()?
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")
@@ -653,8 +653,8 @@ async fn write_baseline_batch(
 /// the offset.
 async fn run_naive(topic: &str, group: &str, events: u64) -> Result<VariantResult> {
     let pool = oncely::store::connect(&database_url(), 2).await?;
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap())
+    let consumer: StreamConsumer = oncely::kafka::KafkaConnection::new(bootstrap())
+        .client_config()?
         .set("group.id", group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")

@@ -35,7 +35,7 @@ use oncely::admin::KafkaAdmin;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::{Connection as _, PgConnection, PgPool};
@@ -445,7 +445,7 @@ impl Demo {
         ));
 
         let kafka: AdminClient<DefaultClientContext> =
-            ClientConfig::new().set("bootstrap.servers", &args.bootstrap_servers).create()?;
+            oncely::kafka::KafkaConnection::new(&args.bootstrap_servers).client_config()?.create()?;
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
 
         // What the run creates: a directory for the logs, a database.
@@ -1127,8 +1127,8 @@ impl Demo {
 
     /// Finds the `OrderCreated` of `order` in `topic`; returns it and its `ce_id`.
     async fn find_record(&self, topic: &str, order: &str) -> Result<(oncely::envelope::RawRecord, String)> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", &self.args.bootstrap)
+        let consumer: BaseConsumer = oncely::kafka::KafkaConnection::new(&self.args.bootstrap)
+            .client_config()?
             .set("group.id", format!("oncely-demo-{}-reader", self.id))
             .set("enable.auto.commit", "false")
             .create()?;
@@ -1231,7 +1231,8 @@ impl Demo {
 
     async fn delete_kafka_objects(&self) -> Result<()> {
         let prefix = self.names.prefix();
-        let kafka_md: BaseConsumer = ClientConfig::new().set("bootstrap.servers", &self.args.bootstrap).create()?;
+        let kafka_md: BaseConsumer =
+            oncely::kafka::KafkaConnection::new(&self.args.bootstrap).client_config()?.create()?;
         let topics: Vec<String> = tokio::task::spawn_blocking(move || -> Result<Vec<String>> {
             let md = kafka_md.fetch_metadata(None, Duration::from_secs(10))?;
             Ok(md.topics().iter().map(|t| t.name().to_owned()).filter(|t| t.starts_with(&prefix)).collect())

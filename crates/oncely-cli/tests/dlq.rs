@@ -128,7 +128,7 @@ async fn effect_decisions_on_a_protected_environment_need_the_typed_confirmation
     .execute(&db.pool)
     .await?;
     // Environment `prod`, protected; no terminal on stdin.
-    let cluster = oncely::admin::KafkaAdmin::new(&kit::bootstrap(), &[])?.describe_cluster().await?.cluster_id;
+    let cluster = oncely::admin::KafkaAdmin::new(kit::bootstrap(), &[])?.describe_cluster().await?.cluster_id;
     let prod = |args: &[&str]| -> Result<Output> {
         Ok(std::process::Command::new(env!("CARGO_BIN_EXE_oncely"))
             .args(args)

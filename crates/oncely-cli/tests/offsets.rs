@@ -15,7 +15,7 @@ use oncely::consumer::events;
 use oncely_testkit::{self as kit, app};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -78,7 +78,7 @@ impl World {
         let group = kit::unique(&format!("{prefix}-g"));
         kit::create_topic(&topic, partitions).await?;
         let db = kit::TestDb::new().await?;
-        let admin = KafkaAdmin::new(&kit::bootstrap(), &[])?;
+        let admin = KafkaAdmin::new(kit::bootstrap(), &[])?;
         let cluster_id = admin.describe_cluster().await?.cluster_id;
         let dir = std::env::temp_dir().join(kit::unique("oncely-cli-test"));
         std::fs::create_dir_all(&dir)?;
@@ -138,8 +138,8 @@ impl World {
     async fn commit(&self, offsets: &[(i32, i64)]) -> Result<()> {
         let (group, topic, offsets) = (self.group.clone(), self.topic.clone(), offsets.to_vec());
         tokio::task::spawn_blocking(move || -> Result<()> {
-            let consumer: BaseConsumer = ClientConfig::new()
-                .set("bootstrap.servers", kit::bootstrap())
+            let consumer: BaseConsumer = oncely::kafka::KafkaConnection::new(kit::bootstrap())
+                .client_config()?
                 .set("group.id", &group)
                 .set("enable.auto.commit", "false")
                 .create()?;
@@ -155,7 +155,8 @@ impl World {
 
     /// Produces one record per timestamp to `partition`.
     async fn produce(&self, partition: i32, timestamps: &[i64]) -> Result<()> {
-        let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", kit::bootstrap()).create()?;
+        let producer: FutureProducer =
+            oncely::kafka::KafkaConnection::new(kit::bootstrap()).client_config()?.create()?;
         for (i, ts) in timestamps.iter().enumerate() {
             let payload = format!("record-{i}");
             let rec = FutureRecord::to(&self.topic).partition(partition).key("k").payload(&payload).timestamp(*ts);
@@ -349,8 +350,8 @@ struct ActiveMember {
 
 impl ActiveMember {
     fn start(group: &str, topic: &str) -> Result<Self> {
-        let consumer: BaseConsumer = ClientConfig::new()
-            .set("bootstrap.servers", kit::bootstrap())
+        let consumer: BaseConsumer = oncely::kafka::KafkaConnection::new(kit::bootstrap())
+            .client_config()?
             .set("group.id", group)
             .set("enable.auto.commit", "false")
             .set("auto.offset.reset", "earliest")

@@ -197,7 +197,7 @@ pub fn consumer_with_gateway(
 /// Publishes `per_key` events for each of `keys` keys (`k0`, `k1`, …), seq
 /// 1..=per_key, interleaved; returns what was published.
 pub async fn publish_seq(topic: &str, keys: usize, per_key: i64) -> Result<Vec<oncely::envelope::Published>> {
-    let publisher = Publisher::new(&crate::bootstrap(), "/tests/seq")?;
+    let publisher = Publisher::new(crate::bootstrap(), "/tests/seq")?;
     let mut out = Vec::new();
     let mut batch = Vec::new();
     for seq in 1..=per_key {

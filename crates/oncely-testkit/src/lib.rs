@@ -11,7 +11,6 @@ use anyhow::{bail, Context, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::ClientConfig;
 use sqlx::{Connection, PgConnection, PgPool};
 
 pub mod app;
@@ -64,7 +63,7 @@ pub fn init_tracing_stderr() {
 
 /// An admin client for the test broker.
 pub fn admin() -> Result<AdminClient<DefaultClientContext>> {
-    Ok(ClientConfig::new().set("bootstrap.servers", bootstrap()).create()?)
+    Ok(oncely::kafka::KafkaConnection::new(bootstrap()).client_config()?.create()?)
 }
 
 /// Creates `name` with `partitions` partitions and waits until its metadata is visible.
@@ -86,7 +85,7 @@ pub async fn create_topic_with(name: &str, partitions: i32, configs: &[(&str, &s
             bail!("creating topic {t}: {e}");
         }
     }
-    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap()).create()?;
+    let consumer: BaseConsumer = oncely::kafka::KafkaConnection::new(bootstrap()).client_config()?.create()?;
     let name = name.to_owned();
     wait_until_blocking(Duration::from_secs(30), "topic metadata", || {
         consumer
@@ -106,7 +105,7 @@ pub async fn delete_topic(name: &str) -> Result<()> {
             bail!("deleting topic {t}: {e}");
         }
     }
-    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap()).create()?;
+    let consumer: BaseConsumer = oncely::kafka::KafkaConnection::new(bootstrap()).client_config()?.create()?;
     let name = name.to_owned();
     wait_until_blocking(Duration::from_secs(60), "the topic to be gone", || {
         consumer

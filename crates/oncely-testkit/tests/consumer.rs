@@ -24,7 +24,7 @@ async fn the_same_event_published_twice_is_applied_once() -> Result<()> {
     app::setup(&db.pool).await?;
     let (topic, group) = (kit::unique("orders"), kit::unique("g"));
     kit::create_topic(&topic, 2).await?;
-    let publisher = Publisher::new(&kit::bootstrap(), "/tests/dup")?;
+    let publisher = Publisher::new(kit::bootstrap(), "/tests/dup")?;
     let ev = app::SeqEvent { key: "k1".into(), seq: 1 };
     let attrs = CloudEventAttrs::new_now("/tests/dup", "test.seq");
     let first = publisher.publish_attrs(&topic, "k1", &attrs, &ev).await?;
@@ -86,7 +86,7 @@ async fn rebalances_during_load_keep_exactly_once_and_per_key_order() -> Result<
     wait_rows(&db, 100).await?;
     // B joins while A is busy: partitions move from A to B.
     let b = spawn_process(&db, &group, &topic, &[slow[0], slow[1], ("TAG", "b")]).await?;
-    let admin = oncely::admin::kafka::KafkaAdmin::new(&kit::bootstrap(), &[])?;
+    let admin = oncely::admin::kafka::KafkaAdmin::new(kit::bootstrap(), &[])?;
     kit::wait_until(WAIT, "both members to own partitions", || async {
         let g = admin.describe_consumer_groups(&[group.as_str()]).await?;
         Ok(g.first().is_some_and(|g| g.members.len() == 2 && g.members.iter().all(|m| !m.assignment.is_empty())))
@@ -94,7 +94,7 @@ async fn rebalances_during_load_keep_exactly_once_and_per_key_order() -> Result<
     .await?;
     // More load while both run: B applies its share. Then B leaves gracefully
     // (SIGTERM): its partitions move back to A.
-    let publisher = Publisher::new(&kit::bootstrap(), "/tests/seq")?;
+    let publisher = Publisher::new(kit::bootstrap(), "/tests/seq")?;
     let mut second = Vec::new();
     for seq in 21..=30 {
         for k in 0..30 {
@@ -180,7 +180,7 @@ async fn a_stale_event_is_skipped_by_the_version_guard() -> Result<()> {
     app::setup(&db.pool).await?;
     let (topic, group) = (kit::unique("accounts"), kit::unique("g"));
     kit::create_topic(&topic, 1).await?;
-    let publisher = Publisher::new(&kit::bootstrap(), "/tests/versions")?;
+    let publisher = Publisher::new(kit::bootstrap(), "/tests/versions")?;
     for (seq, version) in [(1, 1), (2, 3), (3, 2), (4, 4)] {
         let attrs = CloudEventAttrs::new_now("/tests/versions", "test.seq");
         let mut headers = attrs.to_headers();
@@ -254,7 +254,7 @@ async fn bad_input_is_dead_lettered_and_the_partition_keeps_flowing() -> Result<
     app::setup(&db.pool).await?;
     let (topic, group) = (kit::unique("orders"), kit::unique("g"));
     kit::create_topic(&topic, 1).await?;
-    let publisher = Publisher::new(&kit::bootstrap(), "/tests/bad")?;
+    let publisher = Publisher::new(kit::bootstrap(), "/tests/bad")?;
     let good = |seq| app::SeqEvent { key: "k".into(), seq };
     publisher.publish(&topic, "k", "test.seq", &good(1)).await?;
     // Undecodable payload.
@@ -301,7 +301,7 @@ async fn a_batch_handler_applies_each_event_once_and_isolates_a_failing_one() ->
     kit::create_topic(&topic, 2).await?;
     let published = app::publish_seq(&topic, 8, 6).await?;
     // A duplicate of one event.
-    let publisher = Publisher::new(&kit::bootstrap(), "/tests/seq")?;
+    let publisher = Publisher::new(kit::bootstrap(), "/tests/seq")?;
     let first = published[0].clone();
     let attrs = CloudEventAttrs { id: first.ce_id.clone(), ..CloudEventAttrs::new_now("/tests/seq", "test.seq") };
     publisher.publish_attrs(&topic, "k0", &attrs, &app::SeqEvent { key: "k0".into(), seq: 1 }).await?;
@@ -368,7 +368,7 @@ async fn events_are_routed_by_type_to_typed_handlers() -> Result<()> {
     app::setup(&db.pool).await?;
     let (topic, group, group2) = (kit::unique("orders"), kit::unique("g"), kit::unique("g"));
     kit::create_topic(&topic, 1).await?;
-    let p = Publisher::new(&kit::bootstrap(), "/tests/routes")?;
+    let p = Publisher::new(kit::bootstrap(), "/tests/routes")?;
     p.publish(&topic, "a", "created", &serde_json::json!({"key": "a", "seq": 1})).await?;
     p.publish(&topic, "a", "renamed", &serde_json::json!({"key": "a", "name": "x"})).await?;
     p.publish(&topic, "a", "deleted", &serde_json::json!({"key": "a"})).await?;

@@ -51,7 +51,7 @@ async fn wait_status(db: &kit::TestDb, status: &str, n: i64) -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn the_same_event_delivered_twice_charges_once() -> Result<()> {
     let Setup { db, gw, topic, group } = setup(1).await?;
-    let publisher = Publisher::new(&kit::bootstrap(), "/tests/effects")?;
+    let publisher = Publisher::new(kit::bootstrap(), "/tests/effects")?;
     let attrs = CloudEventAttrs::new_now("/tests/effects", "test.seq");
     let ev = app::SeqEvent { key: "order-1".into(), seq: 1 };
     publisher.publish_attrs(&topic, "order-1", &attrs, &ev).await?;

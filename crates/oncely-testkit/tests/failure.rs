@@ -136,8 +136,8 @@ async fn a_key_failing_past_max_attempts_reaches_the_dlt_with_every_header() -> 
     wait_drained(&db, &group, published.len() as i64).await?;
 
     let dlt = dlt_topic(&topic, &group);
-    let consumer: BaseConsumer = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", kit::bootstrap())
+    let consumer: BaseConsumer = oncely::kafka::KafkaConnection::new(kit::bootstrap())
+        .client_config()?
         .set("group.id", kit::unique("dlt-reader"))
         .set("auto.offset.reset", "earliest")
         .create()?;

@@ -34,7 +34,7 @@ async fn bytes_that_are_not_utf8_nul_bytes_and_odd_sizes_neither_crash_nor_block
     app::setup(&db.pool).await?;
     let (topic, group) = (kit::unique("orders"), kit::unique("g"));
     kit::create_topic(&topic, 1).await?;
-    let p = Publisher::new(&kit::bootstrap(), "/tests/hostile")?;
+    let p = Publisher::new(kit::bootstrap(), "/tests/hostile")?;
     let bad_name: &[u8] = &[0xff, 0xfe, b'x'];
     // 0: a header whose name is not UTF-8 (rdkafka's own iterator panics on it).
     p.publish_raw(&topic, Some(b"k"), Some(&payload("k", 1)), &headers(&[(bad_name, b"v")])).await?;
@@ -94,7 +94,7 @@ async fn keys_that_differ_only_in_bytes_that_are_not_utf8_are_separate_keys() ->
     app::setup(&db.pool).await?;
     let (topic, group) = (kit::unique("orders"), kit::unique("g"));
     kit::create_topic(&topic, 1).await?;
-    let p = Publisher::new(&kit::bootstrap(), "/tests/hostile")?;
+    let p = Publisher::new(kit::bootstrap(), "/tests/hostile")?;
     // Both keys read as "\u{fffd}" through a lossy conversion to text.
     for seq in 1..=3 {
         p.publish_raw(&topic, Some(&[0xff]), Some(&payload("a", seq)), &headers(&[])).await?;
@@ -178,7 +178,7 @@ async fn duplicates_across_batches_and_partitions_are_caught_by_the_inbox() -> R
     app::setup(&db.pool).await?;
     let (topic, group) = (kit::unique("orders"), kit::unique("g"));
     kit::create_topic(&topic, 2).await?;
-    let p = Publisher::new(&kit::bootstrap(), "/tests/dups")?;
+    let p = Publisher::new(kit::bootstrap(), "/tests/dups")?;
     // Two Kafka keys on different partitions (a keyless producer's retry
     // lands on another partition with the same identity).
     let mut records = 1i64;

@@ -16,7 +16,7 @@ async fn spawn_process(db: &kit::TestDb, group: &str, topic: &str, envs: &[(&str
 
 /// Members of `group` the coordinator lists.
 async fn members(group: &str) -> Result<usize> {
-    let admin = oncely::admin::kafka::KafkaAdmin::new(&kit::bootstrap(), &[])?;
+    let admin = oncely::admin::kafka::KafkaAdmin::new(kit::bootstrap(), &[])?;
     Ok(admin.describe_consumer_groups(&[group]).await?.first().map_or(0, |g| g.members.len()))
 }
 

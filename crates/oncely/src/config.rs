@@ -14,6 +14,13 @@
 //! database_url = "postgres://oncely@db-prod.internal/oncely"
 //! cluster_id = "Zq0m3yJxQ8e2kq1uQm9L0A"
 //! protected = true
+//!
+//! [env.prod.kafka]                         # client properties, for every client
+//! "security.protocol" = "SASL_SSL"
+//! "sasl.mechanisms" = "SCRAM-SHA-512"
+//! "sasl.username" = "oncely"
+//! "sasl.password" = { env = "KAFKA_PASSWORD" }   # or { file = "/run/secrets/kafka" }
+//! "ssl.ca.location" = "/etc/ssl/kafka-ca.pem"
 //! ```
 //!
 //! The file is chosen by `--config FILE`, else `ONCELY_CONFIG`, else
@@ -59,6 +66,19 @@ pub struct EnvConfig {
     /// show a red banner.
     #[serde(default)]
     pub protected: bool,
+    /// librdkafka client properties for every client of this environment
+    /// (`security.protocol`, `sasl.*`, `ssl.*`, ...). A secret may come
+    /// from a variable or a file: `"sasl.password" = { env = "KAFKA_PASSWORD" }`,
+    /// `{ file = "/run/secrets/kafka" }`. Secrets are never printed.
+    #[serde(default)]
+    pub kafka: BTreeMap<String, crate::kafka::PropertyValue>,
+}
+
+impl EnvConfig {
+    /// How to reach this environment's Kafka cluster.
+    pub fn connection(&self) -> crate::kafka::KafkaConnection {
+        crate::kafka::KafkaConnection::new(self.bootstrap_servers.clone()).properties(self.kafka.clone())
+    }
 }
 
 /// The environment a command runs against, after overrides.
@@ -156,7 +176,13 @@ pub fn resolve(config: Option<&Path>, env: Option<&str>, vars: &dyn Vars) -> Res
             match (bootstrap, db) {
                 (Some(b), Some(d)) => (
                     wanted.unwrap_or_else(|| "env".into()),
-                    EnvConfig { bootstrap_servers: b, database_url: d, cluster_id: None, protected: false },
+                    EnvConfig {
+                        bootstrap_servers: b,
+                        database_url: d,
+                        cluster_id: None,
+                        protected: false,
+                        kafka: BTreeMap::new(),
+                    },
                     None,
                 ),
                 _ => {

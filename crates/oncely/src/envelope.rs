@@ -19,7 +19,6 @@ use std::time::Duration;
 use chrono::{DateTime, SecondsFormat, Utc};
 use rdkafka::message::Message;
 use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
@@ -644,10 +643,13 @@ impl fmt::Debug for Publisher {
 }
 
 impl Publisher {
-    /// A publisher for `ce_source = source` against `bootstrap_servers`.
-    pub fn new(bootstrap_servers: &str, source: impl Into<String>) -> Result<Self> {
-        let producer = ClientConfig::new()
-            .set("bootstrap.servers", bootstrap_servers)
+    /// A publisher for `ce_source = source` on `connection` (bootstrap
+    /// servers, or a [`KafkaConnection`](crate::kafka::KafkaConnection) for a
+    /// secured cluster).
+    pub fn new(connection: impl Into<crate::kafka::KafkaConnection>, source: impl Into<String>) -> Result<Self> {
+        let producer = connection
+            .into()
+            .client_config()?
             .set("enable.idempotence", "true")
             .set("acks", "all")
             .set("linger.ms", "5")

@@ -17,7 +17,7 @@ use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 const WAIT: Duration = Duration::from_secs(60);
 
 fn admin() -> anyhow::Result<KafkaAdmin> {
-    Ok(KafkaAdmin::new(&kit::bootstrap(), &[])?)
+    Ok(KafkaAdmin::new(kit::bootstrap(), &[])?)
 }
 
 fn now_ms() -> anyhow::Result<i64> {
@@ -26,7 +26,7 @@ fn now_ms() -> anyhow::Result<i64> {
 
 /// Produces one record per timestamp to `topic`/`partition`; returns their offsets.
 async fn produce(topic: &str, partition: i32, timestamps: &[i64]) -> anyhow::Result<Vec<i64>> {
-    let producer: FutureProducer = ClientConfig::new().set("bootstrap.servers", kit::bootstrap()).create()?;
+    let producer: FutureProducer = oncely::kafka::KafkaConnection::new(kit::bootstrap()).client_config()?.create()?;
     let mut offsets = Vec::new();
     for (i, ts) in timestamps.iter().enumerate() {
         let payload = format!("record-{i}");
@@ -37,13 +37,10 @@ async fn produce(topic: &str, partition: i32, timestamps: &[i64]) -> anyhow::Res
     Ok(offsets)
 }
 
-fn consumer_config(group: &str) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", kit::bootstrap())
-        .set("group.id", group)
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "earliest");
-    c
+fn consumer_config(group: &str) -> anyhow::Result<ClientConfig> {
+    let mut c = oncely::kafka::KafkaConnection::new(kit::bootstrap()).client_config()?;
+    c.set("group.id", group).set("enable.auto.commit", "false").set("auto.offset.reset", "earliest");
+    Ok(c)
 }
 
 /// A group member that stays active (subscribed and polling) on a thread of
@@ -55,7 +52,7 @@ struct ActiveMember {
 
 impl ActiveMember {
     fn start(group: &str, topic: &str, client_id: &str) -> anyhow::Result<Self> {
-        Self::start_with(consumer_config(group).set("client.id", client_id), topic)
+        Self::start_with(consumer_config(group)?.set("client.id", client_id), topic)
     }
 
     fn start_with(config: &ClientConfig, topic: &str) -> anyhow::Result<Self> {
@@ -198,7 +195,7 @@ async fn committed_offsets_of_a_real_consumer_are_listed_with_their_metadata() -
     produce(&topic, 0, &[now_ms()?; 4]).await?;
     produce(&topic, 1, &[now_ms()?; 2]).await?;
 
-    let consumer: BaseConsumer = consumer_config(&group).create()?;
+    let consumer: BaseConsumer = consumer_config(&group)?.create()?;
     let mut tpl = TopicPartitionList::new();
     tpl.add_partition_offset(&topic, 0, Offset::Offset(3))?;
     tpl.add_partition_offset(&topic, 1, Offset::Offset(1))?;
@@ -247,7 +244,7 @@ async fn altering_an_inactive_groups_offsets_reads_back_and_a_consumer_resumes_t
     assert_eq!(tool_current_offset(&group, &topic, 0).await?, "2", "kafka-consumer-groups agrees");
 
     // A consumer of the group resumes at the altered offset.
-    let consumer: BaseConsumer = consumer_config(&group).create()?;
+    let consumer: BaseConsumer = consumer_config(&group)?.create()?;
     consumer.subscribe(&[&topic])?;
     let deadline = Instant::now() + WAIT;
     let first = loop {
@@ -372,7 +369,7 @@ async fn a_kip848_consumer_group_refuses_alter_while_active_too() -> anyhow::Res
     kit::create_topic(&topic, 2).await?;
     let admin = admin()?;
     let member = ActiveMember::start_with(
-        consumer_config(&group).set("group.protocol", "consumer").set("client.id", "oncely-admin-848"),
+        consumer_config(&group)?.set("group.protocol", "consumer").set("client.id", "oncely-admin-848"),
         &topic,
     )?;
     kit::wait_until(WAIT, "the member to own both partitions", || {

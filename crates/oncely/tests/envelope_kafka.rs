@@ -7,7 +7,7 @@ use oncely::envelope::{CloudEventAttrs, IdentitySource, RawRecord};
 use oncely::Publisher;
 use oncely_testkit as kit;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 
 #[derive(serde::Serialize, serde::Deserialize, Debug, PartialEq, Clone)]
 struct OrderCreated {
@@ -16,8 +16,8 @@ struct OrderCreated {
 }
 
 fn read_back(topic: &str, partitions: i32, n: usize) -> anyhow::Result<Vec<RawRecord>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kit::bootstrap())
+    let consumer: BaseConsumer = oncely::kafka::KafkaConnection::new(kit::bootstrap())
+        .client_config()?
         .set("group.id", kit::unique("readback"))
         .set("enable.auto.commit", "false")
         .create()?;
@@ -42,7 +42,7 @@ async fn published_events_keep_their_identity_and_key() -> anyhow::Result<()> {
     kit::init_tracing();
     let topic = kit::unique("orders");
     kit::create_topic(&topic, 3).await?;
-    let publisher = Publisher::new(&kit::bootstrap(), "/tests/order-service")?;
+    let publisher = Publisher::new(kit::bootstrap(), "/tests/order-service")?;
 
     let mut sent = HashMap::new();
     for i in 0..30 {

@@ -273,7 +273,7 @@ async fn a_handler_publishes_through_the_outbox_in_its_transaction() -> Result<(
     let (input, out, group) = (kit::unique("outbox-in"), kit::unique("outbox-out"), kit::unique("fwd"));
     kit::create_topic(&input, 2).await?;
     kit::create_topic(&out, 2).await?;
-    let publisher = Publisher::new(&kit::bootstrap(), "/tests/fwd")?;
+    let publisher = Publisher::new(kit::bootstrap(), "/tests/fwd")?;
     for k in 0..4 {
         for seq in 1..=5 {
             let key = format!("k{k}");

@@ -14,7 +14,6 @@ use anyhow::{bail, Context, Result};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::ClientConfig;
 use sqlx::{Connection as _, PgConnection};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
@@ -295,8 +294,10 @@ pub async fn drop_database(admin_url: &str, name: &str) -> Result<()> {
 /// Creates `names` with `partitions` partitions each and waits until they
 /// show in the metadata.
 pub async fn create_topics(bootstrap: &str, names: &[&str], partitions: i32) -> Result<()> {
-    let kafka: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", bootstrap).create().context("creating a Kafka admin client")?;
+    let kafka: AdminClient<DefaultClientContext> = oncely::kafka::KafkaConnection::new(bootstrap)
+        .client_config()?
+        .create()
+        .context("creating a Kafka admin client")?;
     let topics: Vec<NewTopic<'_>> =
         names.iter().map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1))).collect();
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
@@ -320,7 +321,7 @@ pub async fn create_topics(bootstrap: &str, names: &[&str], partitions: i32) -> 
 /// Topics whose name starts with `prefix`, with their partition counts.
 pub async fn topics_with_prefix(bootstrap: &str, prefix: &str) -> Result<Vec<(String, usize)>> {
     let md: BaseConsumer =
-        ClientConfig::new().set("bootstrap.servers", bootstrap).create().context("creating a Kafka client")?;
+        oncely::kafka::KafkaConnection::new(bootstrap).client_config()?.create().context("creating a Kafka client")?;
     let prefix = prefix.to_owned();
     tokio::task::spawn_blocking(move || -> Result<Vec<(String, usize)>> {
         let md = md.fetch_metadata(None, Duration::from_secs(10)).context("reading the Kafka metadata")?;
@@ -338,8 +339,10 @@ pub async fn topics_with_prefix(bootstrap: &str, prefix: &str) -> Result<Vec<(St
 /// Deletes every topic whose name starts with `prefix` and the consumer
 /// groups `groups` (a group that never committed does not exist: fine).
 pub async fn delete_kafka_objects(bootstrap: &str, prefix: &str, groups: &[&str]) -> Result<()> {
-    let kafka: AdminClient<DefaultClientContext> =
-        ClientConfig::new().set("bootstrap.servers", bootstrap).create().context("creating a Kafka admin client")?;
+    let kafka: AdminClient<DefaultClientContext> = oncely::kafka::KafkaConnection::new(bootstrap)
+        .client_config()?
+        .create()
+        .context("creating a Kafka admin client")?;
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
     let mut problems = Vec::new();
     for r in kafka.delete_groups(groups, &opts).await.context("deleting the groups")? {

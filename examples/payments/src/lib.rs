@@ -30,7 +30,6 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, ValueEnum};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
-use rdkafka::ClientConfig;
 use tokio_util::sync::CancellationToken;
 
 pub mod events;
@@ -186,8 +185,8 @@ pub fn listening(url: &str) {
 /// Fails unless every topic exists (the services do not create topics:
 /// `auto.create.topics.enable=false`).
 pub async fn check_topics(bootstrap: &str, topics: &[&str]) -> Result<()> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+    let consumer: BaseConsumer = oncely::kafka::KafkaConnection::new(bootstrap)
+        .client_config()?
         .set("allow.auto.create.topics", "false")
         .create()
         .context("creating a Kafka client")?;

@@ -19,7 +19,7 @@ use anyhow::{Context, Result};
 use oncely::envelope::{CloudEventAttrs, RawRecord};
 use oncely_testkit::gateway::GatewayClient;
 use rdkafka::consumer::{CommitMode, Consumer as _, StreamConsumer};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -41,8 +41,8 @@ pub struct NaiveConfig {
 pub async fn run(common: &crate::Common, cfg: &NaiveConfig, pool: PgPool, shutdown: CancellationToken) -> Result<()> {
     let merchant = GatewayClient::new(&cfg.merchant_url, cfg.call_timeout)?;
     let session = cfg.session_timeout_ms.max(1000);
-    let consumer: StreamConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &common.bootstrap_servers)
+    let consumer: StreamConsumer = oncely::kafka::KafkaConnection::new(&common.bootstrap_servers)
+        .client_config()?
         .set("group.id", &cfg.group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")

@@ -462,9 +462,8 @@ impl KafkaAdmin {
     /// Connects to `bootstrap_servers` with `client.id=oncely-admin`,
     /// `allow.auto.create.topics=false` and then the `extra` librdkafka
     /// properties (security settings, ...), which override those.
-    pub fn new(bootstrap_servers: &str, extra: &[(&str, &str)]) -> AdminResult<Self> {
-        let mut config = ClientConfig::new();
-        config.set("bootstrap.servers", bootstrap_servers);
+    pub fn new(connection: impl Into<crate::kafka::KafkaConnection>, extra: &[(&str, &str)]) -> AdminResult<Self> {
+        let mut config = connection.into().client_config().map_err(|e| AdminError::InvalidArgument(e.to_string()))?;
         config.set("client.id", "oncely-admin");
         // The admin client is a producer-type handle, whose default lets a
         // metadata lookup of a mistyped topic create it.

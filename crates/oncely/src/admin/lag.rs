@@ -340,8 +340,7 @@ impl Session {
         // Time lag: the age of the next record to read, from the record.
         let lagging: Vec<(String, i32, i64)> =
             parts.iter().filter(|p| p.lag > 0).map(|p| (p.topic.clone(), p.partition, p.committed)).collect();
-        let ts =
-            first_record_timestamps(&self.env().config.bootstrap_servers, &lagging, Duration::from_secs(10)).await?;
+        let ts = first_record_timestamps(&self.env().config.connection(), &lagging, Duration::from_secs(10)).await?;
         for p in &mut parts {
             if let Some(t) = ts.get(&(p.topic.clone(), p.partition)) {
                 p.time_lag_ms = Some((now.timestamp_millis() - t).max(0));

@@ -13,7 +13,7 @@ use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 
 use crate::error::{Error, Result};
 
@@ -22,23 +22,27 @@ use crate::error::{Error, Result};
 /// record could not be read within `timeout` (or that have none) are left
 /// out.
 pub async fn first_record_timestamps(
-    bootstrap_servers: &str,
+    connection: &crate::kafka::KafkaConnection,
     positions: &[(String, i32, i64)],
     timeout: Duration,
 ) -> Result<BTreeMap<(String, i32), i64>> {
     if positions.is_empty() {
         return Ok(BTreeMap::new());
     }
-    let bootstrap = bootstrap_servers.to_owned();
+    let connection = connection.clone();
     let positions = positions.to_vec();
-    tokio::task::spawn_blocking(move || read(&bootstrap, &positions, timeout))
+    tokio::task::spawn_blocking(move || read(&connection, &positions, timeout))
         .await
         .map_err(|e| Error::Io(std::io::Error::other(format!("reading record timestamps: {e}"))))?
 }
 
-fn read(bootstrap: &str, positions: &[(String, i32, i64)], timeout: Duration) -> Result<BTreeMap<(String, i32), i64>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
+fn read(
+    connection: &crate::kafka::KafkaConnection,
+    positions: &[(String, i32, i64)],
+    timeout: Duration,
+) -> Result<BTreeMap<(String, i32), i64>> {
+    let consumer: BaseConsumer = connection
+        .client_config()?
         .set("client.id", "oncely-admin-peek")
         // librdkafka wants a group id even for assign(); this one is never
         // joined (no subscribe) and never committed to (auto commit off).

@@ -556,8 +556,7 @@ impl Session {
             .filter(|p| p.redelivered > 0)
             .filter_map(|p| p.new.map(|n| (p.topic.clone(), p.partition, n)))
             .collect();
-        let ts =
-            first_record_timestamps(&self.env().config.bootstrap_servers, &replayed, Duration::from_secs(10)).await?;
+        let ts = first_record_timestamps(&self.env().config.connection(), &replayed, Duration::from_secs(10)).await?;
         for p in &mut plan.partitions {
             p.first_replayed_ms = ts.get(&(p.topic.clone(), p.partition)).copied();
         }

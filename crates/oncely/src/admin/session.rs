@@ -28,7 +28,14 @@ impl Session {
     /// both when they differ; nothing else is read), then connects to the
     /// environment's database.
     pub async fn open(env: Environment) -> Result<Self> {
-        let admin = KafkaAdmin::new(&env.config.bootstrap_servers, &[])?;
+        let connection = env.config.connection();
+        // A wrong password or an untrusted certificate: a clear error now,
+        // not a hang while librdkafka retries.
+        let check = connection.clone();
+        tokio::task::spawn_blocking(move || check.check(std::time::Duration::from_secs(15)))
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))??;
+        let admin = KafkaAdmin::new(connection, &[])?;
         let cluster = admin.describe_cluster().await?;
         env.check_cluster_id(&cluster.cluster_id)?;
         let pool = store::connect(&env.config.database_url, 4).await?;

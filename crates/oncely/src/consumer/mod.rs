@@ -26,12 +26,13 @@ use rdkafka::client::{ClientContext, DefaultClientContext};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer as _, ConsumerContext, StreamConsumer};
 use rdkafka::error::{KafkaError, KafkaResult};
 use rdkafka::types::RDKafkaRespErr;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::envelope::{IdentitySource, VersionSource};
 use crate::error::{Error, Result};
+use crate::kafka::KafkaConnection;
 use crate::store;
 
 mod decide;
@@ -402,7 +403,7 @@ impl<S> std::ops::DerefMut for ConsumerBuilder<S> {
 #[doc(hidden)]
 pub struct Parts {
     name: String,
-    bootstrap: Option<String>,
+    connection: Option<KafkaConnection>,
     pool: Option<PgPool>,
     database_url: Option<String>,
     topics: Vec<String>,
@@ -463,7 +464,7 @@ impl Parts {
     fn new(name: String) -> Self {
         Parts {
             name,
-            bootstrap: None,
+            connection: None,
             pool: None,
             database_url: None,
             topics: Vec::new(),
@@ -507,7 +508,19 @@ impl<S: Send + Sync + 'static> ConsumerBuilder<S> {
     /// Kafka `bootstrap.servers`. Required (no default: guessing a cluster is
     /// how production gets touched by mistake).
     pub fn bootstrap_servers(mut self, servers: impl Into<String>) -> Self {
-        self.bootstrap = Some(servers.into());
+        let servers = servers.into();
+        self.connection = Some(match self.connection.take() {
+            Some(c) => c.property("bootstrap.servers", servers),
+            None => KafkaConnection::new(servers),
+        });
+        self
+    }
+
+    /// How to reach the cluster: bootstrap servers and client properties
+    /// (SASL, TLS), used for every client the consumer creates (its consumer,
+    /// admin and metadata clients). Replaces [`bootstrap_servers`](Self::bootstrap_servers).
+    pub fn connection(mut self, connection: impl Into<KafkaConnection>) -> Self {
+        self.connection = Some(connection.into());
         self
     }
 
@@ -804,7 +817,14 @@ impl<S: Send + Sync + 'static> ConsumerBuilder<S> {
 
 impl Parts {
     async fn run_inner(self, shutdown: CancellationToken) -> Result<()> {
-        let bootstrap = self.bootstrap.ok_or_else(|| Error::Config("bootstrap_servers is required".into()))?;
+        let connection =
+            self.connection.ok_or_else(|| Error::Config("bootstrap_servers (or a connection) is required".into()))?;
+        // A wrong password or an untrusted certificate fails here, naming the
+        // cause, instead of librdkafka retrying it forever.
+        let check = connection.clone();
+        tokio::task::spawn_blocking(move || check.check(Duration::from_secs(15)))
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))??;
         if self.topics.is_empty() {
             return Err(Error::Config("at least one topic is required".into()));
         }
@@ -825,17 +845,17 @@ impl Parts {
             store::migrate(&pool).await?;
         }
         let retention_days = self.inbox_retention.as_secs().div_ceil(86_400).max(1) as i32;
-        check_retention(&bootstrap, &self.topics, self.inbox_retention, self.force_inbox_retention, &self.name).await?;
+        check_retention(&connection, &self.topics, self.inbox_retention, self.force_inbox_retention, &self.name)
+            .await?;
         if self.create_dlt_topics {
-            ensure_dlt_topics(&bootstrap, &self.topics, &self.name).await?;
+            ensure_dlt_topics(&connection, &self.topics, &self.name).await?;
         }
         let consumer_id = store::register_consumer(&pool, &self.name, retention_days).await?;
         store::inbox::ensure_days(&pool, 3).await?;
 
         let mut settings = self.settings;
-        let mut cfg = ClientConfig::new();
-        cfg.set("bootstrap.servers", &bootstrap)
-            .set("group.id", &self.name)
+        let mut cfg = connection.client_config()?;
+        cfg.set("group.id", &self.name)
             // Each lane's partition queue is bounded by these (they apply per
             // partition to split queues): when a lane does not read, librdkafka
             // stops fetching its partition. That is oncely's backpressure.
@@ -1054,16 +1074,15 @@ async fn maintain_inbox(pool: PgPool, shutdown: CancellationToken) {
 
 /// Creates the missing dead-letter topics of `consumer` for `topics`.
 fn ensure_dlt_topics<'a>(
-    bootstrap: &'a str,
+    connection: &'a KafkaConnection,
     topics: &'a [String],
     consumer: &'a str,
 ) -> futures::future::BoxFuture<'a, Result<()>> {
     Box::pin(async move {
         use rdkafka::admin::{NewTopic, TopicReplication};
         use rdkafka::types::RDKafkaErrorCode;
-        let admin = crate::admin::kafka::KafkaAdmin::new(bootstrap, &[])?;
-        let client: AdminClient<DefaultClientContext> =
-            ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
+        let admin = crate::admin::kafka::KafkaAdmin::new(connection, &[])?;
+        let client: AdminClient<DefaultClientContext> = connection.client_config()?.create()?;
         for topic in topics {
             let partitions = admin.topic_partitions(topic).await?.len() as i32;
             let dlt = crate::failure::dlt_topic(topic, consumer);
@@ -1090,23 +1109,23 @@ fn ensure_dlt_topics<'a>(
 /// its newest record expires), or a topic kept forever / compacted, unless
 /// forced.
 fn check_retention<'a>(
-    bootstrap: &'a str,
+    connection: &'a KafkaConnection,
     topics: &'a [String],
     inbox: Duration,
     force: bool,
     consumer: &'a str,
 ) -> futures::future::BoxFuture<'a, Result<()>> {
-    Box::pin(check_retention_inner(bootstrap, topics, inbox, force, consumer))
+    Box::pin(check_retention_inner(connection, topics, inbox, force, consumer))
 }
 
 async fn check_retention_inner(
-    bootstrap: &str,
+    connection: &KafkaConnection,
     topics: &[String],
     inbox: Duration,
     force: bool,
     consumer: &str,
 ) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
+    let admin: AdminClient<DefaultClientContext> = connection.client_config()?.create()?;
     let specs: Vec<ResourceSpecifier<'_>> = topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
     let results = admin
         .describe_configs(specs.iter(), &AdminOptions::new().request_timeout(Some(Duration::from_secs(30))))

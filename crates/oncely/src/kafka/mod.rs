@@ -1,5 +1,6 @@
-//! The Kafka floor: how oncely reads records from and writes headers to
-//! librdkafka, byte for byte.
+//! The Kafka floor: how oncely connects to a cluster ([`KafkaConnection`],
+//! applied to every client it creates), and how it reads records from and
+//! writes headers to librdkafka, byte for byte.
 //!
 //! Kafka does not require header names, header values or keys to be UTF-8,
 //! and rdkafka's own header iterator (`BorrowedHeaders::try_get`) panics on a
@@ -7,6 +8,9 @@
 //! instead and keeps names and values as bytes.
 
 use std::ffi::{c_char, c_void, CStr};
+
+mod connection;
+pub use connection::{is_secret, KafkaConnection, PropertyValue};
 
 use rdkafka::message::{BorrowedMessage, Headers as _, OwnedHeaders};
 use rdkafka_sys as rdsys;

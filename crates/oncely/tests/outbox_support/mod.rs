@@ -12,7 +12,7 @@ use oncely::outbox::RelayBuilder;
 use oncely_testkit as kit;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
@@ -93,8 +93,8 @@ impl Rec {
 /// Every record of `topic` up to the current high watermarks, per partition
 /// in offset order (partitions one after the other).
 pub fn read_to_end(topic: &str, partitions: i32) -> Result<Vec<Rec>> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", kit::bootstrap())
+    let consumer: BaseConsumer = oncely::kafka::KafkaConnection::new(kit::bootstrap())
+        .client_config()?
         .set("group.id", kit::unique("outbox-reader"))
         .set("enable.auto.commit", "false")
         .set("isolation.level", "read_committed")
