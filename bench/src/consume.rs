@@ -330,7 +330,7 @@ async fn produce(topic: &str, events: u64, keys: u64, pad: usize) -> Result<()> 
             amount: (seq % 1000) as i64,
             pad: padding.clone(),
         })?;
-        let headers = owned_headers(&attrs.to_headers());
+        let headers = owned_headers(&attrs.to_headers())?;
         let producer = producer.clone();
         let topic = topic.to_owned();
         inflight.push(async move {

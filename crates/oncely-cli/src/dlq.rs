@@ -191,7 +191,7 @@ pub(crate) async fn run(cli: &Cli, cmd: &DlqCmd) -> anyhow::Result<ExitCode> {
                 }
             }
             let audit_id = audit::record_start(pool, &entry).await?;
-            let publisher = oncely::Publisher::new(&env.config.bootstrap_servers, "/oncely/redrive")?;
+            let publisher = oncely::Publisher::new(env.config.connection(), "/oncely/redrive")?;
             let total = letters.len();
             let (done, result) = redrive::redrive(pool, &publisher, &letters, *rate, |r| {
                 eprintln!("redriven {} → {}[{}]@{}", r.id, r.topic, r.partition, r.offset);

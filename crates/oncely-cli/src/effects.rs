@@ -20,8 +20,8 @@ use crate::Cli;
 #[command(after_help = "Examples:
   oncely effects list --status unknown
   oncely effects list --status dead --consumer payment-service
-  oncely effects retry 'payment-service/charge-card//orders#0192…'
-  oncely effects resolve 'payment-service/charge-card//orders#0192…' --as done --reason 'ch_123 at the gateway'")]
+  oncely effects retry 'payment-service/charge-card/%2Forders#0192…'
+  oncely effects resolve 'payment-service/charge-card/%2Forders#0192…' --as done --reason 'ch_123 at the gateway'")]
 pub(crate) enum EffectsCmd {
     /// Intents, newest first.
     List {

@@ -116,6 +116,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Command::Env => {
             let env = environment(&cli)?;
+            // Secrets are masked (KafkaConnection::describe); the database
+            // URL is not shown at all: it may carry a password.
+            let kafka: Vec<(String, String)> = env.config.connection().describe();
             match cli.output {
                 Output::Json => println!(
                     "{}",
@@ -124,6 +127,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         "bootstrap_servers": env.config.bootstrap_servers,
                         "cluster_id": env.config.cluster_id,
                         "protected": env.config.protected,
+                        "kafka_properties": kafka.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
                         "source": env.source.as_ref().map(|p| p.display().to_string()),
                     })
                 ),
@@ -132,6 +136,9 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     println!("kafka        {}", env.config.bootstrap_servers);
                     println!("cluster id   {}", env.config.cluster_id.as_deref().unwrap_or("(not set)"));
                     println!("protected    {}", env.config.protected);
+                    for (k, v) in &kafka {
+                        println!("  {k} = {v}");
+                    }
                 }
             }
         }

@@ -1,4 +1,5 @@
-//! `oncely outbox`: the transactional outbox's status, and the relay.
+//! `oncely outbox`: the transactional outbox's status, the relay, and the
+//! rows the relay set aside (list, retry, discard).
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -6,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use oncely::outbox::{OutboxStatus, Relay};
+use oncely::admin::audit::{self, AuditEntry, AuditOutcome};
+use oncely::outbox::{failed, OutboxStatus, Relay};
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use crate::common::{self, Table};
@@ -14,9 +17,49 @@ use crate::Cli;
 
 /// `oncely outbox ...`
 #[derive(Debug, Subcommand)]
+#[command(after_help = "Examples:
+  oncely outbox status
+  oncely outbox list --failed
+  oncely outbox retry 1042          # after raising the topic's max.message.bytes
+  oncely outbox discard 1042 --reason 'payload of 40 MB, re-sent by the service in parts'")]
 pub(crate) enum OutboxCmd {
-    /// Pending rows, oldest pending age, publish rate, and each lane's owner.
+    /// Pending, held and set-aside rows, oldest pending age, publish rate,
+    /// and each lane's owner.
     Status,
+    /// Rows the relay set aside (refused by the broker for good) with their
+    /// reason and the rows of their key held behind them.
+    List {
+        /// Rows set aside (the only listing there is; required so that the
+        /// command says what it shows).
+        #[arg(long, required = true)]
+        failed: bool,
+        /// Include rows an operator discarded (until retention removes them).
+        #[arg(long)]
+        discarded: bool,
+        /// At most this many, oldest first.
+        #[arg(long, default_value_t = 100)]
+        limit: i64,
+    },
+    /// Send rows set aside back to pending once the cause is fixed: each is
+    /// published first of its key, then the rows held behind it (audited).
+    Retry {
+        /// Row ids (from `list --failed`).
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        ids: Vec<i64>,
+        /// Every row set aside.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Give up rows set aside: never published; the rows held behind them
+    /// go on (audited).
+    Discard {
+        /// Row ids (from `list --failed`).
+        #[arg(required = true)]
+        ids: Vec<i64>,
+        /// Why (stored with each row and in the audit log).
+        #[arg(long)]
+        reason: String,
+    },
     /// Run a relay until SIGINT or SIGTERM: publish committed outbox rows.
     /// Several relays may run at once; they share the lanes.
     Relay(RelayArgs),
@@ -77,7 +120,88 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 pub(crate) async fn run(cli: &Cli, cmd: &OutboxCmd) -> anyhow::Result<ExitCode> {
     match cmd {
         OutboxCmd::Status => status(cli).await,
+        OutboxCmd::List { failed: _, discarded, limit } => list(cli, *discarded, *limit).await,
+        OutboxCmd::Retry { ids, all } => retry(cli, ids, *all).await,
+        OutboxCmd::Discard { ids, reason } => discard(cli, ids, reason).await,
         OutboxCmd::Relay(a) => relay(cli, a).await,
+    }
+}
+
+/// Reads the database only, like `status`.
+async fn list(cli: &Cli, discarded: bool, limit: i64) -> anyhow::Result<ExitCode> {
+    let env = crate::environment(cli)?;
+    common::banner(&env);
+    let pool = oncely::store::connect(&env.config.database_url, 2)
+        .await
+        .with_context(|| format!("connecting to the database of environment `{}`", env.name))?;
+    let rows = failed::list(&pool, discarded, limit).await.context("reading the outbox")?;
+    if common::json(cli) {
+        common::print_json(&rows)?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut t = Table::new(&["ID", "TOPIC", "KEY", "PAYLOAD", "ATTEMPTS", "SET ASIDE", "HELD", "DISCARDED", "REASON"]);
+    for r in &rows {
+        t.row(vec![
+            r.id.to_string(),
+            r.topic.clone(),
+            r.key.clone().unwrap_or_else(|| "(none)".into()),
+            r.payload_bytes.map(|b| format!("{b} B")).unwrap_or_else(|| "null".into()),
+            r.attempts.to_string(),
+            r.failed_at.format("%Y-%m-%d %H:%M:%S").to_string(),
+            r.held.to_string(),
+            r.discarded_at.map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string()).unwrap_or_else(|| "-".into()),
+            r.reason.clone().unwrap_or_default(),
+        ]);
+    }
+    t.print();
+    println!("{} row(s) set aside", rows.len());
+    if rows.iter().any(|r| r.key_escaped) {
+        println!("keys that are not printable UTF-8 are shown escaped (\\xNN)");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn retry(cli: &Cli, ids: &[i64], all: bool) -> anyhow::Result<ExitCode> {
+    let session = common::session(cli).await?;
+    let pool = session.pool();
+    let entry = AuditEntry::new(&session.env().name, "outbox.retry").details(json!({"ids": ids, "all": all}));
+    let id = audit::record_start(pool, &entry).await?;
+    match failed::retry(pool, (!all).then_some(ids)).await {
+        Ok(done) => {
+            audit::record_result(pool, id, &AuditOutcome::succeeded(Some(json!({"pending": done})))).await?;
+            if common::json(cli) {
+                common::print_json(&json!({"pending": done, "audit_id": id}))?;
+            } else {
+                println!("{} row(s) back to pending: {done:?} (audit record {id})", done.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            audit::record_result(pool, id, &AuditOutcome::refused(e.to_string())).await?;
+            Err(e.into())
+        }
+    }
+}
+
+async fn discard(cli: &Cli, ids: &[i64], reason: &str) -> anyhow::Result<ExitCode> {
+    let session = common::session(cli).await?;
+    let pool = session.pool();
+    let entry = AuditEntry::new(&session.env().name, "outbox.discard").details(json!({"ids": ids, "reason": reason}));
+    let id = audit::record_start(pool, &entry).await?;
+    match failed::discard(pool, ids, reason).await {
+        Ok(done) => {
+            audit::record_result(pool, id, &AuditOutcome::succeeded(Some(json!({"discarded": done})))).await?;
+            if common::json(cli) {
+                common::print_json(&json!({"discarded": done, "audit_id": id}))?;
+            } else {
+                println!("{} row(s) discarded: {done:?} (audit record {id})", done.len());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            audit::record_result(pool, id, &AuditOutcome::refused(e.to_string())).await?;
+            Err(e.into())
+        }
     }
 }
 
@@ -109,15 +233,18 @@ fn age(d: Option<Duration>) -> String {
 
 fn print_status(s: &OutboxStatus) {
     println!(
-        "pending {}  oldest {}  published last minute {} ({:.1}/s)  kept {}  relays {}",
+        "pending {} (held {})  set aside {}  oldest {}  published last minute {} ({:.1}/s)  kept {}  relays {}",
         s.pending,
+        s.held,
+        s.failed,
         age(s.oldest_pending_age),
         s.published_last_minute,
         s.publish_rate_per_s,
         s.published_kept,
         s.relays
     );
-    let mut t = Table::new(&["LANE", "PENDING", "OLDEST", "ATTEMPTS", "OWNER", "PID", "SINCE", "LAST ERROR"]);
+    let mut t =
+        Table::new(&["LANE", "PENDING", "SET ASIDE", "OLDEST", "ATTEMPTS", "OWNER", "PID", "SINCE", "LAST ERROR"]);
     for l in &s.lanes {
         let (owner, pid, since) = match &l.owner {
             Some(o) => (
@@ -134,6 +261,7 @@ fn print_status(s: &OutboxStatus) {
         t.row(vec![
             l.lane.to_string(),
             l.pending.to_string(),
+            l.failed.to_string(),
             age(l.oldest_pending_age),
             l.max_attempts.to_string(),
             owner,
@@ -143,6 +271,9 @@ fn print_status(s: &OutboxStatus) {
         ]);
     }
     t.print();
+    if s.failed > 0 {
+        println!("{} row(s) set aside, {} held behind them: `oncely outbox list --failed`", s.failed, s.held);
+    }
 }
 
 async fn relay(cli: &Cli, a: &RelayArgs) -> anyhow::Result<ExitCode> {
@@ -162,7 +293,7 @@ async fn relay(cli: &Cli, a: &RelayArgs) -> anyhow::Result<ExitCode> {
         let bound = oncely::metrics::serve(addr, shutdown.clone()).await?;
         eprintln!("metrics on http://{bound}/metrics");
     }
-    let mut b = Relay::builder(pool, &env.config.bootstrap_servers)
+    let mut b = Relay::builder(pool, env.config.connection())
         .batch_size(a.batch_size)
         .poll_interval(a.poll_interval)
         .listen(!a.no_listen)

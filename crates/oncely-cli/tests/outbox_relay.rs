@@ -1,5 +1,6 @@
 //! `oncely outbox relay` as a separate process, killed with SIGKILL in the
-//! middle of a burst and started again; and `oncely outbox status`.
+//! middle of a burst and started again; `oncely outbox status`; and a row
+//! the broker refuses, listed, refused a retry of, and discarded.
 
 #[path = "../../oncely/tests/outbox_support/mod.rs"]
 mod outbox_support;
@@ -165,5 +166,102 @@ async fn outbox_status_prints_pending_rows_and_lanes_as_json() -> Result<()> {
     assert_eq!(v["relays"], 0);
     assert_eq!(v["lanes"].as_array().map(Vec::len), Some(outbox::LANES as usize));
     assert!(v["oldest_pending_age"].as_f64().is_some());
+    Ok(())
+}
+
+/// Runs `oncely ARGS` against the test database; returns the exit code and stdout.
+async fn oncely(db: &kit::TestDb, args: &[&str]) -> Result<(Option<i32>, String, String)> {
+    let out = Command::new(env!("CARGO_BIN_EXE_oncely"))
+        .args(args)
+        .current_dir(std::env::temp_dir())
+        .env_remove("ONCELY_CONFIG")
+        .env_remove("ONCELY_ENV")
+        .env("ONCELY_BOOTSTRAP_SERVERS", kit::bootstrap())
+        .env("ONCELY_DATABASE_URL", &db.url)
+        .output()
+        .await?;
+    Ok((out.status.code(), String::from_utf8(out.stdout)?, String::from_utf8_lossy(&out.stderr).into_owned()))
+}
+
+fn last_json(stdout: &str) -> Result<serde_json::Value> {
+    Ok(serde_json::from_str(stdout.lines().last().context("no output")?)?)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_the_broker_refuses_is_listed_and_discarding_it_releases_its_key() -> Result<()> {
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    let topic = kit::unique("outbox-refused");
+    kit::create_topic_with(&topic, 1, &[("max.message.bytes", "20000")]).await?;
+    let mut tx = db.pool.begin().await?;
+    let big = outbox::enqueue(&mut tx, &topic, "big", ("test.big", &json!({"pad": "x".repeat(60_000)}))).await?;
+    let behind = outbox::enqueue(&mut tx, &topic, "big", ("test.small", &json!({"n": 2}))).await?;
+    for i in 0..20 {
+        outbox::enqueue(&mut tx, &topic, &format!("k{i}"), ("test.small", &json!({"n": i}))).await?;
+    }
+    tx.commit().await?;
+    let logs = std::env::temp_dir().join(kit::unique("outbox-refused-log"));
+    std::fs::create_dir_all(&logs)?;
+    let mut relay = spawn_relay(&db, &kit::unique("relay"), &logs.join("relay.log"))?;
+    let set_aside = kit::wait_until(WAIT, "the other rows published and the big one set aside", || async {
+        let failed = kit::count(&db.pool, "SELECT count(*) FROM oncely.outbox WHERE failed_at IS NOT NULL").await?;
+        Ok(published(&db).await? == 20 && failed == 1)
+    })
+    .await;
+    if set_aside.is_err() {
+        eprintln!("--- relay.log\n{}", std::fs::read_to_string(logs.join("relay.log")).unwrap_or_default());
+    }
+    set_aside?;
+
+    let (code, out, err) = oncely(&db, &["outbox", "status", "-o", "json"]).await?;
+    assert_eq!(code, Some(0), "{err}");
+    let s = last_json(&out)?;
+    assert_eq!((s["failed"].as_i64(), s["held"].as_i64(), s["pending"].as_i64()), (Some(1), Some(1), Some(1)));
+
+    let (code, out, err) = oncely(&db, &["-o", "json", "outbox", "list", "--failed"]).await?;
+    assert_eq!(code, Some(0), "{err}");
+    let listed = last_json(&out)?;
+    let rows = listed.as_array().context("a list")?;
+    assert_eq!(rows.len(), 1, "{listed}");
+    assert_eq!(
+        (rows[0]["id"].as_i64(), rows[0]["key"].as_str(), rows[0]["held"].as_i64()),
+        (Some(big.id), Some("big"), Some(1))
+    );
+    let reason = rows[0]["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("max.message.bytes"), "{reason}");
+    let (code, out, _) = oncely(&db, &["outbox", "list", "--failed"]).await?;
+    assert_eq!(code, Some(0));
+    assert!(out.contains("1 row(s) set aside") && out.contains("big"), "{out}");
+
+    // A retry of a row that is not set aside is refused (exit code 2).
+    let (code, _, err) = oncely(&db, &["outbox", "retry", &behind.id.to_string()]).await?;
+    assert_eq!(code, Some(2), "{err}");
+
+    // The operator gives the big row up: the row held behind it goes out.
+    let (code, _, err) =
+        oncely(&db, &["outbox", "discard", &big.id.to_string(), "--reason", "too big, re-sent in parts"]).await?;
+    assert_eq!(code, Some(0), "{err}");
+    kit::wait_until(WAIT, "the held row published", || async { Ok(published(&db).await? == 21) }).await?;
+    let (code, out, _) = oncely(&db, &["-o", "json", "outbox", "list", "--failed"]).await?;
+    assert_eq!(code, Some(0));
+    assert_eq!(last_json(&out)?.as_array().map(Vec::len), Some(0), "a discarded row is not listed by default");
+    let (_, out, _) = oncely(&db, &["-o", "json", "outbox", "list", "--failed", "--discarded"]).await?;
+    let discarded = last_json(&out)?;
+    assert!(discarded[0]["discarded_at"].is_string(), "{discarded}");
+    assert!(discarded[0]["reason"].as_str().unwrap_or_default().contains("too big, re-sent in parts"));
+    let audited = kit::count(
+        &db.pool,
+        "SELECT count(*) FROM oncely.audit_log WHERE action IN ('outbox.retry', 'outbox.discard')",
+    )
+    .await?;
+    assert_eq!(audited, 2, "the refused retry and the discard are both audited");
+
+    relay.start_kill()?;
+    let _ = relay.wait().await;
+    let recs = read_to_end(&topic, 1)?;
+    assert_eq!(recs.len(), 21);
+    assert!(recs.iter().all(|r| r.ce_id() != big.ce_id), "the discarded row was never published");
+    assert_eq!(recs.iter().filter(|r| r.ce_id() == behind.ce_id).count(), 1);
+    let _ = std::fs::remove_dir_all(&logs);
     Ok(())
 }

@@ -17,10 +17,37 @@ pub mod app;
 pub mod gateway;
 pub mod process;
 pub mod run;
+pub mod wire;
 
 /// Kafka bootstrap servers of the test broker (`ONCELY_KAFKA_BOOTSTRAP`, default `127.0.0.1:9092`).
 pub fn bootstrap() -> String {
     std::env::var("ONCELY_KAFKA_BOOTSTRAP").unwrap_or_else(|_| "127.0.0.1:9092".into())
+}
+
+/// The plaintext listener as a connection.
+pub fn connection() -> oncely::kafka::KafkaConnection {
+    oncely::kafka::KafkaConnection::new(bootstrap())
+}
+
+/// A required variable of `scripts/services env`.
+fn service_var(name: &str) -> Result<String> {
+    std::env::var(name).with_context(|| format!("{name} is not set: run `eval \"$(scripts/services env)\"`"))
+}
+
+/// The test broker's SASL_SSL listener (SCRAM-SHA-512) with the test user,
+/// its password and the local CA, from `scripts/services env`.
+pub fn secure_connection() -> Result<oncely::kafka::KafkaConnection> {
+    secure_connection_with(&service_var("ONCELY_KAFKA_SECURE_PASSWORD")?, &service_var("ONCELY_KAFKA_SECURE_CA")?)
+}
+
+/// [`secure_connection`] with another password or CA (to see them refused).
+pub fn secure_connection_with(password: &str, ca: &str) -> Result<oncely::kafka::KafkaConnection> {
+    Ok(oncely::kafka::KafkaConnection::new(service_var("ONCELY_KAFKA_SECURE_BOOTSTRAP")?)
+        .property("security.protocol", "SASL_SSL")
+        .property("sasl.mechanisms", "SCRAM-SHA-512")
+        .property("sasl.username", service_var("ONCELY_KAFKA_SECURE_USER")?)
+        .property("sasl.password", password)
+        .property("ssl.ca.location", ca))
 }
 
 /// URL of the test server's `oncely` database (`DATABASE_URL`).
@@ -113,6 +140,38 @@ pub async fn delete_topic(name: &str) -> Result<()> {
             .map(|m| !m.topics().iter().any(|t| t.name() == name))
             .unwrap_or(false)
     })
+}
+
+/// Sets topic configs (`max.message.bytes`, ...) with the Admin API and
+/// waits until the broker reports them.
+pub async fn alter_topic_config(name: &str, configs: &[(&str, &str)]) -> Result<()> {
+    use rdkafka::admin::{AlterConfig, ResourceSpecifier};
+    let admin = admin()?;
+    let mut change = AlterConfig::new(ResourceSpecifier::Topic(name));
+    for (k, v) in configs {
+        change = change.set(k, v);
+    }
+    let opts = AdminOptions::new().request_timeout(Some(Duration::from_secs(30)));
+    for r in admin.alter_configs([&change], &opts).await? {
+        if let Err((res, e)) = r {
+            bail!("altering {res:?}: {e}");
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let described = admin.describe_configs([&ResourceSpecifier::Topic(name)], &opts).await?;
+        let applied = described.iter().all(|r| match r {
+            Ok(res) => configs.iter().all(|(k, v)| res.get(k).and_then(|e| e.value.as_deref()) == Some(*v)),
+            Err(_) => false,
+        });
+        if applied {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the configs of topic {name} did not change to {configs:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// A fresh database on the test server with oncely's migrations applied.

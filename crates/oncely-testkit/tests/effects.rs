@@ -247,3 +247,316 @@ async fn ordered_intents_of_one_entity_run_one_at_a_time_in_order() -> Result<()
     assert_eq!(got, vec!["1", "2", "3"]);
     Ok(())
 }
+
+// --- Executors on their own: leases, renewals, stale attempts -------------
+
+use std::sync::Arc;
+
+use oncely::effects::{EffectCall, EffectError, Executor, Registry, Semantics};
+use oncely::store::effects::NewIntent;
+use oncely_testkit::gateway::GatewayClient;
+
+/// Records `n` pending intents of `effect` with `semantics`; returns their keys.
+async fn record_intents(db: &kit::TestDb, effect: &str, semantics: Semantics, n: usize) -> Result<Vec<String>> {
+    let intents: Vec<NewIntent> = (0..n)
+        .map(|i| {
+            let event_id = format!("/tests/lease#{}", uuid::Uuid::now_v7());
+            NewIntent {
+                key: oncely::effects::intent_key("lease-test", effect, &event_id, None),
+                consumer: "lease-test".into(),
+                effect: effect.into(),
+                event_id,
+                payload: serde_json::json!({"amount": 100 + i}),
+                semantics: semantics.as_str(),
+                status: "pending",
+                ordering_key: None,
+            }
+        })
+        .collect();
+    let mut conn = db.pool.acquire().await?;
+    intents::record(&mut conn, &intents).await?;
+    Ok(intents.into_iter().map(|i| i.key).collect())
+}
+
+/// The gateway's charge call, answered only when `gate` gives a permit
+/// (the test decides when a call ends).
+fn gated_charge(
+    gw: &FakeGateway,
+    gate: Arc<tokio::sync::Semaphore>,
+) -> Result<impl Fn(EffectCall) -> futures::future::BoxFuture<'static, Result<serde_json::Value, EffectError>>> {
+    let client = GatewayClient::new(&gw.url(), Duration::from_secs(30))?;
+    Ok(move |call: EffectCall| {
+        let (client, gate) = (client.clone(), gate.clone());
+        let fut: futures::future::BoxFuture<'static, _> = Box::pin(async move {
+            let r = client.charge(&call.key, &call.payload).await;
+            let _permit = gate.acquire().await.map_err(|e| EffectError::Transient(e.to_string()))?;
+            r
+        });
+        fut
+    })
+}
+
+fn plain_charge(
+    gw: &FakeGateway,
+    timeout: Duration,
+) -> Result<impl Fn(EffectCall) -> futures::future::BoxFuture<'static, Result<serde_json::Value, EffectError>>> {
+    let client = GatewayClient::new(&gw.url(), timeout)?;
+    Ok(move |call: EffectCall| {
+        let client = client.clone();
+        let fut: futures::future::BoxFuture<'static, _> =
+            Box::pin(async move { client.charge(&call.key, &call.payload).await });
+        fut
+    })
+}
+
+/// Starts an executor for one effect; stopped by the token.
+fn executor(
+    db: &kit::TestDb,
+    effect: &str,
+    f: impl oncely::effects::EffectFn,
+    opts: EffectOptions,
+    lease: Duration,
+) -> Executor {
+    let mut reg = Registry::default();
+    reg.register(effect, f, opts);
+    Executor::new(db.pool.clone(), reg).lease(lease).poll_interval(Duration::from_millis(50))
+}
+
+fn effects_counted(effect: &str, outcome: &str) -> u64 {
+    oncely::metrics::counter("oncely_effects_total", &[("effect", effect), ("outcome", outcome)])
+}
+
+async fn wait_effect_status(db: &kit::TestDb, effect: &str, status: &str, n: i64) -> Result<()> {
+    kit::wait_until(WAIT, &format!("{n} intents of {effect} {status}"), || async {
+        let c: i64 = sqlx::query_scalar("SELECT count(*) FROM oncely.effects WHERE effect = $1 AND status = $2")
+            .bind(effect)
+            .bind(status)
+            .fetch_one(&db.pool)
+            .await?;
+        Ok(c >= n)
+    })
+    .await
+}
+
+/// Two executors share the intents; every call takes four leases. With the
+/// lease renewed during the call, no intent is taken for a dead executor's
+/// and run a second time.
+async fn long_calls_run_once(semantics: Semantics) -> Result<()> {
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    app::setup(&db.pool).await?;
+    let gw = FakeGateway::start("127.0.0.1:0".parse()?).await?;
+    let effect = kit::unique("long-call");
+    let lease = Duration::from_millis(600);
+    gw.control(Control { delay_ms: 2400, ..Control::default() });
+    let opts = match semantics {
+        Semantics::AtMostOnce => EffectOptions::at_most_once(),
+        _ => fast(EffectOptions::default()),
+    };
+    let keys = record_intents(&db, &effect, semantics, 4).await?;
+    let token = CancellationToken::new();
+    let runs: Vec<_> = (0..2)
+        .map(|_| -> Result<_> {
+            let ex = executor(&db, &effect, plain_charge(&gw, Duration::from_secs(30))?, opts.clone(), lease);
+            Ok(tokio::spawn(ex.run(token.clone())))
+        })
+        .collect::<Result<_>>()?;
+    wait_effect_status(&db, &effect, "done", keys.len() as i64).await?;
+    token.cancel();
+    for r in runs {
+        r.await??;
+    }
+    let s = gw.stats();
+    assert_eq!(s.charge_calls, keys.len() as u64, "one call per key: {s:?}");
+    for key in &keys {
+        let i = intents::get(&db.pool, key).await?.context("intent")?;
+        assert_eq!((i.status.as_str(), i.attempts), ("done", 1), "{key}: claimed once, done");
+    }
+    assert_eq!(effects_counted(&effect, "stale"), 0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_at_least_once_call_renews_its_lease_and_is_not_run_twice() -> Result<()> {
+    long_calls_run_once(Semantics::AtLeastOnce).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_at_most_once_call_renews_its_lease_is_called_once_and_its_outcome_recorded() -> Result<()> {
+    long_calls_run_once(Semantics::AtMostOnce).await
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_intent_recorded_at_most_once_is_never_resent_by_an_at_least_once_registration() -> Result<()> {
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    app::setup(&db.pool).await?;
+    let gw = FakeGateway::start("127.0.0.1:0".parse()?).await?;
+    let effect = kit::unique("stored-semantics");
+    let keys = record_intents(&db, &effect, Semantics::AtMostOnce, 1).await?;
+    // The gateway takes the charge and never answers: the client gives up,
+    // ambiguous. The process registers the effect at-least-once (changed
+    // since the intent was recorded), with retries to spare.
+    gw.control(Control { hang_after_accept_next: 1, ..Control::default() });
+    let mut opts = fast(EffectOptions::default());
+    opts.max_attempts = 5;
+    let token = CancellationToken::new();
+    let ex = executor(&db, &effect, plain_charge(&gw, Duration::from_millis(500))?, opts, Duration::from_secs(30));
+    let run = tokio::spawn(ex.run(token.clone()));
+    wait_effect_status(&db, &effect, "unknown", 1).await?;
+    token.cancel();
+    run.await??;
+    let i = intents::get(&db.pool, &keys[0]).await?.context("intent")?;
+    assert_eq!((i.status.as_str(), i.attempts, i.semantics.as_str()), ("unknown", 1, "at_most_once"));
+    assert_eq!(gw.stats().charge_calls, 1, "never re-sent");
+    Ok(())
+}
+
+/// What another executor does once this one's lease has run out, in one
+/// statement so that the running executor cannot race it: the intent is
+/// claimed again (attempt 2) with a lease of its own. (The steps in between,
+/// reaping and for at-most-once an operator's retry, are walked through in
+/// `fencing_tokens_follow_every_claim`.)
+async fn take_over(db: &kit::TestDb, key: &str) -> Result<()> {
+    let taken = sqlx::query(
+        "UPDATE oncely.effects SET attempts = attempts + 1, lease_until = now() + interval '1 hour'
+          WHERE key = $1 AND status = 'running' AND attempts = 1",
+    )
+    .bind(key)
+    .execute(&db.pool)
+    .await?
+    .rows_affected();
+    anyhow::ensure!(taken == 1, "the intent was not running its first attempt");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn fencing_tokens_follow_every_claim() -> Result<()> {
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    let effect = kit::unique("fence");
+    let names = [effect.clone()];
+    let expire = |key: String| {
+        let pool = db.pool.clone();
+        async move {
+            sqlx::query("UPDATE oncely.effects SET lease_until = now() - interval '1 second' WHERE key = $1")
+                .bind(key)
+                .execute(&pool)
+                .await
+        }
+    };
+    let lease = Duration::from_secs(3600);
+
+    // At-most-once: claimed, lease expired, reaped to unknown, sent back by
+    // an operator, claimed again.
+    let key = record_intents(&db, &effect, Semantics::AtMostOnce, 1).await?.remove(0);
+    let first = intents::claim_due(&db.pool, &names, 10, lease).await?;
+    assert_eq!(first[0].attempts, 1);
+    assert!(intents::renew(&db.pool, &key, 1, lease).await?);
+    expire(key.clone()).await?;
+    assert_eq!(intents::reap_expired(&db.pool).await?, (0, 1));
+    assert!(!intents::finish(&db.pool, &key, 1, "done", None, None).await?, "unknown: not the attempt's to finish");
+    assert!(!intents::renew(&db.pool, &key, 1, lease).await?);
+    assert_eq!(oncely::effects::retry(&db.pool, &key).await?, "unknown");
+    let second = intents::claim_due(&db.pool, &names, 10, lease).await?;
+    assert_eq!(second[0].attempts, 2, "a claim always draws a higher token");
+    assert!(!intents::finish(&db.pool, &key, 1, "done", None, None).await?, "the first attempt is stale");
+    assert!(!intents::retry_later(&db.pool, &key, 1, Duration::ZERO, "late").await?);
+    assert!(!intents::renew(&db.pool, &key, 1, lease).await?);
+    assert!(intents::renew(&db.pool, &key, 2, lease).await?);
+    assert!(intents::finish(&db.pool, &key, 2, "done", None, None).await?);
+
+    // At-least-once: claimed, lease expired, reaped back to pending, claimed again.
+    let key = record_intents(&db, &effect, Semantics::AtLeastOnce, 1).await?.remove(0);
+    assert_eq!(intents::claim_due(&db.pool, &names, 10, lease).await?[0].attempts, 1);
+    expire(key.clone()).await?;
+    assert_eq!(intents::reap_expired(&db.pool).await?, (1, 0));
+    assert!(!intents::finish(&db.pool, &key, 1, "done", None, None).await?, "pending: not the attempt's to finish");
+    assert_eq!(intents::claim_due(&db.pool, &names, 10, lease).await?[0].attempts, 2);
+    assert!(!intents::retry_later(&db.pool, &key, 1, Duration::ZERO, "late").await?);
+    assert!(intents::retry_later(&db.pool, &key, 2, Duration::ZERO, "503").await?);
+    let i = intents::get(&db.pool, &key).await?.context("intent")?;
+    assert_eq!((i.status.as_str(), i.attempts), ("pending", 2));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_late_outcome_of_an_attempt_whose_lease_was_taken_over_is_refused() -> Result<()> {
+    for semantics in [Semantics::AtMostOnce, Semantics::AtLeastOnce] {
+        kit::init_tracing();
+        let db = kit::TestDb::new().await?;
+        app::setup(&db.pool).await?;
+        let gw = FakeGateway::start("127.0.0.1:0".parse()?).await?;
+        let effect = kit::unique("stale");
+        let key = record_intents(&db, &effect, semantics, 1).await?.remove(0);
+        let gate = Arc::new(tokio::sync::Semaphore::new(0));
+        let opts = match semantics {
+            Semantics::AtMostOnce => EffectOptions::at_most_once(),
+            _ => fast(EffectOptions::default()),
+        };
+        // A long lease: this executor's renewals play no part here, only the
+        // fenced outcome write does.
+        let token = CancellationToken::new();
+        let ex = executor(&db, &effect, gated_charge(&gw, gate.clone())?, opts, Duration::from_secs(3600));
+        let run = tokio::spawn(ex.run(token.clone()));
+        kit::wait_until(WAIT, "the call to reach the gateway", || async { Ok(gw.stats().charge_calls == 1) }).await?;
+
+        take_over(&db, &key).await?;
+        // The first attempt's call ends now, successfully; its outcome must
+        // not land on the second attempt's intent.
+        gate.add_permits(1);
+        kit::wait_until(WAIT, "the stale outcome to be refused", || async {
+            Ok(effects_counted(&effect, "stale") == 1)
+        })
+        .await?;
+        let i = intents::get(&db.pool, &key).await?.context("intent")?;
+        assert_eq!(
+            (i.status.as_str(), i.attempts, i.result.is_none()),
+            ("running", 2, true),
+            "{semantics:?}: the second attempt's intent is untouched"
+        );
+        // The second attempt's own outcome is taken; the first's never is.
+        assert!(!intents::finish(&db.pool, &key, 1, "failed", None, Some("late")).await?);
+        assert!(intents::finish(&db.pool, &key, 2, "done", Some(&serde_json::json!({"by": "b"})), None).await?);
+        assert!(!intents::renew(&db.pool, &key, 2, Duration::from_secs(1)).await?, "finished: nothing to renew");
+        token.cancel();
+        run.await??;
+        assert_eq!(effects_counted(&effect, "done"), 0);
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_at_least_once_call_whose_lease_was_taken_over_is_abandoned() -> Result<()> {
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    app::setup(&db.pool).await?;
+    let gw = FakeGateway::start("127.0.0.1:0".parse()?).await?;
+    let effect = kit::unique("abandoned");
+    let key = record_intents(&db, &effect, Semantics::AtLeastOnce, 1).await?.remove(0);
+    // The call never ends by itself; the lease is short, so the executor's
+    // renewals (every 200 ms) find the intent taken over soon.
+    let gate = Arc::new(tokio::sync::Semaphore::new(0));
+    let token = CancellationToken::new();
+    let ex = executor(
+        &db,
+        &effect,
+        gated_charge(&gw, gate.clone())?,
+        fast(EffectOptions::default()),
+        Duration::from_millis(600),
+    );
+    let run = tokio::spawn(ex.run(token.clone()));
+    kit::wait_until(WAIT, "the call to reach the gateway", || async { Ok(gw.stats().charge_calls == 1) }).await?;
+    // Taken over by "executor B", which holds it for an hour.
+    take_over(&db, &key).await?;
+    kit::wait_until(WAIT, "the call to be abandoned", || async { Ok(effects_counted(&effect, "abandoned") == 1) })
+        .await?;
+    // Released now, the abandoned call records nothing.
+    gate.add_permits(10);
+    token.cancel();
+    run.await??;
+    let i = intents::get(&db.pool, &key).await?.context("intent")?;
+    assert_eq!((i.status.as_str(), i.attempts, i.result.is_none()), ("running", 2, true));
+    assert_eq!(effects_counted(&effect, "stale") + effects_counted(&effect, "done"), 0);
+    Ok(())
+}

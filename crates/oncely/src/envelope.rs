@@ -699,7 +699,7 @@ impl Publisher {
         payload: Option<&[u8]>,
         headers: &[(impl AsRef<[u8]>, impl AsRef<[u8]>)],
     ) -> Result<(i32, i64)> {
-        let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(owned_headers(headers));
+        let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(owned_headers(headers)?);
         if let Some(k) = key {
             rec = rec.key(k);
         }

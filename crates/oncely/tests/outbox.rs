@@ -325,7 +325,7 @@ async fn retention_removes_only_old_published_rows_and_status_shows_the_backlog(
         &topic,
         None,
         Some(b"raw"),
-        &[("ce_id".into(), b"raw-1".to_vec()), (H_TRACEPARENT.into(), b"00-aa-bb-01".to_vec())],
+        &[("ce_id", b"raw-1".to_vec()), (H_TRACEPARENT, b"00-aa-bb-01".to_vec())],
     )
     .await?;
     tx.commit().await?;
@@ -377,5 +377,200 @@ async fn retention_removes_only_old_published_rows_and_status_shows_the_backlog(
     assert_eq!(raw_rec.payload.as_deref(), Some(&b"raw"[..]));
     assert_eq!(raw_rec.key, None);
     assert_eq!(raw_rec.header(H_TRACEPARENT), Some(&b"00-aa-bb-01"[..]));
+    Ok(())
+}
+
+/// Outbox rows with `published_at`, `failed_at` and `discarded_at` counts.
+async fn counts(pool: &sqlx::PgPool) -> Result<(i64, i64, i64)> {
+    let (p, f, d): (i64, i64, i64) = sqlx::query_as(
+        "SELECT count(*) FILTER (WHERE published_at IS NOT NULL),
+                count(*) FILTER (WHERE failed_at IS NOT NULL AND discarded_at IS NULL),
+                count(*) FILTER (WHERE discarded_at IS NOT NULL)
+           FROM oncely.outbox",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((p, f, d))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_row_over_the_topics_size_limit_is_set_aside_and_the_other_keys_flow_without_backoff() -> Result<()> {
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    let topic = kit::unique("outbox-poison");
+    kit::create_topic_with(&topic, 3, &[("max.message.bytes", "20000")]).await?;
+
+    // 400 rows of 40 keys; in the middle a row five times over the topic's
+    // limit (a dead-letter copy of a big record, say), with two more rows of
+    // its key behind it, one right after it and one at the very end.
+    const NORMAL: i64 = 400;
+    let seq = |key: &str, seq: i64| ("test.seq", SeqEvent { key: key.to_owned(), seq });
+    let mut tx = db.pool.begin().await?;
+    for i in 0..NORMAL / 2 {
+        let key = format!("k{}", i % 40);
+        let (t, ev) = seq(&key, i / 40 + 1);
+        outbox::enqueue(&mut tx, &topic, &key, (t, &ev)).await?;
+    }
+    let big = OutgoingEvent::json("test.seq", &json!({"key": "big", "seq": 1, "pad": "x".repeat(100_000)}))?;
+    let poison = outbox::enqueue(&mut tx, &topic, "big", &big).await?;
+    let (t, ev) = seq("big", 2);
+    outbox::enqueue(&mut tx, &topic, "big", (t, &ev)).await?;
+    for i in NORMAL / 2..NORMAL {
+        let key = format!("k{}", i % 40);
+        let (t, ev) = seq(&key, i / 40 + 1);
+        outbox::enqueue(&mut tx, &topic, &key, (t, &ev)).await?;
+    }
+    let (t, ev) = seq("big", 3);
+    outbox::enqueue(&mut tx, &topic, "big", (t, &ev)).await?;
+    tx.commit().await?;
+
+    // Small batches: without setting the row aside every one of them would
+    // contain it again and wait out a backoff.
+    let name = kit::unique("relay");
+    let r = start(relay(&db.pool, &name).batch_size(50))?;
+    kit::wait_until(WAIT, "every other row published and the big one set aside", || async {
+        let (published, failed, _) = counts(&db.pool).await?;
+        Ok(published >= NORMAL && failed >= 1)
+    })
+    .await?;
+    let big_published = kit::count(
+        &db.pool,
+        "SELECT count(*) FROM oncely.outbox WHERE key = 'big'::bytea AND published_at IS NOT NULL",
+    )
+    .await?;
+    assert_eq!(big_published, 0, "a row of the key behind the one set aside was published: it overtook it");
+    assert_eq!(outbox::events::retry_waits_of(&name), 0, "no backoff: nothing failed transiently");
+    assert_eq!(outbox::events::set_aside_by(&name), 1);
+
+    let s = outbox::status(&db.pool).await?;
+    assert_eq!((s.failed, s.held, s.pending), (1, 2, 2), "the two later rows of its key wait behind it");
+    let failed = outbox::failed::list(&db.pool, false, 10).await?;
+    assert_eq!(failed.len(), 1);
+    let f = &failed[0];
+    assert_eq!((f.id, f.key.as_deref(), f.held), (poison.id, Some("big"), 2));
+    let reason = f.reason.as_deref().unwrap_or_default();
+    assert!(reason.contains("Message size too large") && reason.contains("max.message.bytes"), "{reason}");
+    assert!(s.lanes.iter().any(|l| l.failed == 1 && l.last_error.as_deref() == Some(reason)));
+
+    // The operator raises the topic's limit and sends the row back: it is
+    // published first of its key, then the rows held behind it.
+    kit::alter_topic_config(&topic, &[("max.message.bytes", "200000")]).await?;
+    assert_eq!(outbox::failed::retry(&db.pool, Some(&[poison.id])).await?, vec![poison.id]);
+    wait_drained(&db.pool, NORMAL + 3).await?;
+    r.stop().await?;
+
+    let recs = read_to_end(&topic, 3)?;
+    let order = first_seen_order(&recs)?;
+    assert_eq!(order["big"], vec![1, 2, 3], "the held rows came after the big one");
+    for k in 0..40 {
+        assert_eq!(order[&format!("k{k}")], (1..=10).collect::<Vec<_>>(), "key k{k}");
+    }
+    let big_rec = recs.iter().find(|r| r.ce_id() == poison.ce_id).context("the big row on the topic")?;
+    assert!(big_rec.payload.as_ref().is_some_and(|p| p.len() > 100_000));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rows_for_a_missing_topic_are_set_aside_then_published_once_it_exists() -> Result<()> {
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    let (present, missing) = (kit::unique("outbox-present"), kit::unique("outbox-missing"));
+    kit::create_topic(&present, 2).await?;
+    let mut tx = db.pool.begin().await?;
+    let mut ids = Vec::new();
+    for (i, key) in ["m1", "m2", "m1"].iter().enumerate() {
+        let e = outbox::enqueue(&mut tx, &missing, key, ("test.seq", &SeqEvent { key: (*key).into(), seq: i as i64 }))
+            .await?;
+        ids.push(e.id);
+    }
+    for i in 0..50 {
+        outbox::enqueue(&mut tx, &present, &format!("p{i}"), ("test.seq", &SeqEvent { key: format!("p{i}"), seq: 1 }))
+            .await?;
+    }
+    tx.commit().await?;
+
+    // librdkafka fails records of a topic it cannot find after
+    // topic.metadata.propagation.max.ms (30 s by default; 1 s here).
+    let name = kit::unique("relay");
+    let r = start(relay(&db.pool, &name).producer_config("topic.metadata.propagation.max.ms", "1000"))?;
+    kit::wait_until(WAIT, "the present topic's rows published, the missing topic's set aside", || async {
+        let (published, failed, _) = counts(&db.pool).await?;
+        Ok(published == 50 && failed >= 2)
+    })
+    .await?;
+    let failed = outbox::failed::list(&db.pool, false, 10).await?;
+    assert_eq!(failed.iter().map(|f| f.id).collect::<Vec<_>>(), vec![ids[0], ids[1]], "m1's second row is held");
+    for f in &failed {
+        let reason = f.reason.as_deref().unwrap_or_default();
+        assert!(reason.contains(&format!("topic `{missing}` does not exist")), "{reason}");
+    }
+    assert_eq!(failed[0].held, 1);
+
+    // The topic is created (the relay's producer still believes it missing)
+    // and the rows are sent back.
+    kit::create_topic(&missing, 1).await?;
+    assert_eq!(outbox::failed::retry(&db.pool, None).await?.len(), 2);
+    wait_drained(&db.pool, 53).await?;
+    r.stop().await?;
+    let recs = read_to_end(&missing, 1)?;
+    let order: Vec<(String, i64)> =
+        recs.iter().map(|r| Ok((r.key_str(), r.json()?["seq"].as_i64().context("seq")?))).collect::<Result<_>>()?;
+    assert_eq!(order.iter().filter(|(k, _)| k == "m1").map(|(_, s)| *s).collect::<Vec<_>>(), vec![0, 2]);
+    assert_eq!(order.len(), 3);
+    Ok(())
+}
+
+type Header = (Vec<u8>, Option<Vec<u8>>);
+/// Key, payload and headers of a raw outbox row.
+type RawRow = (Option<Vec<u8>>, Option<Vec<u8>>, Vec<Header>);
+
+#[tokio::test(flavor = "multi_thread")]
+async fn keys_payloads_and_headers_are_published_byte_for_byte() -> Result<()> {
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    let topic = kit::unique("outbox-bytes");
+    kit::create_topic(&topic, 1).await?;
+    let h = |k: &[u8], v: Option<&[u8]>| -> Header { (k.to_vec(), v.map(<[u8]>::to_vec)) };
+    // (key, payload, headers): bytes that are not UTF-8, NUL everywhere,
+    // null and empty told apart, a nameless header, repeated names in order.
+    let rows: Vec<RawRow> = vec![
+        (
+            Some(b"k\0ey\xff".to_vec()),
+            Some(b"pay\0load\xfe\x00".to_vec()),
+            vec![
+                h(b"ce_id", Some(b"bytes-1")),
+                h(b"\xff\xfe-not-utf8", Some(b"v\0al")),
+                h(b"nul\0inside", Some(b"x")),
+                h(b"\0", Some(b"\0")),
+                h(b"", Some(b"nameless")),
+                h(b"null-value", None),
+                h(b"empty-value", Some(b"")),
+            ],
+        ),
+        (None, None, vec![]),
+        (Some(Vec::new()), Some(Vec::new()), vec![h(b"dup", Some(b"1")), h(b"dup", Some(b"2"))]),
+        (Some(b"k".to_vec()), Some(vec![0u8; 1000]), vec![h(&[0u8; 300], Some(&[0xffu8; 300]))]),
+    ];
+    let mut tx = db.pool.begin().await?;
+    for (key, payload, headers) in &rows {
+        outbox::enqueue_raw(&mut tx, &topic, key.as_deref(), payload.as_deref(), headers).await?;
+    }
+    tx.commit().await?;
+    let r = start(relay(&db.pool, &kit::unique("relay")))?;
+    wait_drained(&db.pool, rows.len() as i64).await?;
+    r.stop().await?;
+
+    let bootstrap = kit::bootstrap();
+    let t = topic.clone();
+    let recs = tokio::task::spawn_blocking(move || kit::wire::fetch_all(&bootstrap, &t, 0)).await??;
+    assert_eq!(recs.len(), rows.len());
+    for (got, (key, payload, headers)) in recs.iter().zip(&rows) {
+        assert_eq!(&got.key, key, "key at offset {}", got.offset);
+        assert_eq!(&got.value, payload, "payload at offset {}", got.offset);
+        assert_eq!(&got.headers, headers, "headers at offset {}", got.offset);
+    }
+    let ce_id: Option<String> =
+        sqlx::query_scalar("SELECT ce_id FROM oncely.outbox ORDER BY id LIMIT 1").fetch_one(&db.pool).await?;
+    assert_eq!(ce_id.as_deref(), Some("bytes-1"));
     Ok(())
 }

@@ -225,7 +225,10 @@ impl KafkaConnection {
         loop {
             let left = deadline.saturating_duration_since(Instant::now());
             let step = left.min(Duration::from_millis(500));
-            match consumer.fetch_metadata(None, step) {
+            let res = consumer.fetch_metadata(None, step);
+            // Error events are delivered by polling.
+            let _ = consumer.poll(Duration::ZERO);
+            match res {
                 Ok(_) => return Ok(()),
                 Err(e) => {
                     let errors = seen.lock().map(|s| s.clone()).unwrap_or_default();
@@ -279,6 +282,24 @@ impl ClientContext for Recorder {
                 s.push((code, reason.to_owned()));
             }
         }
+    }
+
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, message: &str) {
+        use rdkafka::config::RDKafkaLogLevel as L;
+        if matches!(level, L::Emerg | L::Alert | L::Critical | L::Error | L::Warning) {
+            let low = message.to_ascii_lowercase();
+            let code = if low.contains("authentication") || low.contains("sasl") {
+                Some(RDKafkaErrorCode::Authentication)
+            } else if low.contains("ssl") || low.contains("certificate") {
+                Some(RDKafkaErrorCode::SSL)
+            } else {
+                None
+            };
+            if let (Some(code), Ok(mut s)) = (code, self.0.lock()) {
+                s.push((code, message.to_owned()));
+            }
+        }
+        tracing::debug!(facility = fac, "librdkafka: {message}");
     }
 }
 

@@ -11,7 +11,14 @@ const PUBLISH_SECONDS_HELP: &str = "Time from enqueue (the row's created_at) to 
 pub(crate) const PUBLISHED: &str = "oncely_outbox_published_total";
 const PUBLISHED_HELP: &str = "Outbox rows acknowledged by the broker, by relay.";
 pub(crate) const FAILURES: &str = "oncely_outbox_publish_failures_total";
-const FAILURES_HELP: &str = "Outbox rows whose publish attempt failed (they stay pending), by relay.";
+const FAILURES_HELP: &str = "Outbox rows whose publish attempt failed (they stay pending, or are set aside), by relay.";
+const FAILED: &str = "oncely_outbox_failed";
+const FAILED_HELP: &str = "Outbox rows set aside (refused by the broker for good) and not discarded.";
+const SET_ASIDE: &str = "oncely_outbox_set_aside_total";
+const SET_ASIDE_HELP: &str = "Outbox rows set aside because the broker refused them for good, by relay.";
+const RETRY_WAITS: &str = "oncely_outbox_retry_waits_total";
+const RETRY_WAITS_HELP: &str =
+    "Backoff waits of the relay before retrying a failed publish or database call, by relay.";
 const LANES_OWNED: &str = "oncely_outbox_lanes_owned";
 const LANES_OWNED_HELP: &str = "Outbox lanes this relay holds.";
 const RETENTION_DELETED: &str = "oncely_outbox_retention_deleted_total";
@@ -60,6 +67,56 @@ impl PublishFailed<'_> {
     }
 }
 
+/// A row the broker refuses for good was set aside; later rows of its key wait behind it.
+pub(crate) struct RowSetAside<'a> {
+    pub relay: &'a str,
+    pub id: i64,
+    pub topic: &'a str,
+    pub key: Option<&'a [u8]>,
+    pub error: &'a str,
+}
+
+impl RowSetAside<'_> {
+    pub fn emit(self) {
+        let key = self.key.map(|k| super::failed::readable(k).0);
+        tracing::error!(
+            relay = self.relay,
+            id = self.id,
+            topic = self.topic,
+            key = key.as_deref().unwrap_or("(none)"),
+            error = self.error,
+            "The broker refuses this outbox row for good; set it aside. Later rows of its key wait behind it; \
+             see `oncely outbox list --failed`, then `oncely outbox retry` once fixed or `oncely outbox discard`."
+        );
+        metrics::inc(SET_ASIDE, SET_ASIDE_HELP, &[("relay", self.relay)], 1);
+    }
+}
+
+/// A batch had rows refused by the broker in a way that may be another
+/// record's fault (a whole produce request refused): its failed rows are
+/// published again in smaller groups to find the one it refuses.
+pub(crate) struct Isolating<'a> {
+    pub relay: &'a str,
+    pub rows: usize,
+    pub error: &'a str,
+}
+
+impl Isolating<'_> {
+    pub fn emit(self) {
+        tracing::info!(
+            relay = self.relay,
+            rows = self.rows,
+            error = self.error,
+            "The broker refused a group of outbox rows; publishing them in smaller groups to find the record it refuses."
+        );
+    }
+}
+
+/// The relay waits before retrying.
+pub(crate) fn retry_wait(relay: &str) {
+    metrics::inc(RETRY_WAITS, RETRY_WAITS_HELP, &[("relay", relay)], 1);
+}
+
 /// The set of lanes this relay holds changed.
 pub(crate) struct LanesChanged<'a> {
     pub relay: &'a str,
@@ -102,9 +159,10 @@ impl LanesLost<'_> {
     }
 }
 
-/// Sets the pending gauge.
-pub(crate) fn pending(n: i64) {
+/// Sets the pending and failed gauges.
+pub(crate) fn pending(n: i64, failed: i64) {
     metrics::set(PENDING, PENDING_HELP, &[], n as f64);
+    metrics::set(FAILED, FAILED_HELP, &[], failed as f64);
 }
 
 /// Retention removed published rows.
@@ -130,4 +188,15 @@ pub fn published_by(relay: &str) -> u64 {
 /// Failed publish attempts so far by relay `relay` in this process.
 pub fn failures_of(relay: &str) -> u64 {
     metrics::counter(FAILURES, &[("relay", relay)])
+}
+
+/// Rows set aside so far by relay `relay` in this process.
+pub fn set_aside_by(relay: &str) -> u64 {
+    metrics::counter(SET_ASIDE, &[("relay", relay)])
+}
+
+/// Backoff waits so far of relay `relay` in this process (a row set aside
+/// costs none: only transient failures wait).
+pub fn retry_waits_of(relay: &str) -> u64 {
+    metrics::counter(RETRY_WAITS, &[("relay", relay)])
 }

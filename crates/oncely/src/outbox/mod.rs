@@ -46,6 +46,19 @@
 //!   them, typically by locking the entity's row (`UPDATE orders ... WHERE id
 //!   = $1`, `SELECT ... FOR UPDATE`) *before* it enqueues.
 //!
+//! - **A row the broker refuses for good** (larger than the topic's
+//!   `max.message.bytes`, an invalid record, the topic missing or not
+//!   authorised) is **set aside** by the relay with its reason; rows of other
+//!   keys go on at full speed, and the later rows of its key are **held**
+//!   behind it, so they never overtake it. An operator lists them
+//!   ([`failed::list`], `oncely outbox list --failed`), sends them back once
+//!   the cause is fixed ([`failed::retry`]) or gives them up
+//!   ([`failed::discard`]), which releases the key.
+//!
+//! Keys, payloads and headers are bytes and are published as they were
+//! enqueued: header names need not be UTF-8 and may hold NUL, a null payload
+//! stays null and an empty one empty (see [`enqueue_raw`]).
+//!
 //! See [`relay`] for lanes, several relays, and failures.
 
 use std::borrow::Cow;
@@ -59,6 +72,7 @@ use crate::error::Result;
 use crate::store::outbox as store;
 
 pub mod events;
+pub mod failed;
 pub mod relay;
 mod status;
 
@@ -239,6 +253,11 @@ pub struct Enqueued {
     pub lane: i16,
 }
 
+/// The headers of an event as the store takes them: name bytes and value.
+fn header_refs(headers: &[(String, Vec<u8>)]) -> Vec<store::HeaderRef<'_>> {
+    headers.iter().map(|(k, v)| (k.as_bytes(), Some(v.as_slice()))).collect()
+}
+
 /// Enqueues `event` for `topic` with entity key `key`, in the caller's
 /// transaction (pass `&mut *tx`, or `&mut tx` for a `Transaction`). The
 /// relay publishes it once the transaction commits; if it rolls back, the
@@ -254,13 +273,14 @@ pub async fn enqueue<'a>(
 ) -> Result<Enqueued> {
     let ev = event.into_outgoing()?;
     let headers = ev.headers();
+    let refs = header_refs(&headers);
     let lane = lane_of(Some(key.as_bytes()));
     let row = store::NewOutboxRow {
         lane,
         topic,
         key: Some(key.as_bytes()),
         payload: Some(&ev.data),
-        headers: &headers,
+        headers: &refs,
         ce_id: Some(&ev.attrs.id),
     };
     let ids = store::insert(conn, &[row]).await?;
@@ -283,9 +303,10 @@ pub struct Batched<'a> {
 /// backfills, benchmarks); same semantics as [`enqueue`], ids in input order.
 pub async fn enqueue_many(conn: &mut PgConnection, events: &[Batched<'_>]) -> Result<Vec<Enqueued>> {
     let headers: Vec<Vec<(String, Vec<u8>)>> = events.iter().map(|e| e.event.headers()).collect();
+    let refs: Vec<Vec<store::HeaderRef<'_>>> = headers.iter().map(|h| header_refs(h)).collect();
     let rows: Vec<store::NewOutboxRow<'_>> = events
         .iter()
-        .zip(&headers)
+        .zip(&refs)
         .map(|(e, h)| store::NewOutboxRow {
             lane: lane_of(Some(e.key.as_bytes())),
             topic: e.topic,
@@ -303,28 +324,73 @@ pub async fn enqueue_many(conn: &mut PgConnection, events: &[Batched<'_>]) -> Re
         .collect())
 }
 
-/// Enqueues a raw record (key, payload and headers as they are), in the
-/// caller's transaction; returns the row id. Used by the dead-letter path to
-/// publish to `<topic>.<consumer>.dlt` atomically with the offset advance.
-/// The `ce_id` header, if present, is recorded with the row.
-pub async fn enqueue_raw(
+/// A header value as [`enqueue_raw`] takes it: bytes, or `None` for a null
+/// value (Kafka tells a null header value from an empty one).
+pub trait HeaderValue {
+    /// The value's bytes, `None` for null.
+    fn header_value(&self) -> Option<&[u8]>;
+}
+
+impl HeaderValue for [u8] {
+    fn header_value(&self) -> Option<&[u8]> {
+        Some(self)
+    }
+}
+
+impl HeaderValue for &[u8] {
+    fn header_value(&self) -> Option<&[u8]> {
+        Some(self)
+    }
+}
+
+impl HeaderValue for Vec<u8> {
+    fn header_value(&self) -> Option<&[u8]> {
+        Some(self)
+    }
+}
+
+impl<const N: usize> HeaderValue for [u8; N] {
+    fn header_value(&self) -> Option<&[u8]> {
+        Some(self)
+    }
+}
+
+impl<T: AsRef<[u8]>> HeaderValue for Option<T> {
+    fn header_value(&self) -> Option<&[u8]> {
+        self.as_ref().map(AsRef::as_ref)
+    }
+}
+
+/// Enqueues a raw record (key, payload and headers as they are, bytes
+/// throughout), in the caller's transaction; returns the row id. Used by the
+/// dead-letter path to publish to `<topic>.<consumer>.dlt` atomically with
+/// the offset advance.
+///
+/// Header names are bytes (`Vec<u8>`, `&[u8]`, `String`, `&str`, ...): a
+/// dead-letter copy carries the original record's names as they came, UTF-8
+/// or not, NUL included. Values are bytes or `Option`s of bytes (`None`: a
+/// null value). A `None` key or payload is published as null, an empty one
+/// as empty. The `ce_id` header, if present and UTF-8, is recorded with the
+/// row.
+pub async fn enqueue_raw<K, V>(
     conn: &mut PgConnection,
     topic: &str,
     key: Option<&[u8]>,
     payload: Option<&[u8]>,
-    headers: &[(Vec<u8>, Vec<u8>)],
-) -> Result<i64> {
-    let ce_id = headers
+    headers: &[(K, V)],
+) -> Result<i64>
+where
+    K: AsRef<[u8]>,
+    V: HeaderValue,
+{
+    let refs: Vec<store::HeaderRef<'_>> = headers.iter().map(|(k, v)| (k.as_ref(), v.header_value())).collect();
+    let ce_id = refs
         .iter()
         .rev()
-        .find(|(k, _)| k.as_slice() == H_ID.as_bytes())
-        .and_then(|(_, v)| std::str::from_utf8(v).ok())
+        .find(|(k, _)| *k == H_ID.as_bytes())
+        .and_then(|(_, v)| v.and_then(|v| std::str::from_utf8(v).ok()))
         .map(str::to_owned);
-    // TEMPORARY (until the outbox's header names are bytes, migration 0006):
-    let headers: Vec<(String, Vec<u8>)> =
-        headers.iter().map(|(k, v)| (String::from_utf8_lossy(k).into_owned(), v.clone())).collect();
-    let headers = &headers[..];
-    let row = store::NewOutboxRow { lane: lane_of(key), topic, key, payload, headers, ce_id: ce_id.as_deref() };
+    let row = store::NewOutboxRow { lane: lane_of(key), topic, key, payload, headers: &refs, ce_id: ce_id.as_deref() };
     let ids = store::insert(conn, &[row]).await?;
     ids.first().copied().ok_or_else(|| crate::Error::Db(sqlx::Error::RowNotFound))
 }

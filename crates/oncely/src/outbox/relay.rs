@@ -40,24 +40,36 @@
 //!   commit), with polling every `poll_interval` as a fallback. A full or
 //!   non-empty batch is followed at once by the next claim, so batches grow
 //!   with the load.
-//! - **Failures.** A batch that did not fully publish is retried from its
-//!   first unpublished row with exponential backoff (with jitter, up to
-//!   `max_backoff`). By default records never time out in the producer
-//!   (`message.timeout.ms=0`): while the broker is down the batch waits and
-//!   librdkafka reconnects with its own backoff; a timeout could let a later
-//!   record overtake an earlier one of the same key. Database errors are
-//!   retried the same way.
+//! - **Transient failures.** A batch that did not fully publish because of a
+//!   transient error (broker unreachable, not enough replicas, ...) is
+//!   retried from its first unpublished row with exponential backoff
+//!   ([`Backoff`](crate::backoff::Backoff), up to `max_backoff`). By default
+//!   records never time out in the producer (`message.timeout.ms=0`): while
+//!   the broker is down the batch waits and librdkafka reconnects with its own
+//!   backoff; a timeout could let a later record overtake an earlier one of the
+//!   same key. Database errors are retried the same way.
+//! - **Rows refused for good.** The broker refuses a whole produce request
+//!   when one record in it is too large (`MSG_SIZE_TOO_LARGE`) or invalid, and
+//!   with the gapless guarantee that stops the producer, failing every record
+//!   in flight. So a failed row is not judged by its batch: the failed rows
+//!   are published again in halves, then alone, until the one the broker
+//!   refuses on its own is found. That row is **set aside** (`failed_at`, its
+//!   reason in `last_error`); so is a row whose topic does not exist (after
+//!   librdkafka's `topic.metadata.propagation.max.ms`, checked against fresh
+//!   metadata) or is not authorised. Setting aside costs no backoff: the
+//!   other rows go on at once, and the next claims no longer see the row.
+//!   The later rows of its topic and key are held behind it (see
+//!   [`failed`](super::failed)).
 //! - **Retention.** Rows published longer ago than `retention` are deleted in
 //!   batches every `retention_interval`.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
 use chrono::Utc;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
-use rdkafka::ClientConfig;
 use sqlx::postgres::{PgConnectOptions, PgListener};
 use sqlx::{Connection, PgConnection, PgPool};
 use tokio::sync::{mpsc, Notify};
@@ -66,8 +78,9 @@ use tokio_util::sync::CancellationToken;
 
 use super::events;
 use super::LANES;
-use crate::envelope::owned_headers;
+use crate::backoff::{Backoff, Retries};
 use crate::error::{Error, Result};
+use crate::kafka::headers_with_nulls;
 use crate::store::outbox::{self as store, OutboxRow};
 
 /// Namespace (first `int4` key) of the lane locks: `(LANE_LOCK_NS, lane)`.
@@ -80,7 +93,7 @@ pub const CHANNEL: &str = "oncely_outbox";
 /// Settings of a relay; see each setter of [`RelayBuilder`].
 #[derive(Debug, Clone)]
 struct Settings {
-    bootstrap_servers: String,
+    connection: crate::kafka::KafkaConnection,
     name: String,
     batch_size: usize,
     poll_interval: Duration,
@@ -129,11 +142,11 @@ impl Relay {
     /// A relay for the outbox in `pool`'s database, publishing to
     /// `bootstrap_servers`. The relay opens two more connections with the
     /// pool's options: the lock session and the `LISTEN` session (from the pool).
-    pub fn builder(pool: PgPool, bootstrap_servers: impl Into<String>) -> RelayBuilder {
+    pub fn builder(pool: PgPool, connection: impl Into<crate::kafka::KafkaConnection>) -> RelayBuilder {
         RelayBuilder {
             pool,
             s: Settings {
-                bootstrap_servers: bootstrap_servers.into(),
+                connection: connection.into(),
                 name: default_name(),
                 batch_size: 1000,
                 poll_interval: Duration::from_millis(500),
@@ -235,8 +248,10 @@ impl RelayBuilder {
         self
     }
 
-    /// Longest wait between retries of a failing publish or database call.
-    /// Default 30 s.
+    /// Longest wait between retries of a failing publish or database call
+    /// (the first wait is at most 100 ms, then it doubles: [`Backoff`]).
+    /// Default 30 s. Rows the broker refuses for good are set aside without
+    /// waiting.
     pub fn max_backoff(mut self, d: Duration) -> Self {
         self.s.max_backoff = d.max(Duration::from_millis(1));
         self
@@ -258,9 +273,8 @@ impl RelayBuilder {
 }
 
 fn make_producer(s: &Settings) -> Result<FutureProducer> {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &s.bootstrap_servers)
-        .set("client.id", format!("oncely-relay-{}", s.name))
+    let mut c = s.connection.client_config()?;
+    c.set("client.id", format!("oncely-relay-{}", s.name))
         .set("linger.ms", s.linger.as_millis().to_string())
         .set("message.timeout.ms", s.message_timeout.as_millis().to_string());
     for (k, v) in &s.producer_config {
@@ -279,31 +293,9 @@ fn make_producer(s: &Settings) -> Result<FutureProducer> {
     Ok(c.create()?)
 }
 
-/// Exponential backoff with jitter: base·2ⁿ capped at `max`, then a random
-/// point in its upper half.
-#[derive(Debug, Clone)]
-struct Backoff {
-    n: u32,
-    base: Duration,
-    max: Duration,
-}
-
-impl Backoff {
-    fn new(max: Duration) -> Self {
-        Backoff { n: 0, base: Duration::from_millis(100), max }
-    }
-
-    fn next(&mut self) -> Duration {
-        let exp = self.base.saturating_mul(1u32 << self.n.min(20));
-        self.n = self.n.saturating_add(1);
-        let d = exp.min(self.max);
-        let half = d / 2;
-        half + half.mul_f64(fastrand::f64())
-    }
-
-    fn reset(&mut self) {
-        self.n = 0;
-    }
+/// The relay's retries: 100 ms doubling up to `max`.
+fn retries(max: Duration) -> Retries {
+    Retries::new(Backoff::new(Duration::from_millis(100), max))
 }
 
 /// The session that holds the relay's locks.
@@ -313,8 +305,127 @@ struct LockSession {
 }
 
 enum BatchOutcome {
-    Done { failed: usize },
+    /// The batch is resolved; `wait`: some rows failed transiently (or the
+    /// producer failed for no reason found), so back off before the next.
+    Done {
+        wait: bool,
+    },
     Cancelled,
+}
+
+/// What a failed publish says about its row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Verdict {
+    /// The broker refused the produce request the record was in, because of
+    /// what a record in it is (too large, invalid, a timestamp the topic does
+    /// not accept): this one or another. Publishing it alone tells.
+    Record,
+    /// Refused before it was sent because of what the record itself is
+    /// (larger than the producer's `message.max.bytes`): refused for good.
+    Refused,
+    /// Its topic does not exist (after librdkafka's propagation bound), to be
+    /// checked against fresh metadata.
+    MissingTopic,
+    /// The relay may not write to its topic: refused for good.
+    Unauthorised,
+    /// Caught in another record's failure: the producer stopped (fatal error,
+    /// purged queues). Published again at once.
+    Collateral,
+    /// Anything else (broker unreachable, not enough replicas, a timeout):
+    /// retried with backoff, order kept.
+    Transient,
+}
+
+impl Verdict {
+    /// The verdict on an error reported for a record: `at_send` when
+    /// `produce()` refused it, otherwise from its delivery report.
+    fn of(code: Option<RDKafkaErrorCode>, at_send: bool) -> Verdict {
+        use RDKafkaErrorCode as C;
+        match code {
+            Some(C::MessageSizeTooLarge | C::InvalidMessageSize) if at_send => Verdict::Refused,
+            Some(C::UnknownTopic | C::UnknownTopicOrPartition) => Verdict::MissingTopic,
+            Some(C::TopicAuthorizationFailed) => Verdict::Unauthorised,
+            Some(
+                C::MessageSizeTooLarge
+                | C::MessageBatchTooLarge
+                | C::InvalidMessageSize
+                | C::InvalidMessage
+                | C::InvalidRecord
+                | C::InvalidTimestamp
+                | C::UnsupportedForMessageFormat
+                | C::BadMessage,
+            ) if !at_send => Verdict::Record,
+            Some(C::Fatal | C::PurgeQueue | C::PurgeInflight | C::GaplessGuarantee) if !at_send => Verdict::Collateral,
+            _ => Verdict::Transient,
+        }
+    }
+}
+
+/// One row's failed attempt.
+#[derive(Debug, Clone)]
+struct Failure {
+    verdict: Verdict,
+    error: String,
+}
+
+impl Failure {
+    fn new(e: &KafkaError, at_send: bool) -> Self {
+        Failure { verdict: Verdict::of(e.rdkafka_error_code(), at_send), error: e.to_string() }
+    }
+}
+
+/// A row's result in a publish attempt.
+#[derive(Debug, Clone)]
+enum Sent {
+    /// Not sent: an earlier row of its key failed at send time.
+    Skipped,
+    /// Acknowledged at this time.
+    Acked(chrono::DateTime<Utc>),
+    Failed(Failure),
+}
+
+/// Where each row of a batch ended, once every failure is resolved.
+#[derive(Debug, Default)]
+struct Resolution {
+    /// Acknowledged.
+    acked: Vec<(usize, chrono::DateTime<Utc>)>,
+    /// Refused for good, with the reason.
+    set_aside: Vec<(usize, String)>,
+    /// Failed transiently: stay pending, retried after a backoff.
+    transient: Vec<(usize, String)>,
+    /// Rows that failed only because the producer stopped, with no row found
+    /// that explains it: retried after a backoff, so that a producer that
+    /// keeps failing does not spin.
+    unexplained: bool,
+    /// Topics looked up in fresh metadata during this batch: missing or not.
+    missing_topics: HashMap<String, bool>,
+}
+
+/// The size of a record on the wire, near enough for an error message.
+fn record_bytes(row: &OutboxRow) -> usize {
+    row.key.as_ref().map_or(0, Vec::len)
+        + row.payload.as_ref().map_or(0, Vec::len)
+        + row.headers.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum::<usize>()
+}
+
+/// The reason a row is set aside, for `last_error` and operators.
+fn set_aside_reason(row: &OutboxRow, f: &Failure) -> String {
+    let hint = match f.verdict {
+        Verdict::Refused => format!(
+            "the record ({} bytes with key and headers) is larger than the producer's `message.max.bytes`",
+            record_bytes(row)
+        ),
+        Verdict::MissingTopic => format!("topic `{}` does not exist", row.topic),
+        Verdict::Unauthorised => format!("the relay is not authorised to write to topic `{}`", row.topic),
+        _ if f.error.contains("size") || f.error.contains("too large") => format!(
+            "the record ({} bytes with key and headers) is larger than topic `{}` accepts \
+             (its `max.message.bytes`, or the broker's `message.max.bytes`)",
+            record_bytes(row),
+            row.topic
+        ),
+        _ => format!("topic `{}` refuses the record", row.topic),
+    };
+    format!("refused by the broker for good, alone: {}: {hint}", f.error)
 }
 
 impl Relay {
@@ -323,6 +434,12 @@ impl Relay {
     /// not start (its configuration).
     pub async fn run(self, shutdown: CancellationToken) -> Result<()> {
         let Relay { pool, s, producer } = self;
+        // A wrong password or an untrusted certificate: an error naming the
+        // cause now, not batches waiting forever on librdkafka's retries.
+        let check = s.connection.clone();
+        tokio::task::spawn_blocking(move || check.check(Duration::from_secs(15)))
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))??;
         let wake = Arc::new(Notify::new());
         let stop_helpers = CancellationToken::new();
         let listener = s.listen.then(|| {
@@ -341,7 +458,9 @@ impl Relay {
             mark_tx: Some(mark_tx),
             done_rx,
             wake,
-            backoff: Backoff::new(s.max_backoff),
+            backoff: retries(s.max_backoff),
+            last_failure: None,
+            stale_metadata: false,
         };
         let result = pump.run(&shutdown).await;
 
@@ -369,7 +488,7 @@ impl Relay {
 /// `LISTEN`s on [`CHANNEL`] and wakes the pump on every notification, and
 /// after a reconnection (notifications sent meanwhile are lost).
 async fn listen(pool: PgPool, wake: Arc<Notify>, stop: CancellationToken, relay: String, max_backoff: Duration) {
-    let mut backoff = Backoff::new(max_backoff);
+    let mut backoff = retries(max_backoff);
     loop {
         let attempt = async {
             let mut l = PgListener::connect_with(&pool).await?;
@@ -384,7 +503,7 @@ async fn listen(pool: PgPool, wake: Arc<Notify>, stop: CancellationToken, relay:
                     tracing::warn!(relay = %relay, error = %e, "Cannot LISTEN for outbox notifications; polling meanwhile.");
                     tokio::select! {
                         _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(backoff.next()) => continue,
+                        _ = tokio::time::sleep(backoff.next_delay()) => continue,
                     }
                 }
             },
@@ -416,12 +535,12 @@ async fn marker(
     max_backoff: Duration,
 ) {
     while let Some(ids) = rx.recv().await {
-        let mut backoff = Backoff::new(max_backoff);
+        let mut backoff = retries(max_backoff);
         loop {
             match store::mark_published(&pool, &ids).await {
                 Ok(_) => break,
                 Err(e) => {
-                    let wait = backoff.next();
+                    let wait = backoff.next_delay();
                     tracing::warn!(rows = ids.len(), error = %e, retry_in = ?wait, "Could not mark outbox rows published; retrying.");
                     tokio::select! {
                         _ = stop.cancelled() => return,
@@ -447,7 +566,11 @@ struct Pump {
     mark_tx: Option<mpsc::Sender<Vec<i64>>>,
     done_rx: mpsc::UnboundedReceiver<Vec<i64>>,
     wake: Arc<Notify>,
-    backoff: Backoff,
+    backoff: Retries,
+    /// The last failed attempt of a row, for the log.
+    last_failure: Option<Failure>,
+    /// librdkafka believes a topic missing that exists: replace the producer.
+    stale_metadata: bool,
 }
 
 impl Pump {
@@ -482,7 +605,8 @@ impl Pump {
             let rows = match store::claim(&self.pool, LANE_LOCK_NS, pid, limit).await {
                 Ok(rows) => rows,
                 Err(e) => {
-                    let wait = self.backoff.next();
+                    let wait = self.backoff.next_delay();
+                    events::retry_wait(&self.s.name);
                     tracing::warn!(relay = %self.s.name, error = %e, retry_in = ?wait, "Could not claim outbox rows; retrying.");
                     if sleep_or_cancel(shutdown, wait).await {
                         return Ok(());
@@ -498,10 +622,11 @@ impl Pump {
             }
             match self.publish(rows, shutdown).await? {
                 BatchOutcome::Cancelled => return Ok(()),
-                BatchOutcome::Done { failed: 0 } => self.backoff.reset(),
-                BatchOutcome::Done { .. } => {
+                BatchOutcome::Done { wait: false } => self.backoff.reset(),
+                BatchOutcome::Done { wait: true } => {
                     // The wait was announced by PublishFailed.
-                    let wait = self.backoff.next();
+                    let wait = self.backoff.next_delay();
+                    events::retry_wait(&self.s.name);
                     if sleep_or_cancel(shutdown, wait).await {
                         return Ok(());
                     }
@@ -547,7 +672,7 @@ impl Pump {
     /// up to the fair share and gives back lanes above it; updates the gauges.
     async fn check_lanes(&mut self) {
         match store::pending_count(&self.pool).await {
-            Ok(n) => events::pending(n),
+            Ok((n, failed)) => events::pending(n, failed),
             Err(e) => tracing::debug!(error = %e, "Could not count pending outbox rows."),
         }
         if self.lock.is_none() {
@@ -649,22 +774,300 @@ impl Pump {
         events::RetentionRan { relay: &self.s.name, deleted }.emit();
     }
 
-    /// Publishes `rows` (in id order) and waits for every delivery report.
+    /// Publishes `rows` (in id order), waits for every delivery report, and
+    /// resolves every failure: rows the broker refuses for good are set
+    /// aside (committed before this returns, so the next claim holds their
+    /// keys), the others stay pending.
     async fn publish(&mut self, rows: Vec<OutboxRow>, shutdown: &CancellationToken) -> Result<BatchOutcome> {
-        // Per row: None = not attempted (held back behind a failed row of
-        // its key), Some(Ok(ack time)), Some(Err(message)).
-        let mut results: Vec<Option<std::result::Result<chrono::DateTime<Utc>, String>>> = vec![None; rows.len()];
-        let mut futures: Vec<(usize, DeliveryFuture)> = Vec::with_capacity(rows.len());
-        let mut awaited = 0usize;
+        let all: Vec<usize> = (0..rows.len()).collect();
+        let Some(sent) = self.send_group(&rows, &all, shutdown).await? else { return Ok(BatchOutcome::Cancelled) };
+        let mut res = Resolution::default();
         let mut blocked: HashSet<(&str, Option<&[u8]>)> = HashSet::new();
-        for (i, row) in rows.iter().enumerate() {
-            let key = (row.topic.as_str(), row.key.as_deref());
-            if blocked.contains(&key) {
+        let mut again = Vec::new();
+        let alone = rows.len() == 1;
+        for (&i, r) in all.iter().zip(sent) {
+            self.sort(&rows, i, r, &mut res, &mut blocked, &mut again, alone).await;
+        }
+        if !again.is_empty() {
+            let error = self.last_failure.as_ref().map(|f| f.error.clone()).unwrap_or_default();
+            events::Isolating { relay: &self.s.name, rows: again.len(), error: &error }.emit();
+            if !self.isolate(&rows, again, &mut res, &mut blocked, shutdown).await? {
+                return Ok(BatchOutcome::Cancelled);
+            }
+        }
+        self.restart_if_fatal()?;
+
+        if !res.acked.is_empty() {
+            let latencies: Vec<Duration> =
+                res.acked.iter().map(|(i, at)| (*at - rows[*i].created_at).to_std().unwrap_or_default()).collect();
+            let mut acked: Vec<i64> = res.acked.iter().map(|(i, _)| rows[*i].id).collect();
+            acked.sort_unstable();
+            events::BatchAcked { relay: &self.s.name, rows: acked.len(), latencies: &latencies }.emit();
+            self.inflight.extend(acked.iter().copied());
+            let Some(tx) = &self.mark_tx else {
+                return Err(Error::Config("the outbox marker task stopped".into()));
+            };
+            // The marker may be stuck retrying (database down): shutdown
+            // must not wait for it; unmarked rows are published again later.
+            tokio::select! {
+                r = tx.send(acked) => if r.is_err() {
+                    return Err(Error::Config("the outbox marker task stopped".into()));
+                },
+                _ = shutdown.cancelled() => return Ok(BatchOutcome::Cancelled),
+            }
+        }
+        if !res.set_aside.is_empty() && !self.set_aside(&rows, &res.set_aside, shutdown).await {
+            return Ok(BatchOutcome::Cancelled);
+        }
+        let wait = !res.transient.is_empty() || res.unexplained;
+        if let Some((first, error)) = res.transient.first() {
+            let retry_in = self.backoff.peek();
+            events::PublishFailed {
+                relay: &self.s.name,
+                rows: res.transient.len(),
+                first_id: rows[*first].id,
+                topic: &rows[*first].topic,
+                error,
+                retry_in,
+            }
+            .emit();
+            let ids: Vec<i64> = res.transient.iter().map(|(i, _)| rows[*i].id).collect();
+            if let Err(e) = store::record_failure(&self.pool, &ids, error).await {
+                tracing::debug!(error = %e, "Could not record the failed attempt.");
+            }
+        } else if res.unexplained {
+            tracing::warn!(relay = %self.s.name, "The producer failed and no outbox row explains it; retrying after a backoff.");
+        }
+        Ok(BatchOutcome::Done { wait })
+    }
+
+    /// Files row `i`'s result: acked, set aside, transient (key blocked), or
+    /// `again` (to publish again, in smaller groups). `alone`: the row was
+    /// the only one of its attempt, so a record-level refusal is its own.
+    #[allow(clippy::too_many_arguments)]
+    async fn sort<'r>(
+        &mut self,
+        rows: &'r [OutboxRow],
+        i: usize,
+        r: Sent,
+        res: &mut Resolution,
+        blocked: &mut HashSet<(&'r str, Option<&'r [u8]>)>,
+        again: &mut Vec<usize>,
+        alone: bool,
+    ) {
+        let row = &rows[i];
+        let key = (row.topic.as_str(), row.key.as_deref());
+        let f = match r {
+            Sent::Skipped => {
+                // Behind a row of its key that failed at send time: pending.
+                blocked.insert(key);
+                return;
+            }
+            Sent::Acked(at) => {
+                res.acked.push((i, at));
+                return;
+            }
+            Sent::Failed(f) => f,
+        };
+        self.last_failure = Some(f.clone());
+        if blocked.contains(&key) {
+            // An earlier row of its key is set aside or failed: this one
+            // waits behind it, whatever its own error.
+            return;
+        }
+        match f.verdict {
+            Verdict::Refused | Verdict::Unauthorised => {
+                blocked.insert(key);
+                res.set_aside.push((i, set_aside_reason(row, &f)));
+            }
+            Verdict::MissingTopic => {
+                blocked.insert(key);
+                let missing = match res.missing_topics.get(&row.topic) {
+                    Some(m) => *m,
+                    None => {
+                        let m = self.topic_missing(&row.topic).await;
+                        res.missing_topics.insert(row.topic.clone(), m);
+                        m
+                    }
+                };
+                if missing {
+                    res.set_aside.push((i, set_aside_reason(row, &f)));
+                } else {
+                    // librdkafka still believes the topic missing, but it
+                    // exists now (created meanwhile): a new producer has
+                    // fresh metadata.
+                    self.stale_metadata = true;
+                    res.transient.push((i, f.error));
+                }
+            }
+            Verdict::Record if alone => {
+                blocked.insert(key);
+                res.set_aside.push((i, set_aside_reason(row, &f)));
+            }
+            Verdict::Collateral if alone => {
+                blocked.insert(key);
+                res.unexplained = true;
+                res.transient.push((i, f.error));
+            }
+            Verdict::Record | Verdict::Collateral => again.push(i),
+            Verdict::Transient => {
+                blocked.insert(key);
+                res.transient.push((i, f.error));
+            }
+        }
+    }
+
+    /// Publishes the rows `again` (failed with a record-level refusal or
+    /// caught in the producer's stop) once more, in halves and then alone,
+    /// in id order and depth first, so that no row is published before an
+    /// unresolved earlier row of its key. Each attempt runs on a working
+    /// producer (a new one after a fatal error). False if shut down.
+    async fn isolate<'r>(
+        &mut self,
+        rows: &'r [OutboxRow],
+        again: Vec<usize>,
+        res: &mut Resolution,
+        blocked: &mut HashSet<(&'r str, Option<&'r [u8]>)>,
+        shutdown: &CancellationToken,
+    ) -> Result<bool> {
+        let mut stack = vec![again];
+        while let Some(group) = stack.pop() {
+            let group: Vec<usize> = group
+                .into_iter()
+                .filter(|&i| !blocked.contains(&(rows[i].topic.as_str(), rows[i].key.as_deref())))
+                .collect();
+            if group.is_empty() {
                 continue;
             }
-            let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(&row.topic)
-                .headers(owned_headers(&row.headers))
-                .timestamp(row.created_at.timestamp_millis());
+            self.restart_if_fatal()?;
+            let Some(sent) = self.send_group(rows, &group, shutdown).await? else { return Ok(false) };
+            let alone = group.len() == 1;
+            let mut retry = Vec::new();
+            for (&i, r) in group.iter().zip(sent) {
+                self.sort(rows, i, r, res, blocked, &mut retry, alone).await;
+            }
+            match retry.len() {
+                0 => {}
+                1 => stack.push(retry),
+                n => {
+                    // Second half below the first: the first is resolved
+                    // before anything of the second is sent.
+                    let second = retry.split_off(n / 2);
+                    stack.push(second);
+                    stack.push(retry);
+                }
+            }
+        }
+        Ok(true)
+    }
+
+    /// Whether `topic` is missing according to fresh metadata (librdkafka
+    /// caches a topic it found missing). A failed lookup counts as not
+    /// missing: the row stays pending and is retried.
+    async fn topic_missing(&self, topic: &str) -> bool {
+        let producer = self.producer.clone();
+        let t = topic.to_owned();
+        let lookup = tokio::task::spawn_blocking(move || {
+            producer.client().fetch_metadata(Some(&t), Duration::from_secs(10)).map(|m| {
+                m.topics().iter().any(|mt| {
+                    mt.name() == t
+                        && matches!(
+                            mt.error().map(RDKafkaErrorCode::from),
+                            Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic)
+                        )
+                })
+            })
+        })
+        .await;
+        match lookup {
+            Ok(Ok(missing)) => missing,
+            Ok(Err(e)) => {
+                tracing::warn!(relay = %self.s.name, topic, error = %e, "Could not check whether the topic exists.");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
+    /// Replaces the producer after a fatal error (with the gapless guarantee,
+    /// any failure that could leave a gap stops it) or stale metadata; the
+    /// new one starts from the first unpublished row.
+    fn restart_if_fatal(&mut self) -> Result<()> {
+        if let Some((code, reason)) = self.producer.client().fatal_error() {
+            tracing::info!(relay = %self.s.name, code = ?code, reason = %reason, "The producer stopped on a fatal error; starting a new one.");
+            self.producer = make_producer(&self.s)?;
+        } else if self.stale_metadata {
+            tracing::info!(relay = %self.s.name, "Starting a new producer: the old one believes an existing topic missing.");
+            self.producer = make_producer(&self.s)?;
+        }
+        self.stale_metadata = false;
+        Ok(())
+    }
+
+    /// Sets rows aside, retrying the write until it commits (the next claim
+    /// must see it, or it would publish the rows held behind them). False if
+    /// shut down first.
+    async fn set_aside(&mut self, rows: &[OutboxRow], which: &[(usize, String)], shutdown: &CancellationToken) -> bool {
+        let ids: Vec<i64> = which.iter().map(|(i, _)| rows[*i].id).collect();
+        let reasons: Vec<&str> = which.iter().map(|(_, r)| r.as_str()).collect();
+        let mut backoff = retries(self.s.max_backoff);
+        loop {
+            match store::set_aside(&self.pool, &ids, &reasons).await {
+                Ok(_) => break,
+                Err(e) => {
+                    let wait = backoff.next_delay();
+                    events::retry_wait(&self.s.name);
+                    tracing::warn!(relay = %self.s.name, rows = ids.len(), error = %e, retry_in = ?wait, "Could not set outbox rows aside; retrying.");
+                    if sleep_or_cancel(shutdown, wait).await {
+                        return false;
+                    }
+                }
+            }
+        }
+        for (i, reason) in which {
+            let row = &rows[*i];
+            events::RowSetAside {
+                relay: &self.s.name,
+                id: row.id,
+                topic: &row.topic,
+                key: row.key.as_deref(),
+                error: reason,
+            }
+            .emit();
+        }
+        true
+    }
+
+    /// Sends rows `idx` (in id order) and waits for every delivery report.
+    /// `None` if shut down meanwhile. A row refused at send time stops its
+    /// key for the rest of the group (the rows behind it are `Skipped`).
+    async fn send_group(
+        &mut self,
+        rows: &[OutboxRow],
+        idx: &[usize],
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Vec<Sent>>> {
+        let mut results: Vec<Option<Sent>> = vec![None; idx.len()];
+        let mut futures: Vec<(usize, DeliveryFuture)> = Vec::with_capacity(idx.len());
+        let mut awaited = 0usize;
+        let mut blocked: HashSet<(&str, Option<&[u8]>)> = HashSet::new();
+        for (slot, &i) in idx.iter().enumerate() {
+            let row = &rows[i];
+            let key = (row.topic.as_str(), row.key.as_deref());
+            if blocked.contains(&key) {
+                results[slot] = Some(Sent::Skipped);
+                continue;
+            }
+            let headers = match headers_with_nulls(&row.headers) {
+                Ok(h) => h,
+                Err(e) => {
+                    results[slot] = Some(Sent::Failed(Failure { verdict: Verdict::Transient, error: e.to_string() }));
+                    blocked.insert(key);
+                    continue;
+                }
+            };
+            let mut rec: FutureRecord<'_, [u8], [u8]> =
+                FutureRecord::to(&row.topic).headers(headers).timestamp(row.created_at.timestamp_millis());
             if let Some(k) = &row.key {
                 rec = rec.key(k.as_slice());
             }
@@ -674,7 +1077,7 @@ impl Pump {
             loop {
                 match self.producer.send_result(rec) {
                     Ok(f) => {
-                        futures.push((i, f));
+                        futures.push((slot, f));
                         break;
                     }
                     Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
@@ -684,7 +1087,7 @@ impl Pump {
                         if awaited < futures.len() {
                             let (j, f) = &mut futures[awaited];
                             let r = tokio::select! {
-                                _ = shutdown.cancelled() => return Ok(BatchOutcome::Cancelled),
+                                _ = shutdown.cancelled() => return Ok(None),
                                 r = f => r,
                             };
                             results[*j] = Some(delivery(r));
@@ -694,9 +1097,10 @@ impl Pump {
                         }
                     }
                     Err((e, _)) => {
-                        // Refused before it was sent (too large, unknown
-                        // partition, ...): later rows of the key must wait.
-                        results[i] = Some(Err(e.to_string()));
+                        // Refused before it was sent (too large for the
+                        // producer, topic known missing, ...): later rows of
+                        // the key must wait.
+                        results[slot] = Some(Sent::Failed(Failure::new(&e, true)));
                         blocked.insert(key);
                         break;
                     }
@@ -716,7 +1120,7 @@ impl Pump {
             loop {
                 tokio::select! {
                     _ = &mut wait_all => break,
-                    _ = shutdown.cancelled() => return Ok(BatchOutcome::Cancelled),
+                    _ = shutdown.cancelled() => return Ok(None),
                     _ = nag.tick() => tracing::warn!(
                         relay = %self.s.name,
                         records = outstanding,
@@ -726,69 +1130,18 @@ impl Pump {
                 }
             }
         }
-
-        let mut acked = Vec::with_capacity(rows.len());
-        let mut latencies = Vec::with_capacity(rows.len());
-        let mut failed: Vec<(usize, String)> = Vec::new();
-        for (i, r) in results.into_iter().enumerate() {
-            match r {
-                Some(Ok(at)) => {
-                    acked.push(rows[i].id);
-                    latencies.push((at - rows[i].created_at).to_std().unwrap_or_default());
-                }
-                Some(Err(e)) => failed.push((i, e)),
-                None => {}
-            }
-        }
-        if !acked.is_empty() {
-            events::BatchAcked { relay: &self.s.name, rows: acked.len(), latencies: &latencies }.emit();
-            self.inflight.extend(acked.iter().copied());
-            let Some(tx) = &self.mark_tx else {
-                return Err(Error::Config("the outbox marker task stopped".into()));
-            };
-            // The marker may be stuck retrying (database down): shutdown
-            // must not wait for it; unmarked rows are published again later.
-            tokio::select! {
-                r = tx.send(acked) => if r.is_err() {
-                    return Err(Error::Config("the outbox marker task stopped".into()));
-                },
-                _ = shutdown.cancelled() => return Ok(BatchOutcome::Cancelled),
-            }
-        }
-        if let Some((first, error)) = failed.first() {
-            let wait = self.backoff.clone().next();
-            events::PublishFailed {
-                relay: &self.s.name,
-                rows: failed.len(),
-                first_id: rows[*first].id,
-                topic: &rows[*first].topic,
-                error,
-                retry_in: wait,
-            }
-            .emit();
-            let ids: Vec<i64> = failed.iter().map(|(i, _)| rows[*i].id).collect();
-            if let Err(e) = store::record_failure(&self.pool, &ids, error).await {
-                tracing::debug!(error = %e, "Could not record the failed attempt.");
-            }
-            if let Some((code, reason)) = self.producer.client().fatal_error() {
-                // With the gapless guarantee a failure that could leave a gap
-                // stops the producer; a new one starts from the first
-                // unpublished row.
-                tracing::warn!(relay = %self.s.name, code = ?code, reason = %reason, "The producer hit a fatal error; starting a new one.");
-                self.producer = make_producer(&self.s)?;
-            }
-        }
-        Ok(BatchOutcome::Done { failed: failed.len() })
+        Ok(Some(results.into_iter().map(|r| r.unwrap_or(Sent::Skipped)).collect()))
     }
 }
 
-fn delivery<E>(
-    r: std::result::Result<rdkafka::producer::future_producer::OwnedDeliveryResult, E>,
-) -> std::result::Result<chrono::DateTime<Utc>, String> {
+fn delivery<E>(r: std::result::Result<rdkafka::producer::future_producer::OwnedDeliveryResult, E>) -> Sent {
     match r {
-        Ok(Ok(_)) => Ok(Utc::now()),
-        Ok(Err((e, _))) => Err(e.to_string()),
-        Err(_) => Err("the producer was closed before the delivery report".into()),
+        Ok(Ok(_)) => Sent::Acked(Utc::now()),
+        Ok(Err((e, _))) => Sent::Failed(Failure::new(&e, false)),
+        Err(_) => Sent::Failed(Failure {
+            verdict: Verdict::Transient,
+            error: "the producer was closed before the delivery report".into(),
+        }),
     }
 }
 
@@ -805,18 +1158,27 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_grows_to_the_cap_with_jitter_and_resets() {
-        let mut b = Backoff::new(Duration::from_secs(2));
-        let first = b.next();
-        assert!(first >= Duration::from_millis(50) && first <= Duration::from_millis(100), "{first:?}");
-        for _ in 0..20 {
-            let d = b.next();
-            assert!(d <= Duration::from_secs(2), "{d:?}");
+    fn refusals_for_good_are_told_from_transient_failures() {
+        use RDKafkaErrorCode as C;
+        // A whole produce request refused: maybe another record's fault.
+        assert_eq!(Verdict::of(Some(C::MessageSizeTooLarge), false), Verdict::Record);
+        assert_eq!(Verdict::of(Some(C::InvalidRecord), false), Verdict::Record);
+        assert_eq!(Verdict::of(Some(C::MessageBatchTooLarge), false), Verdict::Record);
+        assert_eq!(Verdict::of(Some(C::InvalidTimestamp), false), Verdict::Record);
+        // Refused by produce() itself: this record's own size.
+        assert_eq!(Verdict::of(Some(C::MessageSizeTooLarge), true), Verdict::Refused);
+        assert_eq!(Verdict::of(Some(C::UnknownTopic), true), Verdict::MissingTopic);
+        assert_eq!(Verdict::of(Some(C::UnknownTopicOrPartition), false), Verdict::MissingTopic);
+        assert_eq!(Verdict::of(Some(C::TopicAuthorizationFailed), false), Verdict::Unauthorised);
+        // The producer stopped for another record.
+        assert_eq!(Verdict::of(Some(C::Fatal), false), Verdict::Collateral);
+        assert_eq!(Verdict::of(Some(C::PurgeQueue), false), Verdict::Collateral);
+        // Broker trouble: retried with backoff, order kept.
+        for c in [C::MessageTimedOut, C::AllBrokersDown, C::NotEnoughReplicas, C::RequestTimedOut, C::QueueFull] {
+            assert_eq!(Verdict::of(Some(c), false), Verdict::Transient, "{c:?}");
         }
-        let capped = b.next();
-        assert!(capped >= Duration::from_secs(1), "{capped:?}");
-        b.reset();
-        assert!(b.next() <= Duration::from_millis(100));
+        assert_eq!(Verdict::of(Some(C::Fatal), true), Verdict::Transient);
+        assert_eq!(Verdict::of(None, false), Verdict::Transient);
     }
 
     #[tokio::test]

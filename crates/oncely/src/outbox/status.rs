@@ -15,8 +15,13 @@ use crate::store::outbox as store;
 #[derive(Debug, Clone, Serialize)]
 #[non_exhaustive]
 pub struct OutboxStatus {
-    /// Rows not yet published.
+    /// Rows waiting to be published, held ones included (not the ones set aside).
     pub pending: i64,
+    /// Pending rows held behind a row set aside (same topic and key).
+    pub held: i64,
+    /// Rows set aside because the broker refused them for good, not
+    /// discarded (`oncely outbox list --failed`).
+    pub failed: i64,
     /// Age of the oldest pending row (time since it was enqueued).
     #[serde(serialize_with = "secs_opt")]
     pub oldest_pending_age: Option<Duration>,
@@ -40,12 +45,14 @@ pub struct LaneStatus {
     pub lane: i16,
     /// Its pending rows.
     pub pending: i64,
+    /// Its rows set aside, not discarded.
+    pub failed: i64,
     /// Age of its oldest pending row.
     #[serde(serialize_with = "secs_opt")]
     pub oldest_pending_age: Option<Duration>,
-    /// The most failed attempts of one of its pending rows (0: no failure).
+    /// The most failed attempts of one of its pending or set-aside rows (0: no failure).
     pub max_attempts: i32,
-    /// The last publish error of its oldest failing row.
+    /// The last publish error of its oldest failing row (pending or set aside).
     pub last_error: Option<String>,
     /// The relay holding it, if any.
     pub owner: Option<LaneOwner>,
@@ -83,6 +90,8 @@ pub async fn status(pool: &PgPool) -> Result<OutboxStatus> {
     let lanes = store::lanes(pool, LANE_LOCK_NS, LANES).await?;
     Ok(OutboxStatus {
         pending: t.pending,
+        held: t.held,
+        failed: t.failed,
         oldest_pending_age: age(t.now, t.oldest_pending),
         published_last_minute: t.published_last_minute,
         publish_rate_per_s: t.published_last_minute as f64 / 60.0,
@@ -93,6 +102,7 @@ pub async fn status(pool: &PgPool) -> Result<OutboxStatus> {
             .map(|l| LaneStatus {
                 lane: l.lane,
                 pending: l.pending,
+                failed: l.failed,
                 oldest_pending_age: age(t.now, l.oldest_pending),
                 max_attempts: l.max_attempts,
                 last_error: l.last_error,

@@ -104,7 +104,10 @@ fn to_intent(r: &sqlx::postgres::PgRow) -> Result<Intent> {
 }
 
 /// Claims up to `limit` due intents of the given effects: marks them
-/// `running` with a lease and returns them. An at-most-once intent is
+/// `running` with a lease, increments `attempts` and returns them. The
+/// returned `attempts` is the attempt's fencing token: [`finish`],
+/// [`retry_later`] and [`renew`] take it, and nothing ever lowers `attempts`,
+/// so a later claim always has a higher token. An at-most-once intent is
 /// claimed in its own commit before the call, so a crash mid-call leaves it
 /// `running` (and then `unknown`), never silently retried. Intents with an
 /// ordering key wait until every earlier intent of that key is finished.
@@ -130,20 +133,26 @@ pub async fn claim_due(pool: &PgPool, effects: &[String], limit: i64, lease: Dur
 }
 
 /// Marks a running intent finished with `status` (`done`, `failed`, `dead`,
-/// `unknown`). Only if it is still `running` (an operator may have resolved it).
+/// `unknown`), fenced by `attempt`, the attempt's token (the `attempts`
+/// value its claim returned). Only if the intent is still `running` under
+/// that attempt: an operator may have resolved it, or its lease expired and
+/// it was reaped or claimed by another executor since. Returns whether it
+/// was written.
 pub async fn finish(
     pool: &PgPool,
     key: &str,
+    attempt: i32,
     status: &str,
     result: Option<&serde_json::Value>,
     error: Option<&str>,
 ) -> Result<bool> {
     let n = sqlx::query(
-        "UPDATE oncely.effects SET status = $2, result = coalesce($3, result), last_error = coalesce($4, last_error),
+        "UPDATE oncely.effects SET status = $3, result = coalesce($4, result), last_error = coalesce($5, last_error),
                 lease_until = NULL, finished_at = now(), updated_at = now()
-          WHERE key = $1 AND status = 'running'",
+          WHERE key = $1 AND attempts = $2 AND status = 'running'",
     )
     .bind(key)
+    .bind(attempt)
     .bind(status)
     .bind(result)
     .bind(error)
@@ -153,14 +162,16 @@ pub async fn finish(
     Ok(n == 1)
 }
 
-/// Puts a running intent back to `pending`, due after `retry_in`.
-pub async fn retry_later(pool: &PgPool, key: &str, retry_in: Duration, error: &str) -> Result<bool> {
+/// Puts a running intent back to `pending`, due after `retry_in`; fenced by
+/// `attempt` like [`finish`].
+pub async fn retry_later(pool: &PgPool, key: &str, attempt: i32, retry_in: Duration, error: &str) -> Result<bool> {
     let n = sqlx::query(
-        "UPDATE oncely.effects SET status = 'pending', lease_until = NULL, last_error = $3,
-                next_attempt_at = now() + make_interval(secs => $2::float8), updated_at = now()
-          WHERE key = $1 AND status = 'running'",
+        "UPDATE oncely.effects SET status = 'pending', lease_until = NULL, last_error = $4,
+                next_attempt_at = now() + make_interval(secs => $3::float8), updated_at = now()
+          WHERE key = $1 AND attempts = $2 AND status = 'running'",
     )
     .bind(key)
+    .bind(attempt)
     .bind(retry_in.as_secs_f64())
     .bind(error)
     .execute(pool)
@@ -169,9 +180,27 @@ pub async fn retry_later(pool: &PgPool, key: &str, retry_in: Duration, error: &s
     Ok(n == 1)
 }
 
-/// Intents whose lease expired (their executor died mid-call): at-least-once
-/// ones go back to `pending` (the retry carries the same idempotency key),
-/// at-most-once ones become `unknown`. Returns `(requeued, unknown)`.
+/// Extends the lease of a running intent to `lease` from now, fenced by
+/// `attempt` like [`finish`]. False if the attempt no longer holds it.
+pub async fn renew(pool: &PgPool, key: &str, attempt: i32, lease: Duration) -> Result<bool> {
+    let n = sqlx::query(
+        "UPDATE oncely.effects SET lease_until = now() + make_interval(secs => $3::float8)
+          WHERE key = $1 AND attempts = $2 AND status = 'running'",
+    )
+    .bind(key)
+    .bind(attempt)
+    .bind(lease.as_secs_f64())
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(n == 1)
+}
+
+/// Intents whose lease expired (their executor died mid-call, or lost the
+/// database for longer than the lease): by the semantics stored with each
+/// intent, at-least-once ones go back to `pending` (the retry carries the
+/// same idempotency key), at-most-once ones become `unknown`. Returns
+/// `(requeued, unknown)`.
 pub async fn reap_expired(pool: &PgPool) -> Result<(u64, u64)> {
     let requeued = sqlx::query(
         "UPDATE oncely.effects SET status = 'pending', lease_until = NULL, next_attempt_at = now(), updated_at = now(),
@@ -210,7 +239,8 @@ pub async fn get(pool: &PgPool, key: &str) -> Result<Option<Intent>> {
 }
 
 /// Operator: sets the status of an intent that is in one of `from`. Returns
-/// the status it had, or `None` if it was not in one of them.
+/// the status it had, or `None` if it was not in one of them. `attempts` is
+/// kept (it is the fencing token of the next claim).
 pub async fn set_status(pool: &PgPool, key: &str, from: &[&str], to: &str, note: &str) -> Result<Option<String>> {
     let from: Vec<String> = from.iter().map(|s| (*s).to_owned()).collect();
     let row = sqlx::query(

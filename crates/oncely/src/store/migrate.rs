@@ -13,6 +13,7 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (3, "operator", include_str!("migrations/0003_operator.sql")),
     (4, "effects", include_str!("migrations/0004_effects.sql")),
     (5, "failure", include_str!("migrations/0005_failure.sql")),
+    (6, "outbox_bytes", include_str!("migrations/0006_outbox_bytes.sql")),
     (7, "bytes and inbox keys", include_str!("migrations/0007_bytes_and_inbox_keys.sql")),
 ];
 

@@ -1,5 +1,6 @@
-//! SQL of the transactional outbox (`oncely.outbox`, migration 2): enqueue,
-//! the relay's lane locks, claim and mark, retention and status.
+//! SQL of the transactional outbox (`oncely.outbox`, migrations 2 and 6):
+//! enqueue, the relay's lane locks, claim and mark, rows set aside,
+//! retention and status.
 //!
 //! Lane ownership is a session-level advisory lock with the two-`int4` key
 //! `(namespace, lane)`; `pg_locks` shows it as `classid = namespace`,
@@ -12,6 +13,10 @@ use sqlx::{PgPool, Row};
 
 use crate::error::{Error, Result};
 
+/// A header as stored: its name's bytes and its value (`None`: a null value,
+/// which Kafka distinguishes from an empty one).
+pub type HeaderRef<'a> = (&'a [u8], Option<&'a [u8]>);
+
 /// A row to insert into the outbox.
 #[derive(Debug, Clone, Copy)]
 pub struct NewOutboxRow<'a> {
@@ -23,8 +28,8 @@ pub struct NewOutboxRow<'a> {
     pub key: Option<&'a [u8]>,
     /// Payload.
     pub payload: Option<&'a [u8]>,
-    /// Headers, in order.
-    pub headers: &'a [(String, Vec<u8>)],
+    /// Headers, in order, as bytes.
+    pub headers: &'a [HeaderRef<'a>],
     /// The `ce_id`, when the record has one.
     pub ce_id: Option<&'a str>,
 }
@@ -61,8 +66,8 @@ pub async fn insert(conn: &mut PgConnection, rows: &[NewOutboxRow<'_>]) -> Resul
         sql.push_str(" RETURNING id");
         let mut q = sqlx::query(&sql);
         for r in chunk {
-            let keys: Vec<&str> = r.headers.iter().map(|(k, _)| k.as_str()).collect();
-            let values: Vec<&[u8]> = r.headers.iter().map(|(_, v)| v.as_slice()).collect();
+            let keys: Vec<&[u8]> = r.headers.iter().map(|(k, _)| *k).collect();
+            let values: Vec<Option<&[u8]>> = r.headers.iter().map(|(_, v)| *v).collect();
             q = q.bind(r.lane).bind(r.topic).bind(r.key).bind(r.payload).bind(keys).bind(values).bind(r.ce_id);
         }
         let mut chunk_ids: Vec<i64> = q
@@ -92,8 +97,8 @@ pub struct OutboxRow {
     pub key: Option<Vec<u8>>,
     /// Payload.
     pub payload: Option<Vec<u8>>,
-    /// Headers, in order.
-    pub headers: Vec<(String, Vec<u8>)>,
+    /// Headers, in order: name and value (`None`: a null value), as bytes.
+    pub headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
     /// When it was enqueued (the Kafka record timestamp).
     pub created_at: DateTime<Utc>,
 }
@@ -103,6 +108,13 @@ pub struct OutboxRow {
 /// same statement, so a relay that lost a lane (its lock connection died)
 /// claims nothing of it any more.
 ///
+/// Rows set aside (`failed_at`) are not claimed, and neither is a row with a
+/// set-aside row of the same topic and key before it (a lower id) that was
+/// not discarded: it is **held**, so that it never overtakes it. Rows
+/// without a key hold nothing and are never held. The set-aside rows are
+/// normally none, so the check is one probe of the empty `outbox_failed`
+/// index per row.
+///
 /// The owned lanes are one array computed once (an InitPlan): as a join or
 /// an `IN (subquery)` the planner expects one row from `pg_locks` and
 /// prefers sorting every pending row to walking `outbox_pending` in id order
@@ -111,13 +123,16 @@ pub async fn claim(pool: &PgPool, lane_ns: i32, lock_pid: i32, limit: i64) -> Re
     let rows = sqlx::query(
         "SELECT o.id, o.lane, o.topic, o.key, o.payload, o.header_keys, o.header_values, o.created_at
            FROM oncely.outbox o
-          WHERE o.published_at IS NULL
+          WHERE o.published_at IS NULL AND o.failed_at IS NULL
             AND o.lane = ANY((SELECT array_agg(l.objid::integer)
                                 FROM pg_locks l
                                WHERE l.locktype = 'advisory'
                                  AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                                  AND l.classid::bigint = $1 AND l.objsubid = 2
                                  AND l.pid = $2 AND l.granted)::integer[])
+            AND NOT EXISTS (SELECT 1 FROM oncely.outbox f
+                             WHERE f.failed_at IS NOT NULL AND f.discarded_at IS NULL AND f.published_at IS NULL
+                               AND f.lane = o.lane AND f.id < o.id AND f.topic = o.topic AND f.key = o.key)
           ORDER BY o.id
           LIMIT $3",
     )
@@ -128,8 +143,8 @@ pub async fn claim(pool: &PgPool, lane_ns: i32, lock_pid: i32, limit: i64) -> Re
     .await?;
     rows.iter()
         .map(|r| {
-            let keys: Vec<String> = r.try_get(5)?;
-            let values: Vec<Vec<u8>> = r.try_get(6)?;
+            let keys: Vec<Vec<u8>> = r.try_get(5)?;
+            let values: Vec<Option<Vec<u8>>> = r.try_get(6)?;
             Ok(OutboxRow {
                 id: r.try_get(0)?,
                 lane: r.try_get(1)?,
@@ -167,6 +182,128 @@ pub async fn record_failure(pool: &PgPool, ids: &[i64], error: &str) -> Result<(
     .execute(pool)
     .await?;
     Ok(())
+}
+
+/// Sets rows aside, each with its reason: the broker refused them for
+/// good. They are claimed no more, and the later rows of their keys are
+/// held behind them. Returns how many were still pending.
+pub async fn set_aside(pool: &PgPool, ids: &[i64], reasons: &[&str]) -> Result<u64> {
+    Ok(sqlx::query(
+        "UPDATE oncely.outbox o SET failed_at = now(), attempts = o.attempts + 1, last_error = r.reason
+           FROM unnest($1::bigint[], $2::text[]) AS r(id, reason)
+          WHERE o.id = r.id AND o.published_at IS NULL AND o.failed_at IS NULL",
+    )
+    .bind(ids)
+    .bind(reasons)
+    .execute(pool)
+    .await?
+    .rows_affected())
+}
+
+/// A row set aside by the relay, as `oncely outbox list --failed` shows it.
+#[derive(Debug, Clone)]
+pub struct FailedRow {
+    /// Row id.
+    pub id: i64,
+    /// Lane.
+    pub lane: i16,
+    /// Destination topic.
+    pub topic: String,
+    /// Kafka key.
+    pub key: Option<Vec<u8>>,
+    /// The `ce_id`, when the record has one.
+    pub ce_id: Option<String>,
+    /// Size of the payload in bytes (`None`: a null payload).
+    pub payload_bytes: Option<i64>,
+    /// Size of the headers (names and values) in bytes.
+    pub header_bytes: i64,
+    /// Publish attempts.
+    pub attempts: i32,
+    /// Why it was set aside.
+    pub last_error: Option<String>,
+    /// When it was enqueued.
+    pub created_at: DateTime<Utc>,
+    /// When it was set aside.
+    pub failed_at: DateTime<Utc>,
+    /// When an operator discarded it (`None`: still holding its key).
+    pub discarded_at: Option<DateTime<Utc>>,
+    /// Pending rows of its key held behind it.
+    pub held: i64,
+}
+
+/// Rows set aside, oldest first: the ones still holding their key, and the
+/// discarded ones too with `include_discarded`.
+pub async fn failed(pool: &PgPool, include_discarded: bool, limit: i64) -> Result<Vec<FailedRow>> {
+    let rows = sqlx::query(
+        "SELECT f.id, f.lane, f.topic, f.key, f.ce_id, octet_length(f.payload)::bigint,
+                coalesce((SELECT sum(coalesce(octet_length(k), 0) + coalesce(octet_length(v), 0))
+                            FROM unnest(f.header_keys, f.header_values) AS h(k, v)), 0)::bigint,
+                f.attempts, f.last_error, f.created_at, f.failed_at, f.discarded_at,
+                CASE WHEN f.discarded_at IS NULL AND f.key IS NOT NULL THEN
+                    (SELECT count(*) FROM oncely.outbox o
+                      WHERE o.published_at IS NULL AND o.failed_at IS NULL
+                        AND o.lane = f.lane AND o.topic = f.topic AND o.key = f.key AND o.id > f.id)
+                ELSE 0 END
+           FROM oncely.outbox f
+          WHERE f.failed_at IS NOT NULL AND f.published_at IS NULL AND ($1 OR f.discarded_at IS NULL)
+          ORDER BY f.id
+          LIMIT $2",
+    )
+    .bind(include_discarded)
+    .bind(limit)
+    .fetch_all(pool)
+    .await?;
+    rows.iter()
+        .map(|r| {
+            Ok(FailedRow {
+                id: r.try_get(0)?,
+                lane: r.try_get(1)?,
+                topic: r.try_get(2)?,
+                key: r.try_get(3)?,
+                ce_id: r.try_get(4)?,
+                payload_bytes: r.try_get(5)?,
+                header_bytes: r.try_get(6)?,
+                attempts: r.try_get(7)?,
+                last_error: r.try_get(8)?,
+                created_at: r.try_get(9)?,
+                failed_at: r.try_get(10)?,
+                discarded_at: r.try_get(11)?,
+                held: r.try_get(12)?,
+            })
+        })
+        .collect::<std::result::Result<_, sqlx::Error>>()
+        .map_err(Error::from)
+}
+
+/// Operator: sends rows set aside (and not discarded) back to pending, due
+/// at once; `None` sends every one back. Returns the ids sent back.
+pub async fn retry_failed(pool: &PgPool, ids: Option<&[i64]>) -> Result<Vec<i64>> {
+    Ok(sqlx::query_scalar(
+        "UPDATE oncely.outbox SET failed_at = NULL
+          WHERE failed_at IS NOT NULL AND discarded_at IS NULL AND published_at IS NULL
+            AND ($1::bigint[] IS NULL OR id = ANY($1))
+          RETURNING id",
+    )
+    .bind(ids)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Operator: gives up rows set aside: they are never published, and the
+/// rows held behind them go on. `note` is kept with the row's last error.
+/// Returns the ids discarded.
+pub async fn discard_failed(pool: &PgPool, ids: &[i64], note: &str) -> Result<Vec<i64>> {
+    Ok(sqlx::query_scalar(
+        "UPDATE oncely.outbox
+            SET discarded_at = now(),
+                last_error = 'discarded by an operator: ' || $2 || coalesce(' (was: ' || last_error || ')', '')
+          WHERE failed_at IS NOT NULL AND discarded_at IS NULL AND published_at IS NULL AND id = ANY($1)
+          RETURNING id",
+    )
+    .bind(ids)
+    .bind(note)
+    .fetch_all(pool)
+    .await?)
 }
 
 /// This session's backend pid (the relay's identity in `pg_locks`).
@@ -214,16 +351,24 @@ pub async fn lock_holders(conn: &mut PgConnection, ns: i32) -> Result<i64> {
     .await?)
 }
 
-/// Number of unpublished rows.
-pub async fn pending_count(pool: &PgPool) -> Result<i64> {
-    Ok(sqlx::query_scalar("SELECT count(*) FROM oncely.outbox WHERE published_at IS NULL").fetch_one(pool).await?)
+/// Numbers of rows waiting to be published (held ones included) and of rows
+/// set aside and not discarded.
+pub async fn pending_count(pool: &PgPool) -> Result<(i64, i64)> {
+    let r = sqlx::query(
+        "SELECT count(*) FILTER (WHERE failed_at IS NULL),
+                count(*) FILTER (WHERE failed_at IS NOT NULL AND discarded_at IS NULL)
+           FROM oncely.outbox WHERE published_at IS NULL",
+    )
+    .fetch_one(pool)
+    .await?;
+    Ok((r.try_get(0)?, r.try_get(1)?))
 }
 
-/// Deletes up to `limit` rows published more than `older_than_ms` ago; returns
-/// how many. Rows another session is deleting are skipped, so several relays
-/// can run retention at once.
+/// Deletes up to `limit` rows published (or discarded by an operator) more
+/// than `older_than_ms` ago; returns how many. Rows another session is
+/// deleting are skipped, so several relays can run retention at once.
 pub async fn delete_published(pool: &PgPool, older_than_ms: i64, limit: i64) -> Result<u64> {
-    Ok(sqlx::query(
+    let published = sqlx::query(
         "DELETE FROM oncely.outbox WHERE id IN (
              SELECT id FROM oncely.outbox
               WHERE published_at IS NOT NULL
@@ -236,15 +381,38 @@ pub async fn delete_published(pool: &PgPool, older_than_ms: i64, limit: i64) -> 
     .bind(limit)
     .execute(pool)
     .await?
-    .rows_affected())
+    .rows_affected();
+    let room = limit - published as i64;
+    if room <= 0 {
+        return Ok(published);
+    }
+    let discarded = sqlx::query(
+        "DELETE FROM oncely.outbox WHERE id IN (
+             SELECT id FROM oncely.outbox
+              WHERE discarded_at IS NOT NULL
+                AND discarded_at < now() - make_interval(secs => $1::bigint / 1000.0)
+              ORDER BY discarded_at
+              LIMIT $2
+              FOR UPDATE SKIP LOCKED)",
+    )
+    .bind(older_than_ms)
+    .bind(room)
+    .execute(pool)
+    .await?
+    .rows_affected();
+    Ok(published + discarded)
 }
 
 /// Totals for `oncely outbox status`.
 #[derive(Debug, Clone)]
 pub struct Totals {
-    /// Unpublished rows.
+    /// Rows waiting to be published (held ones included; set-aside ones not).
     pub pending: i64,
-    /// Creation time of the oldest unpublished row.
+    /// Pending rows held behind a row set aside.
+    pub held: i64,
+    /// Rows set aside and not discarded.
+    pub failed: i64,
+    /// Creation time of the oldest pending row.
     pub oldest_pending: Option<DateTime<Utc>>,
     /// Rows marked published in the last minute.
     pub published_last_minute: i64,
@@ -259,8 +427,8 @@ pub struct Totals {
 /// Outbox totals; `presence_ns` is the relays' presence lock namespace.
 pub async fn totals(pool: &PgPool, presence_ns: i32) -> Result<Totals> {
     let r = sqlx::query(
-        "SELECT (SELECT count(*) FROM oncely.outbox WHERE published_at IS NULL),
-                (SELECT min(created_at) FROM oncely.outbox WHERE published_at IS NULL),
+        "SELECT (SELECT count(*) FROM oncely.outbox WHERE published_at IS NULL AND failed_at IS NULL),
+                (SELECT min(created_at) FROM oncely.outbox WHERE published_at IS NULL AND failed_at IS NULL),
                 (SELECT count(*) FROM oncely.outbox
                   WHERE published_at IS NOT NULL AND published_at > now() - interval '1 minute'),
                 (SELECT count(*) FROM oncely.outbox WHERE published_at IS NOT NULL),
@@ -268,7 +436,14 @@ pub async fn totals(pool: &PgPool, presence_ns: i32) -> Result<Totals> {
                   WHERE l.locktype = 'advisory'
                     AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                     AND l.classid::bigint = $1 AND l.objsubid = 2 AND l.granted),
-                now()",
+                now(),
+                (SELECT count(*) FROM oncely.outbox
+                  WHERE failed_at IS NOT NULL AND discarded_at IS NULL AND published_at IS NULL),
+                (SELECT count(*) FROM oncely.outbox o
+                  WHERE o.published_at IS NULL AND o.failed_at IS NULL
+                    AND EXISTS (SELECT 1 FROM oncely.outbox f
+                                 WHERE f.failed_at IS NOT NULL AND f.discarded_at IS NULL AND f.published_at IS NULL
+                                   AND f.lane = o.lane AND f.id < o.id AND f.topic = o.topic AND f.key = o.key))",
     )
     .bind(i64::from(presence_ns))
     .fetch_one(pool)
@@ -280,6 +455,8 @@ pub async fn totals(pool: &PgPool, presence_ns: i32) -> Result<Totals> {
         published_kept: r.try_get(3)?,
         relays: r.try_get(4)?,
         now: r.try_get(5)?,
+        failed: r.try_get(6)?,
+        held: r.try_get(7)?,
     })
 }
 
@@ -288,13 +465,15 @@ pub async fn totals(pool: &PgPool, presence_ns: i32) -> Result<Totals> {
 pub struct LaneRow {
     /// Lane number.
     pub lane: i16,
-    /// Unpublished rows of the lane.
+    /// Rows of the lane waiting to be published (held ones included).
     pub pending: i64,
-    /// Creation time of its oldest unpublished row.
+    /// Its rows set aside and not discarded.
+    pub failed: i64,
+    /// Creation time of its oldest pending row.
     pub oldest_pending: Option<DateTime<Utc>>,
-    /// The largest failed-attempt count among its pending rows.
+    /// The largest failed-attempt count among its pending and set-aside rows.
     pub max_attempts: i32,
-    /// The last error of its oldest failing row.
+    /// The last error of its oldest failing row (set aside or pending).
     pub last_error: Option<String>,
     /// Backend pid of the session holding the lane's lock.
     pub owner_pid: Option<i32>,
@@ -316,11 +495,13 @@ pub async fn lanes(pool: &PgPool, lane_ns: i32, lanes: i16) -> Result<Vec<LaneRo
                 AND l.database = (SELECT oid FROM pg_database WHERE datname = current_database())
                 AND l.classid::bigint = $1 AND l.objsubid = 2 AND l.granted),
          pending AS (
-             SELECT lane, count(*) AS n, min(created_at) AS oldest, max(attempts) AS attempts,
+             SELECT lane, count(*) FILTER (WHERE failed_at IS NULL) AS n,
+                    count(*) FILTER (WHERE failed_at IS NOT NULL) AS failed,
+                    min(created_at) FILTER (WHERE failed_at IS NULL) AS oldest, max(attempts) AS attempts,
                     (array_agg(last_error ORDER BY id) FILTER (WHERE last_error IS NOT NULL))[1] AS last_error
-               FROM oncely.outbox WHERE published_at IS NULL GROUP BY lane)
+               FROM oncely.outbox WHERE published_at IS NULL AND discarded_at IS NULL GROUP BY lane)
          SELECT g.lane::smallint, coalesce(p.n, 0), p.oldest, coalesce(p.attempts, 0), p.last_error,
-                o.pid, a.application_name, host(a.client_addr), a.backend_start
+                o.pid, a.application_name, host(a.client_addr), a.backend_start, coalesce(p.failed, 0)
            FROM generate_series(0, $2 - 1) AS g(lane)
            LEFT JOIN pending p ON p.lane = g.lane
            LEFT JOIN owners o ON o.lane = g.lane
@@ -343,6 +524,7 @@ pub async fn lanes(pool: &PgPool, lane_ns: i32, lanes: i16) -> Result<Vec<LaneRo
                 owner_name: r.try_get(6)?,
                 owner_addr: r.try_get(7)?,
                 owner_since: r.try_get(8)?,
+                failed: r.try_get(9)?,
             })
         })
         .collect::<std::result::Result<_, sqlx::Error>>()
