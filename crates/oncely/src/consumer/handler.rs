@@ -231,7 +231,7 @@ impl Cx {
             payload,
             semantics: semantics.as_str(),
             status: if self.replay { "suppressed" } else { "pending" },
-            ordering_key: entity.map(|e| format!("{name}/{e}")),
+            ordering_key: entity.map(|e| crate::effects::ordering_key(name, e)),
         });
         Ok(())
     }

@@ -507,6 +507,17 @@ pub fn intent_key(consumer: &str, effect: &str, event_id: &str, suffix: Option<&
     key
 }
 
+/// The ordering key of an effect for one entity: `<effect>/<entity>`, both
+/// parts percent-encoded like the intent key's, so that effect `a/b` of
+/// entity `c` and effect `a` of entity `b/c` never share an order.
+pub fn ordering_key(effect: &str, entity: &str) -> String {
+    let mut key = String::with_capacity(effect.len() + entity.len() + 1);
+    encode_component(&mut key, effect);
+    key.push('/');
+    encode_component(&mut key, entity);
+    key
+}
+
 fn encode_component(out: &mut String, s: &str) {
     for c in s.chars() {
         match c {

@@ -95,23 +95,22 @@ impl<'a> DeadLetter<'a> {
 
     /// The dead-letter record's headers: the original ones, then Spring
     /// Kafka's `kafka_dlt-*` headers, then `oncely-attempts` and `oncely-reason`.
-    pub fn headers(&self, consumer: &str) -> Vec<(Vec<u8>, Vec<u8>)> {
-        let mut h: Vec<(Vec<u8>, Vec<u8>)> = self
-            .record
-            .headers
-            .iter()
-            .filter(|(k, _)| !is_dead_letter_header(k))
-            .map(|(k, v)| (k.clone(), v.clone().unwrap_or_default()))
-            .collect();
-        h.push((H_DLT_TOPIC.as_bytes().to_vec(), self.record.topic.clone().into_bytes()));
-        h.push((H_DLT_PARTITION.as_bytes().to_vec(), self.record.partition.to_be_bytes().to_vec()));
-        h.push((H_DLT_OFFSET.as_bytes().to_vec(), self.record.offset.to_be_bytes().to_vec()));
-        h.push((H_DLT_TIMESTAMP.as_bytes().to_vec(), self.record.timestamp_ms.unwrap_or(0).to_be_bytes().to_vec()));
-        h.push((H_DLT_GROUP.as_bytes().to_vec(), consumer.as_bytes().to_vec()));
-        h.push((H_DLT_MESSAGE.as_bytes().to_vec(), self.error.as_bytes().to_vec()));
-        h.push((H_DLT_FQCN.as_bytes().to_vec(), self.error_class.as_bytes().to_vec()));
-        h.push((H_ATTEMPTS.as_bytes().to_vec(), self.attempts.to_string().into_bytes()));
-        h.push((H_REASON.as_bytes().to_vec(), self.reason.as_bytes().to_vec()));
+    /// (A null header value of the original stays null.)
+    pub fn headers(&self, consumer: &str) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        let mut h: Vec<(Vec<u8>, Option<Vec<u8>>)> =
+            self.record.headers.iter().filter(|(k, _)| !is_dead_letter_header(k)).cloned().collect();
+        h.push((H_DLT_TOPIC.as_bytes().to_vec(), Some(self.record.topic.clone().into_bytes())));
+        h.push((H_DLT_PARTITION.as_bytes().to_vec(), Some(self.record.partition.to_be_bytes().to_vec())));
+        h.push((H_DLT_OFFSET.as_bytes().to_vec(), Some(self.record.offset.to_be_bytes().to_vec())));
+        h.push((
+            H_DLT_TIMESTAMP.as_bytes().to_vec(),
+            Some(self.record.timestamp_ms.unwrap_or(0).to_be_bytes().to_vec()),
+        ));
+        h.push((H_DLT_GROUP.as_bytes().to_vec(), Some(consumer.as_bytes().to_vec())));
+        h.push((H_DLT_MESSAGE.as_bytes().to_vec(), Some(self.error.as_bytes().to_vec())));
+        h.push((H_DLT_FQCN.as_bytes().to_vec(), Some(self.error_class.as_bytes().to_vec())));
+        h.push((H_ATTEMPTS.as_bytes().to_vec(), Some(self.attempts.to_string().into_bytes())));
+        h.push((H_REASON.as_bytes().to_vec(), Some(self.reason.as_bytes().to_vec())));
         h
     }
 }
@@ -168,7 +167,7 @@ mod tests {
         let id = EventId::from("s#abc");
         let dl = DeadLetter::handler(&rec, &id, "max-attempts", "boom", "sqlx::Error", 10);
         let h = dl.headers("payments");
-        let get = |k: &str| h.iter().find(|(n, _)| n.as_slice() == k.as_bytes()).map(|(_, v)| v.clone()).expect(k);
+        let get = |k: &str| h.iter().find(|(n, _)| n.as_slice() == k.as_bytes()).and_then(|(_, v)| v.clone()).expect(k);
         assert_eq!(get("ce_id"), b"abc");
         assert_eq!(get(H_DLT_TOPIC), b"orders");
         assert_eq!(get(H_DLT_PARTITION), 3i32.to_be_bytes());
