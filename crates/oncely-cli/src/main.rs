@@ -64,8 +64,82 @@ enum Command {
     Migrate,
     /// Show the environment this invocation would act on.
     Env,
+    /// Check a config file: every environment and consumer it defines, with
+    /// secrets masked; unknown keys and bad values are errors (exit 2).
+    #[command(subcommand)]
+    Config(ConfigCmd),
     /// Run the guided demonstration against the services from scripts/services.
     Demo(demo::DemoArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCmd {
+    /// Validate the file (--config, ONCELY_CONFIG or ./oncely.toml) and print
+    /// the effective settings: file, then the ONCELY_* variables.
+    Check,
+}
+
+/// `oncely config check`.
+fn config_check(cli: &Cli) -> anyhow::Result<()> {
+    let path = cli
+        .config
+        .clone()
+        .or_else(|| std::env::var_os("ONCELY_CONFIG").map(PathBuf::from))
+        .unwrap_or_else(|| PathBuf::from("oncely.toml"));
+    let file = config::ConfigFile::load(&path)?;
+    let mut envs = serde_json::Map::new();
+    for (name, e) in &file.envs {
+        let props: std::collections::BTreeMap<String, String> = e.connection().describe().into_iter().collect();
+        envs.insert(
+            name.clone(),
+            serde_json::json!({
+                "bootstrap_servers": e.bootstrap_servers,
+                "cluster_id": e.cluster_id,
+                "protected": e.protected,
+                "kafka_properties": props,
+            }),
+        );
+    }
+    let mut consumers = serde_json::Map::new();
+    for name in file.consumers.keys() {
+        let c = config::ConsumerConfig::load(Some(&file), name, &ProcessVars)?;
+        consumers.insert(name.clone(), serde_json::to_value(&c)?);
+    }
+    if let Some(d) = &file.default_env {
+        anyhow::ensure!(file.envs.contains_key(d), "default_env `{d}` is not defined in {}", path.display());
+    }
+    match cli.output {
+        Output::Json => println!(
+            "{}",
+            serde_json::json!({"file": path.display().to_string(), "default_env": file.default_env, "env": envs, "consumer": consumers})
+        ),
+        Output::Table => {
+            println!("{}: valid", path.display());
+            for (name, v) in &envs {
+                println!(
+                    "\nenvironment {name}{}",
+                    if file.default_env.as_deref() == Some(name) { " (default)" } else { "" }
+                );
+                println!("  kafka        {}", v["bootstrap_servers"].as_str().unwrap_or(""));
+                println!("  cluster id   {}", v["cluster_id"].as_str().unwrap_or("(not set)"));
+                println!("  protected    {}", v["protected"]);
+                if let Some(p) = v["kafka_properties"].as_object() {
+                    for (k, val) in p {
+                        println!("  {k} = {}", val.as_str().unwrap_or(""));
+                    }
+                }
+            }
+            for (name, v) in &consumers {
+                println!("\nconsumer {name} (settings not listed keep their defaults)");
+                if let Some(o) = v.as_object() {
+                    for (k, val) in o {
+                        println!("  {k} = {val}");
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -142,6 +216,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 }
             }
         }
+        Command::Config(ConfigCmd::Check) => config_check(&cli)?,
         Command::Offsets(c) => return offsets::run(&cli, c).await,
         Command::Lag(a) => return offsets::lag(&cli, a).await,
         Command::Watch(a) => return offsets::watch(&cli, a).await,

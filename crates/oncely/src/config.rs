@@ -38,7 +38,7 @@ use serde::Deserialize;
 use crate::error::{Error, Result};
 
 /// The whole `oncely.toml`.
-#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct ConfigFile {
     /// The environment used when neither `--env` nor `ONCELY_ENV` names one.
@@ -47,6 +47,181 @@ pub struct ConfigFile {
     /// Environments by name.
     #[serde(default, rename = "env")]
     pub envs: BTreeMap<String, EnvConfig>,
+    /// Consumer settings by consumer name (`[consumer.payment-service]`).
+    #[serde(default, rename = "consumer")]
+    pub consumers: BTreeMap<String, ConsumerConfig>,
+}
+
+/// The words of a policy in files and variables.
+fn parse_word<T: Copy>(field: &str, v: &str, words: &[(&str, T)]) -> Result<T> {
+    words.iter().find(|(w, _)| w.eq_ignore_ascii_case(v.trim())).map(|(_, t)| *t).ok_or_else(|| {
+        Error::Config(format!(
+            "{field} = {v:?}: expected one of {}",
+            words.iter().map(|(w, _)| *w).collect::<Vec<_>>().join(", ")
+        ))
+    })
+}
+
+macro_rules! consumer_config {
+    ($( $(#[doc = $doc:literal])* $field:ident : $ty:ty, $env:literal, $parse:expr; )*) => {
+        /// Every setting of a consumer, for `oncely.toml` (`[consumer.NAME]`)
+        /// and `ONCELY_*` variables; applied with
+        /// [`ConsumerBuilder::config`](crate::ConsumerBuilder::config). A
+        /// setting left out keeps the builder's default (documented on the
+        /// builder's setter of the same name). Unknown keys are errors.
+        ///
+        /// ```toml
+        /// [consumer.payment-service]
+        /// topics = ["orders"]
+        /// max_batch = 500
+        /// rewind_policy = "skip"
+        /// session_timeout_ms = 10000
+        /// ```
+        #[derive(Debug, Clone, Default, PartialEq, Deserialize, serde::Serialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct ConsumerConfig {
+            $( $(#[doc = $doc])* #[serde(default, skip_serializing_if = "Option::is_none")] pub $field: Option<$ty>, )*
+            /// Other librdkafka settings for the consumer only (e.g.
+            /// `"fetch.max.bytes"`); connection properties belong to the
+            /// environment's `kafka` table.
+            #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+            pub kafka: BTreeMap<String, String>,
+        }
+
+        impl ConsumerConfig {
+            /// The variable of each setting, in the order above.
+            pub const VARIABLES: &'static [&'static str] = &[$($env),*];
+
+            /// Overrides the settings named by variables (`ONCELY_MAX_BATCH=200`, ...).
+            pub fn apply_vars(mut self, vars: &dyn Vars) -> Result<Self> {
+                $(
+                    if let Some(v) = vars.var($env) {
+                        let parse: fn(&str) -> Result<$ty> = $parse;
+                        self.$field = Some(parse(&v).map_err(|e| Error::Config(format!("{}: {e}", $env)))?);
+                    }
+                )*
+                Ok(self)
+            }
+        }
+    };
+}
+
+fn num<T: std::str::FromStr>(v: &str) -> Result<T>
+where
+    T::Err: std::fmt::Display,
+{
+    v.trim().parse().map_err(|e| Error::Config(format!("{v:?} is not a number: {e}")))
+}
+
+fn boolean(v: &str) -> Result<bool> {
+    parse_word("value", v, &[("true", true), ("false", false), ("1", true), ("0", false), ("yes", true), ("no", false)])
+}
+
+consumer_config! {
+    /// Topics to subscribe to.
+    topics: Vec<String>, "ONCELY_TOPICS", |v| Ok(v.split(',').map(|t| t.trim().to_owned()).filter(|t| !t.is_empty()).collect());
+    /// Records per batch transaction.
+    max_batch: usize, "ONCELY_MAX_BATCH", num;
+    /// Bytes per batch.
+    max_batch_bytes: usize, "ONCELY_MAX_BATCH_BYTES", num;
+    /// Milliseconds a lane waits for more records before a partial batch.
+    max_wait_ms: u64, "ONCELY_MAX_WAIT_MS", num;
+    /// Milliseconds a revoke waits for in-flight batches.
+    drain_timeout_ms: u64, "ONCELY_DRAIN_TIMEOUT_MS", num;
+    /// Milliseconds a new owner waits for a previous owner's open batch.
+    zombie_timeout_ms: u64, "ONCELY_ZOMBIE_TIMEOUT_MS", num;
+    /// Kafka `session.timeout.ms` (heartbeats every sixth of it).
+    session_timeout_ms: u64, "ONCELY_SESSION_TIMEOUT_MS", num;
+    /// `skip`, `replay` or `halt`: when Kafka's offset is behind the database's.
+    rewind_policy: RewindPolicyName, "ONCELY_REWIND_POLICY", |v| parse_word("rewind_policy", v, RewindPolicyName::WORDS);
+    /// `skip`, `replay` or `halt`: when Kafka's offset is ahead of the database's.
+    skip_forward_policy: RewindPolicyName, "ONCELY_SKIP_FORWARD_POLICY", |v| parse_word("skip_forward_policy", v, RewindPolicyName::WORDS);
+    /// Attempts before a failing event is dead-lettered.
+    max_attempts: u32, "ONCELY_MAX_ATTEMPTS", num;
+    /// `continue` or `hold`: the events of a key behind a dead-lettered one.
+    dead_key_policy: DeadKeyPolicyName, "ONCELY_DEAD_KEY_POLICY", |v| parse_word("dead_key_policy", v, DeadKeyPolicyName::WORDS);
+    /// Retry backoff base, milliseconds.
+    retry_backoff_base_ms: u64, "ONCELY_RETRY_BACKOFF_BASE_MS", num;
+    /// Retry backoff cap, milliseconds.
+    retry_backoff_max_ms: u64, "ONCELY_RETRY_BACKOFF_MAX_MS", num;
+    /// Records larger than this are dead-lettered (`oversized-record`).
+    max_record_bytes: usize, "ONCELY_MAX_RECORD_BYTES", num;
+    /// Rate limit, events per second.
+    max_events_per_second: f64, "ONCELY_MAX_EVENTS_PER_SECOND", num;
+    /// Days inbox rows are kept.
+    inbox_retention_days: u64, "ONCELY_INBOX_RETENTION_DAYS", num;
+    /// Start even if the inbox retention is shorter than the topics'.
+    force_inbox_retention: bool, "ONCELY_FORCE_INBOX_RETENTION", boolean;
+    /// Serve Prometheus metrics here (`GET /metrics`).
+    metrics_addr: std::net::SocketAddr, "ONCELY_METRICS_ADDR", |v| v.trim().parse().map_err(|e| Error::Config(format!("{v:?}: {e}")));
+    /// Apply migrations at start.
+    migrate: bool, "ONCELY_MIGRATE", boolean;
+    /// Create the dead-letter topics at start.
+    create_dlt_topics: bool, "ONCELY_CREATE_DLT_TOPICS", boolean;
+    /// Stop gracefully on SIGTERM.
+    handle_sigterm: bool, "ONCELY_HANDLE_SIGTERM", boolean;
+    /// Side effects suppressed (recorded, never run).
+    replay_mode: bool, "ONCELY_REPLAY_MODE", boolean;
+    /// Milliseconds of an effect call's lease.
+    effect_lease_ms: u64, "ONCELY_EFFECT_LEASE_MS", num;
+    /// `skip` or `dead-letter`: events of a type no route takes.
+    unrouted: UnroutedName, "ONCELY_UNROUTED", |v| parse_word("unrouted", v, UnroutedName::WORDS);
+}
+
+/// [`RewindPolicy`](crate::RewindPolicy) by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RewindPolicyName {
+    /// Follow the database.
+    Skip,
+    /// Follow Kafka.
+    Replay,
+    /// Pause the partition.
+    Halt,
+}
+
+impl RewindPolicyName {
+    const WORDS: &'static [(&'static str, RewindPolicyName)] =
+        &[("skip", RewindPolicyName::Skip), ("replay", RewindPolicyName::Replay), ("halt", RewindPolicyName::Halt)];
+}
+
+/// [`DeadKeyPolicy`](crate::failure::DeadKeyPolicy) by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeadKeyPolicyName {
+    /// The next event of the key goes on.
+    Continue,
+    /// The key's events wait for an operator.
+    Hold,
+}
+
+impl DeadKeyPolicyName {
+    const WORDS: &'static [(&'static str, DeadKeyPolicyName)] =
+        &[("continue", DeadKeyPolicyName::Continue), ("hold", DeadKeyPolicyName::Hold)];
+}
+
+/// [`Unrouted`](crate::Unrouted) by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UnroutedName {
+    /// Counted and skipped.
+    Skip,
+    /// Dead-lettered.
+    DeadLetter,
+}
+
+impl UnroutedName {
+    const WORDS: &'static [(&'static str, UnroutedName)] =
+        &[("skip", UnroutedName::Skip), ("dead-letter", UnroutedName::DeadLetter)];
+}
+
+impl ConsumerConfig {
+    /// The settings of consumer `name`: its `[consumer.NAME]` table in the
+    /// file (if any), then the `ONCELY_*` variables over it.
+    pub fn load(file: Option<&ConfigFile>, name: &str, vars: &dyn Vars) -> Result<Self> {
+        let base = file.and_then(|f| f.consumers.get(name).cloned()).unwrap_or_default();
+        base.apply_vars(vars)
+    }
 }
 
 /// One environment: a Kafka cluster and the oncely database that goes with it.
@@ -333,5 +508,65 @@ protected = true
     fn missing_explicit_file_is_an_error() {
         let err = resolve(Some(Path::new("/nonexistent/oncely.toml")), None, &BTreeMap::new()).expect_err("missing");
         assert!(err.to_string().contains("does not exist"));
+    }
+
+    #[test]
+    fn consumer_settings_come_from_the_file_then_the_variables() {
+        let f = ConfigFile::parse(
+            r#"
+[env.local]
+bootstrap_servers = "b:1"
+database_url = "postgres://x/db"
+[consumer.billing]
+topics = ["orders"]
+max_batch = 200
+rewind_policy = "replay"
+kafka = { "fetch.max.bytes" = "1048576" }
+"#,
+            "test",
+        )
+        .expect("parse");
+        let vars: BTreeMap<String, String> =
+            [("ONCELY_MAX_BATCH", "50"), ("ONCELY_DEAD_KEY_POLICY", "hold"), ("ONCELY_TOPICS", "a, b")]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                .collect();
+        let c = ConsumerConfig::load(Some(&f), "billing", &vars).expect("load");
+        assert_eq!(c.max_batch, Some(50), "a variable wins over the file");
+        assert_eq!(c.rewind_policy, Some(RewindPolicyName::Replay));
+        assert_eq!(c.dead_key_policy, Some(DeadKeyPolicyName::Hold));
+        assert_eq!(c.topics, Some(vec!["a".to_owned(), "b".to_owned()]));
+        assert_eq!(c.kafka.get("fetch.max.bytes").map(String::as_str), Some("1048576"));
+        let other = ConsumerConfig::load(Some(&f), "shipping", &BTreeMap::new()).expect("load");
+        assert_eq!(other, ConsumerConfig::default(), "an unnamed consumer keeps the builder's defaults");
+    }
+
+    #[test]
+    fn unknown_consumer_keys_and_bad_values_are_errors_that_name_them() {
+        let err = ConfigFile::parse("[consumer.x]\nmax_bach = 3\n", "oncely.toml").expect_err("typo");
+        assert!(err.to_string().contains("max_bach"), "{err}");
+        let vars: BTreeMap<String, String> = [("ONCELY_REWIND_POLICY".to_owned(), "rewind".to_owned())].into();
+        let err = ConsumerConfig::default().apply_vars(&vars).expect_err("bad word");
+        assert!(err.to_string().contains("ONCELY_REWIND_POLICY") && err.to_string().contains("replay"), "{err}");
+        let vars: BTreeMap<String, String> = [("ONCELY_MAX_BATCH".to_owned(), "many".to_owned())].into();
+        assert!(ConsumerConfig::default().apply_vars(&vars).is_err());
+    }
+
+    #[test]
+    fn every_variable_sets_its_setting() {
+        for v in ConsumerConfig::VARIABLES {
+            let value = match *v {
+                "ONCELY_TOPICS" => "t",
+                "ONCELY_METRICS_ADDR" => "127.0.0.1:1",
+                "ONCELY_REWIND_POLICY" | "ONCELY_SKIP_FORWARD_POLICY" | "ONCELY_UNROUTED" => "skip",
+                "ONCELY_DEAD_KEY_POLICY" => "hold",
+                x if x.ends_with("RETENTION") || x.ends_with("MIGRATE") || x.ends_with("TOPICS") => "true",
+                "ONCELY_CREATE_DLT_TOPICS" | "ONCELY_HANDLE_SIGTERM" | "ONCELY_REPLAY_MODE" => "true",
+                _ => "7",
+            };
+            let vars: BTreeMap<String, String> = [((*v).to_owned(), value.to_owned())].into();
+            let c = ConsumerConfig::default().apply_vars(&vars).unwrap_or_else(|e| panic!("{v}: {e}"));
+            assert_ne!(c, ConsumerConfig::default(), "{v} changed nothing");
+        }
     }
 }

@@ -1,6 +1,10 @@
 use std::time::Duration;
 
 /// Everything that can go wrong in the oncely library.
+///
+/// Each message includes its cause's message, once: the wrapped errors are
+/// not also exposed as `source()`, so a chain printer (`anyhow`'s `{:#}`)
+/// does not print the same words two or three times.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
@@ -9,10 +13,10 @@ pub enum Error {
     Decode(#[from] crate::envelope::DecodeError),
     /// A PostgreSQL statement failed.
     #[error("database error: {0}")]
-    Db(#[source] sqlx::Error),
+    Db(sqlx::Error),
     /// A Kafka client call failed.
     #[error("kafka error: {0}")]
-    Kafka(#[source] rdkafka::error::KafkaError),
+    Kafka(rdkafka::error::KafkaError),
     /// A Kafka Admin API request failed or was refused
     /// ([`AdminError::GroupActive`](crate::admin::kafka::AdminError::GroupActive):
     /// the group has active members).
@@ -26,14 +30,21 @@ pub enum Error {
     Refused(String),
     /// An operation did not finish in time.
     #[error("{what} timed out after {after:?}")]
-    Timeout { what: String, after: Duration },
+    Timeout {
+        /// What did not finish.
+        what: String,
+        /// How long it was given.
+        after: Duration,
+    },
     /// A migration failed to apply.
-    #[error("migration {version} ({name}) failed: {source}")]
+    #[error("migration {version} ({name}) failed: {error}")]
     Migration {
+        /// The migration's number.
         version: i64,
+        /// Its name.
         name: String,
-        #[source]
-        source: sqlx::Error,
+        /// What PostgreSQL said.
+        error: sqlx::Error,
     },
     /// JSON (de)serialisation of a payload or a stored value failed.
     #[error("json error: {0}")]

@@ -744,6 +744,110 @@ impl<S: Send + Sync + 'static> ConsumerBuilder<S> {
         self
     }
 
+    /// Kafka `session.timeout.ms`: how long a member that stopped answering
+    /// (killed, frozen, cut off) keeps its partitions before the group moves
+    /// them; heartbeats go every sixth of it. Default: the broker's (45 s).
+    /// Keep [`drain_timeout`](Self::drain_timeout) below it.
+    pub fn session_timeout(self, d: Duration) -> Self {
+        let ms = d.as_millis().max(1000);
+        self.kafka("session.timeout.ms", ms.to_string()).kafka("heartbeat.interval.ms", (ms / 6).max(100).to_string())
+    }
+
+    /// Applies every setting `config` has (from `oncely.toml` and `ONCELY_*`
+    /// variables, see [`ConsumerConfig`](crate::config::ConsumerConfig));
+    /// settings it leaves out keep their current value.
+    pub fn config(mut self, config: &crate::config::ConsumerConfig) -> Self {
+        use crate::config::{DeadKeyPolicyName, RewindPolicyName, UnroutedName};
+        let rewind = |p: RewindPolicyName| match p {
+            RewindPolicyName::Skip => RewindPolicy::Skip,
+            RewindPolicyName::Replay => RewindPolicy::Replay,
+            RewindPolicyName::Halt => RewindPolicy::Halt,
+        };
+        let ms = Duration::from_millis;
+        let c = config.clone();
+        for t in c.topics.unwrap_or_default() {
+            self = self.topic(t);
+        }
+        if let Some(n) = c.max_batch {
+            self = self.max_batch(n);
+        }
+        if let Some(n) = c.max_batch_bytes {
+            self = self.max_batch_bytes(n);
+        }
+        if let Some(v) = c.max_wait_ms {
+            self = self.max_wait(ms(v));
+        }
+        if let Some(v) = c.drain_timeout_ms {
+            self = self.drain_timeout(ms(v));
+        }
+        if let Some(v) = c.zombie_timeout_ms {
+            self = self.zombie_timeout(ms(v));
+        }
+        if let Some(v) = c.session_timeout_ms {
+            self = self.session_timeout(ms(v));
+        }
+        if let Some(p) = c.rewind_policy {
+            self = self.rewind_policy(rewind(p));
+        }
+        if let Some(p) = c.skip_forward_policy {
+            self = self.skip_forward_policy(rewind(p));
+        }
+        if let Some(n) = c.max_attempts {
+            self = self.max_attempts(n);
+        }
+        if let Some(p) = c.dead_key_policy {
+            self = self.dead_key_policy(match p {
+                DeadKeyPolicyName::Continue => crate::failure::DeadKeyPolicy::Continue,
+                DeadKeyPolicyName::Hold => crate::failure::DeadKeyPolicy::Hold,
+            });
+        }
+        if c.retry_backoff_base_ms.is_some() || c.retry_backoff_max_ms.is_some() {
+            let base = c.retry_backoff_base_ms.map_or(self.settings.backoff_base, ms);
+            let max = c.retry_backoff_max_ms.map_or(self.settings.backoff_max, ms);
+            self = self.retry_backoff(base, max);
+        }
+        if let Some(n) = c.max_record_bytes {
+            self = self.max_record_bytes(n);
+        }
+        if let Some(r) = c.max_events_per_second {
+            self = self.max_events_per_second(r);
+        }
+        if let Some(d) = c.inbox_retention_days {
+            self = self.inbox_retention(Duration::from_secs(d * 86_400));
+        }
+        if let Some(b) = c.force_inbox_retention {
+            self = self.force_inbox_retention(b);
+        }
+        if let Some(a) = c.metrics_addr {
+            self = self.metrics_addr(a);
+        }
+        if let Some(b) = c.migrate {
+            self = self.migrate(b);
+        }
+        if let Some(b) = c.create_dlt_topics {
+            self = self.create_dlt_topics(b);
+        }
+        if let Some(b) = c.handle_sigterm {
+            self = self.handle_sigterm(b);
+        }
+        if let Some(b) = c.replay_mode {
+            self = self.replay_mode(b);
+        }
+        if let Some(v) = c.effect_lease_ms {
+            self = self.effect_lease(ms(v));
+        }
+        if let Some(u) = c.unrouted {
+            self = self.unrouted(match u {
+                UnroutedName::Skip => Unrouted::Skip,
+                UnroutedName::DeadLetter => Unrouted::DeadLetter,
+            });
+        }
+        for (k, v) in c.kafka {
+            self = self.kafka(k, v);
+        }
+        self
+    }
+
     /// Passes a librdkafka setting through (e.g. `session.timeout.ms`). The
     /// settings in [`FORCED_KAFKA_SETTINGS`] cannot be overridden.
     /// `auto.offset.reset` (`earliest`, default, or `latest`) says where a

@@ -77,7 +77,7 @@ async fn apply(conn: &mut sqlx::PgConnection, up_to: i64) -> Result<Vec<i64>> {
             name.replace('\'', "''")
         );
         if let Err(source) = sqlx::Executor::execute(&mut *conn, script.as_str()).await {
-            return Err(Error::Migration { version: *version, name: (*name).to_owned(), source });
+            return Err(Error::Migration { version: *version, name: (*name).to_owned(), error: source });
         }
         tracing::info!(version, name, "applied migration");
         applied.push(*version);

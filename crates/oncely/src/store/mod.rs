@@ -7,7 +7,7 @@
 use sqlx::postgres::{PgConnection, PgPoolOptions};
 use sqlx::{Connection, PgPool, Row};
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 
 pub mod admin;
 pub mod effects;
@@ -34,13 +34,35 @@ pub fn with_database(url: &str, db: &str) -> String {
     }
 }
 
-/// Opens a pool to `url` with `max` connections.
+/// Opens a pool to `url` with `max` connections. A URL that does not parse
+/// is a configuration error that says so (and never repeats the password).
 pub async fn connect(url: &str, max: u32) -> Result<PgPool> {
-    Ok(PgPoolOptions::new()
+    PgPoolOptions::new()
         .max_connections(max)
         .acquire_timeout(std::time::Duration::from_secs(30))
         .connect(url)
-        .await?)
+        .await
+        .map_err(|e| match e {
+            sqlx::Error::Configuration(c) => Error::Config(format!(
+                "the database URL {} is not valid ({c}): expected postgres://user:password@host:port/database",
+                redact_url(url)
+            )),
+            other => Error::Db(other),
+        })
+}
+
+/// `url` with its password replaced by `***`, for messages.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s + 3 => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
 }
 
 /// Version guard: records `version` for the entity if it is newer than the
@@ -206,4 +228,16 @@ pub async fn ping(pool: &PgPool) -> Result<()> {
     let mut c = pool.acquire().await?;
     c.ping().await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn urls_lose_their_password_in_messages() {
+        assert_eq!(redact_url("postgres://u:secret@h:5432/db"), "postgres://u:***@h:5432/db");
+        assert_eq!(redact_url("postgres://u@h/db"), "postgres://u@h/db");
+        assert_eq!(redact_url("not a url"), "not a url");
+    }
 }
