@@ -15,7 +15,7 @@
 //! - `rewind-webhook-dispatcher` / `rewind-payment-service`: stop every member
 //!   of the group, Kafka's own `kafka-consumer-groups --reset-offsets
 //!   --to-earliest --execute`, start them again (they run with
-//!   `--rewind-policy replay`: they follow the rewind and re-read everything,
+//!   `--set rewind_policy=replay`: they follow the rewind and re-read everything,
 //!   the inbox drops the duplicates);
 //! - `restart-kafka`, `restart-postgres`: `scripts/services restart-…`.
 //!
@@ -508,16 +508,16 @@ impl Torture {
             url_flag,
             &self.gateway,
             // A killed member's partitions move after 6 s, not the broker's 45 s.
-            "--session-timeout-ms",
-            "6000",
+            "--set",
+            "session_timeout_ms=6000",
             // A call interrupted by a crash is taken up again 6 s later.
-            "--effect-lease-ms",
-            "6000",
+            "--set",
+            "effect_lease_ms=6000",
             "--call-timeout-ms",
             "4000",
             // Follow a rewind: re-read everything, the inbox drops the duplicates.
-            "--rewind-policy",
-            "replay",
+            "--set",
+            "rewind_policy=replay",
         ]
         .iter()
         .map(|s| (*s).to_owned())

@@ -527,15 +527,15 @@ impl Demo {
                 "--group".into(),
                 group.into(),
                 // A killed member's partitions move after 6 s, not the broker's 45 s default.
-                "--session-timeout-ms".into(),
-                "6000".into(),
+                "--set".into(),
+                "session_timeout_ms=6000".into(),
                 // A call interrupted by a crash is taken up again 6 s later.
-                "--effect-lease-ms".into(),
-                "6000".into(),
+                "--set".into(),
+                "effect_lease_ms=6000".into(),
                 "--call-timeout-ms".into(),
                 "4000".into(),
-                "--metrics-addr".into(),
-                "127.0.0.1:0".into(),
+                "--set".into(),
+                "metrics_addr=127.0.0.1:0".into(),
             ]
         };
         let any_port = "127.0.0.1:0".to_string();
@@ -555,8 +555,8 @@ impl Demo {
             "webhook-dispatcher".into(),
             "--merchant-url".into(),
             gateway,
-            "--rewind-policy".into(),
-            "replay".into(),
+            "--set".into(),
+            "rewind_policy=replay".into(),
         ];
         a.extend(consumer(&n.webhook_group));
         self.procs.start("webhook-dispatcher", &a).await?;

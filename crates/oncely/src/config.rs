@@ -287,6 +287,16 @@ pub trait Vars {
     fn var(&self, name: &str) -> Option<String>;
 }
 
+/// No variables at all (settings from a file alone).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoVars;
+
+impl Vars for NoVars {
+    fn var(&self, _name: &str) -> Option<String> {
+        None
+    }
+}
+
 /// The process environment.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ProcessVars;

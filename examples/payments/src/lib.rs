@@ -20,15 +20,16 @@
 //! Every process takes the same connection flags (`--bootstrap-servers`,
 //! `--database-url`, `--orders-topic`, `--payments-topic`, or their variables),
 //! logs to stderr, and prints `READY` on stdout once it is up; servers print
-//! `LISTEN <url>` just before (and consumers given `--metrics-addr`,
-//! `METRICS <url>`). SIGTERM or SIGINT stops a process gracefully.
+//! `LISTEN <url>` just before (and consumers given `--set metrics_addr=…`,
+//! `METRICS <url>`). Consumer settings are oncely's `ConsumerConfig`
+//! (`--oncely-config`, `ONCELY_*`, `--set name=value`). SIGTERM or SIGINT stops a process gracefully.
 //! `oncely demo` drives them; a torture harness can do the same.
 
 use std::io::Write as _;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use clap::{Args, ValueEnum};
+use clap::Args;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use tokio_util::sync::CancellationToken;
 
@@ -58,62 +59,95 @@ pub struct Common {
     pub payments_topic: String,
 }
 
-/// Settings shared by the two oncely consumers.
+/// Settings shared by the two oncely consumers. The consumer's own settings
+/// are oncely's [`ConsumerConfig`](oncely::config::ConsumerConfig): the
+/// `[consumer.<group>]` table of `--oncely-config` (or `ONCELY_CONFIG`), then
+/// the `ONCELY_*` variables, then `--set name=value`; the app declares only
+/// what is its own (the HTTP call timeout).
 #[derive(Debug, Clone, Args)]
 pub struct ConsumerOpts {
-    /// Kafka `session.timeout.ms`: how long a killed member keeps its
-    /// partitions before the group moves them (the broker's default is 45 s).
-    #[arg(long, default_value_t = 10_000)]
-    pub session_timeout_ms: u32,
-    /// What the consumer does when someone rewound its group behind its back
-    /// (e.g. with `kafka-consumer-groups --reset-offsets`): `skip` keeps the
-    /// database offset (nothing is re-read), `replay` follows Kafka and the
-    /// inbox drops every duplicate, `halt` pauses the partition.
-    #[arg(long, value_enum, default_value_t = Rewind::Skip)]
-    pub rewind_policy: Rewind,
-    /// Lease of an effect call: an intent whose process died mid-call is taken
-    /// up again (with the same idempotency key) after it. Must exceed `--call-timeout-ms`.
-    #[arg(long, default_value_t = 30_000)]
-    pub effect_lease_ms: u64,
+    /// An `oncely.toml` whose `[consumer.<group>]` table holds this consumer's settings.
+    #[arg(long = "oncely-config", env = "ONCELY_CONFIG", value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+    /// A consumer setting, `name=value`, over the file and the `ONCELY_*`
+    /// variables (repeatable): e.g. `--set session_timeout_ms=6000`
+    /// `--set rewind_policy=replay` `--set metrics_addr=127.0.0.1:0`.
+    #[arg(long = "set", value_name = "NAME=VALUE")]
+    pub set: Vec<String>,
     /// Timeout of one HTTP call to the gateway or the merchant.
     #[arg(long, default_value_t = 10_000)]
     pub call_timeout_ms: u64,
-    /// Serve Prometheus metrics on this address (`GET /metrics`); port 0 picks
-    /// a free one, printed as `METRICS <url>` before `READY`.
-    #[arg(long)]
-    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
+/// The app's own defaults for its consumers: a killed member's partitions
+/// move after 10 s (not the broker's 45 s), an effect call is taken up 30 s
+/// after its process died.
+const APP_DEFAULTS: &str = "session_timeout_ms = 10000\neffect_lease_ms = 30000\n";
+
 impl ConsumerOpts {
+    /// The consumer settings of `group`: the app's defaults, the file, the
+    /// `ONCELY_*` variables, then `--set`.
+    pub fn settings(&self, group: &str) -> Result<oncely::config::ConsumerConfig> {
+        use oncely::config::{ConfigFile, ConsumerConfig, ProcessVars};
+        let mut c: ConsumerConfig = toml::from_str(APP_DEFAULTS).context("the app's defaults")?;
+        if let Some(path) = &self.config {
+            let file = ConfigFile::load(path)?;
+            let from_file = ConsumerConfig::load(Some(&file), group, &oncely::config::NoVars)?;
+            c = merge(c, from_file)?;
+        }
+        c = c.apply_vars(&ProcessVars)?;
+        if !self.set.is_empty() {
+            let mut text = String::new();
+            for kv in &self.set {
+                let (k, v) = kv.split_once('=').with_context(|| format!("--set {kv}: expected name=value"))?;
+                // Numbers and booleans as they are, anything else as a string.
+                let value = if v.parse::<f64>().is_ok() || v == "true" || v == "false" || v.starts_with('[') {
+                    v.to_owned()
+                } else {
+                    format!("{v:?}")
+                };
+                text.push_str(&format!("{} = {value}\n", k.trim()));
+            }
+            let set: ConsumerConfig =
+                toml::from_str(&text).with_context(|| format!("--set: {}", self.set.join(" ")))?;
+            c = merge(c, set)?;
+        }
+        Ok(c)
+    }
+
     /// Checks the settings that depend on each other.
-    pub fn validate(&self) -> Result<()> {
+    pub fn validate(&self, settings: &oncely::config::ConsumerConfig) -> Result<()> {
+        let lease = settings.effect_lease_ms.unwrap_or(60_000);
         anyhow::ensure!(
-            self.effect_lease_ms > self.call_timeout_ms,
-            "--effect-lease-ms ({}) must exceed --call-timeout-ms ({}): a call still running when its lease ends \
-             would be made a second time",
-            self.effect_lease_ms,
+            lease > self.call_timeout_ms,
+            "effect_lease_ms ({lease}) must exceed --call-timeout-ms ({}): a call still running when its lease \
+             ends would be made a second time",
             self.call_timeout_ms
         );
         Ok(())
     }
 
-    /// Applies the settings to a consumer builder.
-    pub fn apply<S: Send + Sync + 'static>(&self, mut b: oncely::ConsumerBuilder<S>) -> oncely::ConsumerBuilder<S> {
-        let session = self.session_timeout_ms.max(1000);
-        b = b
-            .kafka("session.timeout.ms", session.to_string())
-            .kafka("heartbeat.interval.ms", (session / 6).max(100).to_string())
-            .rewind_policy(self.rewind_policy.into())
-            .effect_lease(Duration::from_millis(self.effect_lease_ms))
-            // Signals are handled by the process (SIGTERM and SIGINT alike).
-            .handle_sigterm(false);
-        b
+    /// Applies the settings to a consumer builder (metrics are served by the
+    /// process itself, see [`serve_metrics`](Self::serve_metrics)).
+    pub fn apply<S: Send + Sync + 'static>(
+        &self,
+        b: oncely::ConsumerBuilder<S>,
+        settings: &oncely::config::ConsumerConfig,
+    ) -> oncely::ConsumerBuilder<S> {
+        let mut c = settings.clone();
+        c.metrics_addr = None;
+        // Signals are handled by the process (SIGTERM and SIGINT alike).
+        b.config(&c).handle_sigterm(false)
     }
 
-    /// Serves the process's metrics if `--metrics-addr` was given, and prints
+    /// Serves the process's metrics if `metrics_addr` is set, and prints
     /// `METRICS <url>` (the bound address: port 0 picks a free one).
-    pub async fn serve_metrics(&self, shutdown: CancellationToken) -> Result<()> {
-        if let Some(addr) = self.metrics_addr {
+    pub async fn serve_metrics(
+        &self,
+        settings: &oncely::config::ConsumerConfig,
+        shutdown: CancellationToken,
+    ) -> Result<()> {
+        if let Some(addr) = settings.metrics_addr {
             let bound =
                 oncely::metrics::serve(addr, shutdown).await.with_context(|| format!("serving metrics on {addr}"))?;
             tracing::info!(addr = %bound, "Serving metrics.");
@@ -130,25 +164,18 @@ impl ConsumerOpts {
     }
 }
 
-/// `--rewind-policy`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum Rewind {
-    /// Keep the database offset.
-    Skip,
-    /// Follow Kafka; the inbox drops the duplicates.
-    Replay,
-    /// Pause the partition until an operator acts.
-    Halt,
-}
-
-impl From<Rewind> for oncely::RewindPolicy {
-    fn from(r: Rewind) -> Self {
-        match r {
-            Rewind::Skip => oncely::RewindPolicy::Skip,
-            Rewind::Replay => oncely::RewindPolicy::Replay,
-            Rewind::Halt => oncely::RewindPolicy::Halt,
+/// `over`'s settings on top of `base`'s (both from TOML/variables).
+fn merge(
+    base: oncely::config::ConsumerConfig,
+    over: oncely::config::ConsumerConfig,
+) -> Result<oncely::config::ConsumerConfig> {
+    let mut v = serde_json::to_value(&base)?;
+    if let (Some(b), serde_json::Value::Object(o)) = (v.as_object_mut(), serde_json::to_value(&over)?) {
+        for (k, val) in o {
+            b.insert(k, val);
         }
     }
+    Ok(serde_json::from_value(v)?)
 }
 
 /// A token cancelled by the first SIGTERM or SIGINT.

@@ -128,13 +128,13 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::PaymentService { group, gateway_url, opts } => {
             let pool = prepare(common, &[&common.orders_topic]).await?;
             let c = payments::payment::consumer(group, common, opts, pool, gateway_url)?;
-            opts.serve_metrics(shutdown.clone()).await?;
+            opts.serve_metrics(&opts.settings(group)?, shutdown.clone()).await?;
             run_consumer(c, shutdown).await?;
         }
         Cmd::WebhookDispatcher { group, merchant_url, opts } => {
             let pool = prepare(common, &[&common.payments_topic]).await?;
             let c = payments::webhooks::consumer(group, common, opts, pool, merchant_url)?;
-            opts.serve_metrics(shutdown.clone()).await?;
+            opts.serve_metrics(&opts.settings(group)?, shutdown.clone()).await?;
             run_consumer(c, shutdown).await?;
         }
         Cmd::NaiveDispatcher { group, merchant_url, session_timeout_ms, call_timeout_ms } => {

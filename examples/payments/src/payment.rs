@@ -39,7 +39,8 @@ pub fn consumer(
     pool: PgPool,
     gateway_url: &str,
 ) -> Result<ConsumerBuilder<Deps>> {
-    opts.validate()?;
+    let settings = opts.settings(group)?;
+    opts.validate(&settings)?;
     let gateway = GatewayClient::new(gateway_url, opts.call_timeout())?;
     let charge = move |call: EffectCall| {
         let gateway = gateway.clone();
@@ -53,7 +54,7 @@ pub fn consumer(
         .route(ORDER_CREATED, on_order_created)
         .route(ORDER_CONFIRMED, on_order_confirmed)
         .effect_executor(CHARGE_CARD, charge, EffectOptions::default());
-    Ok(opts.apply(b))
+    Ok(opts.apply(b, &settings))
 }
 
 /// `OrderCreated`: the payment row, the charge intent and `PaymentSucceeded`,

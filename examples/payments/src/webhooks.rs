@@ -25,7 +25,8 @@ pub fn consumer(
     pool: PgPool,
     merchant_url: &str,
 ) -> Result<ConsumerBuilder> {
-    opts.validate()?;
+    let settings = opts.settings(group)?;
+    opts.validate(&settings)?;
     let merchant = GatewayClient::new(merchant_url, opts.call_timeout())?;
     let send = move |call: EffectCall| {
         let merchant = merchant.clone();
@@ -37,7 +38,7 @@ pub fn consumer(
         .topic(&common.payments_topic)
         .handler(on_payment_event)
         .effect_executor(MERCHANT_WEBHOOK, send, EffectOptions::default());
-    Ok(opts.apply(b))
+    Ok(opts.apply(b, &settings))
 }
 
 /// The handler: one webhook intent per `PaymentSucceeded`.
