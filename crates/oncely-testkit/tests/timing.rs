@@ -14,10 +14,16 @@ async fn spawn_process(db: &kit::TestDb, group: &str, topic: &str, envs: &[(&str
     TestConsumer::spawn(std::path::Path::new(env!("CARGO_BIN_EXE_test-consumer")), &db.url, group, topic, envs).await
 }
 
-/// Members of `group` the coordinator lists.
-async fn members(group: &str) -> Result<usize> {
+/// The member ids of `group` the coordinator lists (a member dropped and
+/// rejoined gets a new id).
+async fn member_ids(group: &str) -> Result<Vec<String>> {
     let admin = oncely::admin::kafka::KafkaAdmin::new(kit::bootstrap(), &[])?;
-    Ok(admin.describe_consumer_groups(&[group]).await?.first().map_or(0, |g| g.members.len()))
+    Ok(admin
+        .describe_consumer_groups(&[group])
+        .await?
+        .first()
+        .map(|g| g.members.iter().map(|m| m.member_id.clone()).collect())
+        .unwrap_or_default())
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -114,7 +120,17 @@ async fn a_handler_longer_than_the_session_timeout_keeps_its_member_and_other_pa
     anyhow::ensure!(!other.is_empty(), "every key landed on one partition");
     // k0's events take 8 s each (the write-up's reconciliation, scaled),
     // longer than the 6 s session timeout.
-    let a = spawn_process(&db, &group, &topic, &[("SLOW_KEYS", "k0:8000"), ("MAX_BATCH", "1"), ("TAG", "a")]).await?;
+    // max.poll.interval.ms below the handler's time: the limit a long handler
+    // really risks (the member is dropped if the application stops polling).
+    let a = spawn_process(
+        &db,
+        &group,
+        &topic,
+        &[("SLOW_KEYS", "k0:8000"), ("MAX_BATCH", "1"), ("TAG", "a"), ("MAX_POLL_INTERVAL_MS", "6500")],
+    )
+    .await?;
+    kit::wait_until(run::WAIT, "the member to join", || async { Ok(member_ids(&group).await?.len() == 1) }).await?;
+    let joined = member_ids(&group).await?;
     let sql = format!("SELECT count(*) FROM applied WHERE key IN ({})", other.join(","));
     wait_count(&db.pool, &sql, 2 * other.len() as i64).await?;
     assert_eq!(
@@ -122,46 +138,72 @@ async fn a_handler_longer_than_the_session_timeout_keeps_its_member_and_other_pa
         0,
         "the other partition finished while k0's first event still runs"
     );
-    assert_eq!(members(&group).await?, 1, "the member stays in the group through the long handler");
+    assert_eq!(member_ids(&group).await?, joined, "the same member, never dropped and rejoined");
     wait_offsets(&db.pool, &group, published.len() as i64).await?;
-    assert_eq!(members(&group).await?, 1);
+    assert_eq!(member_ids(&group).await?, joined, "the same member after the long handlers");
     a.kill9().await?;
     app::check_exactly_once_in_order(&db.pool, &published).await?;
     Ok(())
 }
 
+/// A's statements outlive the test's deadline (240 s) while B's take 100 ms;
+/// when B joins, a partition moves and A abandons its batch at the drain
+/// timeout while the statement still runs in PostgreSQL; then A is
+/// SIGKILLed (PostgreSQL keeps its other statement and transaction going).
+/// The only way on is for B, the new owner, to end A's database sessions.
 #[tokio::test(flavor = "multi_thread")]
-async fn a_batch_abandoned_at_the_drain_timeout_while_its_sql_runs_is_never_applied_twice() -> Result<()> {
+async fn a_batch_abandoned_while_its_sql_outlives_the_test_is_ended_by_the_new_owner_and_applied_once() -> Result<()> {
     kit::init_tracing();
     let db = kit::TestDb::new().await?;
     app::setup(&db.pool).await?;
+    let r = abandoned_batch_body(&db).await;
+    // A's statements would run for minutes after the test: end the sessions
+    // of this test's own database.
+    sqlx::query("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+        .execute(&db.pool)
+        .await?;
+    r
+}
+
+async fn abandoned_batch_body(db: &kit::TestDb) -> Result<()> {
     let (topic, group) = (kit::unique("orders"), kit::unique("g"));
     kit::create_topic(&topic, 2).await?;
-    // Every event sleeps 6 s inside PostgreSQL: whichever partition moves,
-    // its lane is abandoned while its statement still runs there.
     let published = app::publish_seq(&topic, 8, 1).await?;
     anyhow::ensure!(published.iter().any(|p| p.partition == 0) && published.iter().any(|p| p.partition == 1));
-    let keys = (0..8).map(|k| format!("k{k}:6000")).collect::<Vec<_>>().join(",");
-    let keys = keys.as_str();
-    let env =
-        [("SQL_SLEEP_KEYS", keys), ("MAX_BATCH", "1"), ("DRAIN_TIMEOUT_MS", "1000"), ("ZOMBIE_TIMEOUT_MS", "2000")];
-    let a = spawn_process(&db, &group, &topic, &[env[0], env[1], env[2], env[3], ("TAG", "a")]).await?;
+    let long = (0..8).map(|k| format!("k{k}:240000")).collect::<Vec<_>>().join(",");
+    let short = (0..8).map(|k| format!("k{k}:100")).collect::<Vec<_>>().join(",");
+    let common = [("MAX_BATCH", "1"), ("DRAIN_TIMEOUT_MS", "1000"), ("ZOMBIE_TIMEOUT_MS", "2000")];
+    let a = spawn_process(
+        db,
+        &group,
+        &topic,
+        &[common[0], common[1], common[2], ("SQL_SLEEP_KEYS", long.as_str()), ("TAG", "a")],
+    )
+    .await?;
     kit::wait_until(run::WAIT, "both lanes inside a statement", || async {
         Ok(kit::count(
             &db.pool,
-            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%' AND state = 'active'",
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep%' AND state = 'active' AND datname = current_database()",
         )
         .await?
             >= 2)
     })
     .await?;
-    // B joins: one partition moves, its batch is abandoned mid-statement.
-    let b = spawn_process(&db, &group, &topic, &[env[0], env[1], env[2], env[3], ("TAG", "b")]).await?;
-    wait_offsets(&db.pool, &group, published.len() as i64).await?;
+    let b = spawn_process(
+        db,
+        &group,
+        &topic,
+        &[common[0], common[1], common[2], ("SQL_SLEEP_KEYS", short.as_str()), ("TAG", "b")],
+    )
+    .await?;
+    // B gets one partition; A's abandoned batch there still sleeps in PostgreSQL.
+    wait_count(&db.pool, "SELECT count(*) FROM applied WHERE tag = 'b'", 1).await?;
+    // A dies; its other statement goes on in PostgreSQL, its transaction open.
     a.kill9().await?;
+    wait_offsets(&db.pool, &group, published.len() as i64).await?;
     b.kill9().await?;
     app::check_exactly_once_in_order(&db.pool, &published).await?;
-    assert!(kit::count(&db.pool, "SELECT count(*) FROM applied WHERE tag = 'b'").await? > 0, "B applied its share");
+    assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM applied WHERE tag = 'b'").await?, 8, "A never committed");
     Ok(())
 }
 

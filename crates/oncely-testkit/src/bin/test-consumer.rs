@@ -5,7 +5,7 @@
 //! (charge every event), `EFFECT=at_most_once`, `EFFECT_LEASE_MS=N`,
 //! `REWIND=skip|replay|halt`, `SWALLOW_KEYS=k1,k2`, `SLOW_KEYS=k1:ms,…`,
 //! `SQL_SLEEP_KEYS=k1:ms,…`, `ZOMBIE_TIMEOUT_MS=N`, `DRAIN_TIMEOUT_MS=N`,
-//! `SESSION_TIMEOUT_MS=N`.
+//! `SESSION_TIMEOUT_MS=N`, `MAX_POLL_INTERVAL_MS=N`.
 //! Prints `READY` once running; stops on SIGTERM.
 
 use std::time::Duration;
@@ -70,6 +70,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(ms) = var("SESSION_TIMEOUT_MS") {
         c = c.kafka("session.timeout.ms", ms);
+    }
+    if let Some(ms) = var("MAX_POLL_INTERVAL_MS") {
+        c = c.kafka("max.poll.interval.ms", ms);
     }
     c = c.rewind_policy(match var("REWIND").as_deref() {
         Some("replay") => RewindPolicy::Replay,
