@@ -189,6 +189,13 @@ pub struct TestDb {
 impl TestDb {
     /// Creates the database and migrates it.
     pub async fn new() -> Result<Self> {
+        let db = Self::empty().await?;
+        oncely::store::migrate(&db.pool).await?;
+        Ok(db)
+    }
+
+    /// Creates the database without oncely's schema (tests of a migration).
+    pub async fn empty() -> Result<Self> {
         let name = unique("oncely_test").replace('-', "_");
         let admin_url = database_url();
         let mut conn = PgConnection::connect(&admin_url).await.context("connecting to the test server")?;
@@ -196,7 +203,6 @@ impl TestDb {
         conn.close().await?;
         let url = with_database(&admin_url, &name);
         let pool = oncely::store::connect(&url, 20).await?;
-        oncely::store::migrate(&pool).await?;
         Ok(TestDb { pool, url, name })
     }
 }
