@@ -17,6 +17,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 pub mod app;
 pub mod gateway;
 pub mod process;
+pub mod processor;
 
 /// Kafka bootstrap servers of the test broker (`ONCELY_KAFKA_BOOTSTRAP`, default `127.0.0.1:9092`).
 pub fn bootstrap() -> String {

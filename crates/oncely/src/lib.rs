@@ -40,7 +40,9 @@
 //!
 //! Modules: [`envelope`] (identity and CloudEvents headers), [`consumer`] (the
 //! runtime), [`store`] (every SQL statement and the migrations), [`config`]
-//! (`oncely.toml`), [`admin`] (offset tools over the Kafka Admin API).
+//! (`oncely.toml`), [`admin`] (offset tools over the Kafka Admin API),
+//! [`processor`] (Kafka → Kafka in Kafka transactions, for pipelines with no
+//! database in them).
 
 pub mod admin;
 pub mod config;
@@ -51,8 +53,10 @@ mod error;
 pub mod failure;
 pub mod metrics;
 pub mod outbox;
+pub mod processor;
 pub mod store;
 
 pub use consumer::{Consumer, ConsumerBuilder, Cx, HandlerError, RewindPolicy};
 pub use envelope::{Event, EventId, IdentitySource, Publisher};
 pub use error::{Error, Result};
+pub use processor::{Out, Processor, ProcessorBuilder};
