@@ -97,8 +97,27 @@ pub(crate) fn admin(conn: &Connection) -> Result<Arc<AdminClient<DefaultClientCo
 }
 
 /// `max.message.bytes` of each topic (the effective value: the topic's
-/// own, else the broker's default). A missing topic is an error that names it.
+/// own, else the broker's default). A topic created a moment ago may not
+/// show its configuration yet: asked again for up to 15 s, then an error
+/// that names the topic.
 pub(crate) async fn topic_limits(
+    admin: &AdminClient<DefaultClientContext>,
+    topics: &[String],
+) -> Result<HashMap<String, usize>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match topic_limits_once(admin, topics).await {
+            Ok(l) => return Ok(l),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "Topic configuration not readable yet; asking again.");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn topic_limits_once(
     admin: &AdminClient<DefaultClientContext>,
     topics: &[String],
 ) -> Result<HashMap<String, usize>> {
