@@ -854,6 +854,13 @@ impl Engine {
     }
 
     /// Pauses a partition behind a record that waits for its retry.
+    ///
+    /// Two layers keep the partition's order, each enough alone (the retry
+    /// test passes with either removed, fails with both): librdkafka's pause
+    /// discards the records of the partition it had queued and fetches them
+    /// again from the position after the last delivered one on resume; and
+    /// any record delivered before the pause took effect waits in the
+    /// `behind` queue.
     fn block(&mut self, c: &Cons, tp: &Tp, b: Blocked) {
         if let Some(p) = self.parts.get_mut(tp) {
             p.blocked = Some(b);
