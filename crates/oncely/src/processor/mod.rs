@@ -65,8 +65,9 @@
 //!   the transaction that commits the offset past them.
 //! - **Header names that are not UTF-8**: such a record is dead-lettered
 //!   (`invalid-header-name`), byte for byte, headers included; keys,
-//!   payloads and header values may hold any byte (NUL included) and are
-//!   forwarded as they are by [`Out::send_raw`].
+//!   payloads and header values may hold any byte (NUL included): a
+//!   [`raw_handler`](ProcessorBuilder::raw_handler) gets the payload as it
+//!   is and [`Out::send_raw`] forwards bytes as they are.
 
 mod builder;
 mod clients;

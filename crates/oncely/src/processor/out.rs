@@ -119,9 +119,13 @@ impl Out {
     /// type `ce_type`, `ce_time` now and the derived `ce_id` of the record
     /// [`send`](Self::send) would emit next.
     pub fn attrs(&self, ce_type: &str) -> CloudEventAttrs {
-        let mut attrs = CloudEventAttrs::new_now(&self.source, ce_type);
-        attrs.id = output_ce_id(&self.processor, &self.input_id, self.input.timestamp_ms, self.records.len());
-        attrs
+        CloudEventAttrs {
+            id: output_ce_id(&self.processor, &self.input_id, self.input.timestamp_ms, self.records.len()),
+            source: self.source.to_string(),
+            ty: ce_type.to_owned(),
+            time: Some(chrono::Utc::now()),
+            subject: None,
+        }
     }
 
     /// The processor's name (its consumer group).

@@ -931,6 +931,7 @@ impl Engine {
             self.retrying("send_offsets_to_transaction", |p| p.send_offsets_to_transaction(&tpl, &cgm, timeout))?;
         }
         let timeout = self.shared.settings.op_timeout;
+        drain(self.producer()?, timeout);
         self.retrying("commit_transaction", |p| p.commit_transaction(timeout))?;
         let seconds = t0.elapsed().as_secs_f64();
         let per_topic: Vec<(String, u64, u64)> = txn.per_topic.iter().map(|(t, (p, d))| (t.clone(), *p, *d)).collect();
@@ -973,7 +974,7 @@ impl Engine {
             // purge and serve them first (refusals among them are kept).
             let p = self.producer()?;
             p.purge(PurgeConfig::default().queue().inflight());
-            let _ = p.flush(timeout);
+            drain(p, timeout);
             self.retrying("abort_transaction", |p| p.abort_transaction(timeout)).map_err(|f| match f {
                 Fail::Abort(d) => Fail::Fatal(format!("abort_transaction failed: {d}")),
                 other => other,
@@ -1022,7 +1023,7 @@ impl Engine {
         let Some(p) = &self.producer else { return };
         // Serve the delivery reports still queued (the refusal may have
         // made the transaction abortable before its report was served).
-        let _ = p.flush(Duration::from_secs(5));
+        drain(p, Duration::from_secs(5));
         let failed = std::mem::take(&mut *lock(&p.context().failed));
         let mut suspects: HashSet<(Tp, i64)> = HashSet::new();
         for f in failed {
@@ -1137,6 +1138,21 @@ impl Engine {
         if let Err(e) = res {
             tracing::error!(processor = %self.shared.name, error = %e, "Unassigning partitions failed.");
         }
+    }
+}
+
+/// Serves delivery reports until nothing is in flight, or `timeout`.
+///
+/// librdkafka's commit and abort need the reports served first, by a poll
+/// on this thread. rdkafka's `BaseProducer::flush` does it in steps of
+/// 100 ms (its `poll` blocks for its whole timeout), which added up to
+/// 100 ms to every commit (measured: 105 ms per commit at 500 events/s);
+/// this waits in steps of 1 ms. Whatever is left when it gives up, the
+/// commit's own flush waits for.
+fn drain(p: &TxnProducer, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    while p.in_flight_count() > 0 && Instant::now() < deadline {
+        p.poll(Duration::from_millis(1));
     }
 }
 
