@@ -355,7 +355,10 @@ enum Stop {
 
 impl Stop {
     fn into_exit(self, e: &mut Engine) -> Result<Exit> {
+        // The broker aborts (fenced) or times out (fatal) the open
+        // transaction: nothing of it is ever committed from here.
         e.producer = None;
+        e.txn = None;
         match self {
             Stop::Fenced(d) => {
                 let action = match e.shared.settings.on_fenced {
