@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod common;
 mod consume;
+mod forward;
 mod outbox;
 mod torture;
 
@@ -20,6 +21,8 @@ struct Cli {
 enum Bench {
     /// The consumer runtime against a plain at-least-once consumer and the naive pattern.
     Consume(consume::ConsumeArgs),
+    /// The exactly-once processor against an at-least-once forwarder, and the commit interval's effect.
+    Forward(forward::ForwardArgs),
     /// The transactional outbox's relay: throughput, and commit-to-publish latency with NOTIFY and polling only.
     Outbox(outbox::OutboxArgs),
     /// The whole payments pipeline under injected faults (kills, rebalances, rewinds, broker and database restarts), then its invariants.
@@ -37,6 +40,7 @@ async fn main() -> anyhow::Result<()> {
         .init();
     match Cli::parse().bench {
         Bench::Consume(a) => consume::run(a).await,
+        Bench::Forward(a) => forward::run(a).await,
         Bench::Outbox(a) => outbox::run(a).await,
         Bench::Torture(a) => torture::run(a).await,
     }

@@ -16,6 +16,7 @@ use sqlx::{Connection, PgConnection, PgPool};
 pub mod app;
 pub mod gateway;
 pub mod process;
+pub mod processor;
 pub mod run;
 pub mod wire;
 

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::ClientConfig;
 
 /// A record as the broker stores it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -54,7 +53,7 @@ pub fn fetch_all(bootstrap: &str, topic: &str, partition: i32) -> Result<Vec<Wir
 }
 
 fn leader_and_end(bootstrap: &str, topic: &str, partition: i32) -> Result<(String, i64)> {
-    let consumer: BaseConsumer = ClientConfig::new().set("bootstrap.servers", bootstrap).create()?;
+    let consumer: BaseConsumer = oncely::kafka::KafkaConnection::new(bootstrap).client_config()?.create()?;
     let md = consumer.fetch_metadata(Some(topic), Duration::from_secs(10))?;
     let t = md.topics().iter().find(|t| t.name() == topic).context("topic not in metadata")?;
     let p = t.partitions().iter().find(|p| p.id() == partition).context("partition not in metadata")?;

@@ -52,6 +52,23 @@ pub enum Error {
     /// An I/O error (metrics endpoint, config file).
     #[error("i/o error: {0}")]
     Io(#[from] std::io::Error),
+    /// A processor's transactional producer was fenced: another producer
+    /// initialised the same `transactional.id`. Never retried.
+    #[error("fenced: another instance started with transactional.id `{transactional_id}`: {detail}")]
+    Fenced {
+        /// The processor's `transactional.id`.
+        transactional_id: String,
+        /// librdkafka's description.
+        detail: String,
+    },
+    /// A processor's transactional producer failed fatally (not fenced).
+    #[error("the transactional producer `{transactional_id}` failed fatally: {detail}")]
+    ProducerFatal {
+        /// The processor's `transactional.id`.
+        transactional_id: String,
+        /// The cause.
+        detail: String,
+    },
 }
 
 impl From<sqlx::Error> for Error {

@@ -40,7 +40,9 @@
 //!
 //! Modules: [`envelope`] (identity and CloudEvents headers), [`consumer`] (the
 //! runtime), [`store`] (every SQL statement and the migrations), [`config`]
-//! (`oncely.toml`), [`admin`] (offset tools over the Kafka Admin API).
+//! (`oncely.toml`), [`admin`] (offset tools over the Kafka Admin API),
+//! [`processor`] (Kafka → Kafka in Kafka transactions, for pipelines with no
+//! database in them).
 
 pub mod admin;
 pub mod backoff;
@@ -53,8 +55,10 @@ pub mod failure;
 pub mod kafka;
 pub mod metrics;
 pub mod outbox;
+pub mod processor;
 pub mod store;
 
 pub use consumer::{Consumer, ConsumerBuilder, Cx, HandlerError, RewindPolicy, State, Unrouted};
 pub use envelope::{Event, EventId, IdentitySource, Publisher};
 pub use error::{Error, Result};
+pub use processor::{Out, Processor, ProcessorBuilder};

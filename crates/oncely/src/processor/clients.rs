@@ -1,0 +1,225 @@
+//! Every Kafka client the processor creates, configured in one place
+//! ([`client_config`]) from the caller's connection settings, and the admin
+//! lookups it makes at start (topic limits, partitions, dead-letter topics).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::ClientConfig;
+
+use crate::error::{Error, Result};
+
+/// How the processor reaches Kafka: the connection every client is built
+/// from (bootstrap servers, security settings), and the caller's properties
+/// for one role.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct Connection {
+    /// For every client (consumer, producer, admin).
+    pub kafka: crate::kafka::KafkaConnection,
+    /// Properties for the consumer only.
+    pub consumer: Vec<(String, String)>,
+    /// Properties for the transactional producer only.
+    pub producer: Vec<(String, String)>,
+}
+
+/// Which client to configure.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Role<'a> {
+    /// The input consumer of group `group`.
+    Consumer { group: &'a str },
+    /// The transactional producer: `transactional.id`, and the batch and
+    /// message size limits the runtime derived from the topics' limits
+    /// (used unless the caller set them).
+    Producer { transactional_id: &'a str, batch_size: usize, message_max_bytes: usize },
+    /// The admin client used at start.
+    Admin,
+}
+
+/// Settings the processor forces on its consumer, whatever the caller says:
+/// offsets are committed only inside transactions, records of aborted
+/// transactions are never read, and incremental rebalances let partitions
+/// that stay keep flowing.
+pub const FORCED_CONSUMER_SETTINGS: &[(&str, &str)] = &[
+    ("enable.auto.commit", "false"),
+    ("enable.auto.offset.store", "false"),
+    ("isolation.level", "read_committed"),
+    ("partition.assignment.strategy", "cooperative-sticky"),
+];
+
+/// The only place the processor builds a [`ClientConfig`]: the connection,
+/// the role's defaults, the caller's properties for the role, then the
+/// forced settings.
+pub(crate) fn client_config(conn: &Connection, role: Role<'_>) -> Result<ClientConfig> {
+    let mut cfg = conn.kafka.client_config()?;
+    let mut forced: Vec<(&str, String)> = Vec::new();
+    let own: &[(String, String)] = match role {
+        Role::Consumer { group } => {
+            // Defaults the caller may change: start a new group at the
+            // beginning (nothing skipped unseen), and bound librdkafka's
+            // prefetch per partition as the consumer runtime does.
+            cfg.set("auto.offset.reset", "earliest").set("queued.max.messages.kbytes", "16384");
+            forced.push(("group.id", group.to_owned()));
+            forced.extend(FORCED_CONSUMER_SETTINGS.iter().map(|(k, v)| (*k, (*v).to_owned())));
+            &conn.consumer
+        }
+        Role::Producer { transactional_id, batch_size, message_max_bytes } => {
+            cfg.set("batch.size", batch_size.to_string()).set("message.max.bytes", message_max_bytes.to_string());
+            forced.push(("transactional.id", transactional_id.to_owned()));
+            forced.push(("enable.idempotence", "true".to_owned()));
+            &conn.producer
+        }
+        Role::Admin => {
+            // A metadata lookup of a mistyped topic must not create it.
+            cfg.set("allow.auto.create.topics", "false");
+            &[]
+        }
+    };
+    for (k, v) in own {
+        cfg.set(k, v);
+    }
+    for (k, v) in forced {
+        if own.iter().any(|(kk, vv)| kk == k && *vv != v) {
+            tracing::warn!(setting = k, forced = %v, "Ignoring a Kafka setting that the processor must force.");
+        }
+        cfg.set(k, v);
+    }
+    Ok(cfg)
+}
+
+/// The admin client of a connection.
+pub(crate) fn admin(conn: &Connection) -> Result<Arc<AdminClient<DefaultClientContext>>> {
+    Ok(Arc::new(client_config(conn, Role::Admin)?.create()?))
+}
+
+/// `max.message.bytes` of each topic (the effective value: the topic's
+/// own, else the broker's default). A topic created a moment ago may not
+/// show its configuration yet: asked again for up to 15 s, then an error
+/// that names the topic.
+pub(crate) async fn topic_limits(
+    admin: &AdminClient<DefaultClientContext>,
+    topics: &[String],
+) -> Result<HashMap<String, usize>> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match topic_limits_once(admin, topics).await {
+            Ok(l) => return Ok(l),
+            Err(e) if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(error = %e, "Topic configuration not readable yet; asking again.");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+async fn topic_limits_once(
+    admin: &AdminClient<DefaultClientContext>,
+    topics: &[String],
+) -> Result<HashMap<String, usize>> {
+    if topics.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let specs: Vec<ResourceSpecifier<'_>> = topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
+    let results = admin
+        .describe_configs(specs.iter(), &AdminOptions::new().request_timeout(Some(Duration::from_secs(30))))
+        .await?;
+    let mut out = HashMap::new();
+    for (topic, r) in topics.iter().zip(results) {
+        let res = r.map_err(|e| Error::Config(format!("cannot read the configuration of topic `{topic}`: {e}")))?;
+        let limit = res
+            .get("max.message.bytes")
+            .and_then(|e| e.value.as_deref())
+            .and_then(|v| v.parse::<usize>().ok())
+            .ok_or_else(|| Error::Config(format!("topic `{topic}` has no readable max.message.bytes")))?;
+        out.insert(topic.clone(), limit);
+    }
+    Ok(out)
+}
+
+/// The partition count of `topic`, or `None` if it does not exist.
+pub(crate) async fn partition_count(
+    admin: &Arc<AdminClient<DefaultClientContext>>,
+    topic: &str,
+) -> Result<Option<i32>> {
+    let admin = admin.clone();
+    let topic = topic.to_owned();
+    tokio::task::spawn_blocking(move || -> Result<Option<i32>> {
+        let md = admin.inner().fetch_metadata(Some(&topic), Duration::from_secs(30))?;
+        Ok(md
+            .topics()
+            .iter()
+            .find(|t| t.name() == topic && t.error().is_none())
+            .map(|t| t.partitions().len() as i32)
+            .filter(|n| *n > 0))
+    })
+    .await
+    .map_err(|e| Error::Config(format!("metadata lookup failed: {e}")))?
+}
+
+/// Headroom of a dead-letter topic over its input topic's limit: a dead
+/// letter is the input record plus the `kafka_dlt-*` and `oncely-*` headers
+/// (the error message among them).
+pub(crate) const DLT_HEADROOM: usize = 64 * 1024;
+
+/// Creates the dead-letter topic `dlt` if it is missing: as many partitions
+/// as its input topic, the broker's default replication, and room for the
+/// largest input record plus the dead-letter headers.
+pub(crate) async fn ensure_dlt_topic(
+    admin: &AdminClient<DefaultClientContext>,
+    dlt: &str,
+    partitions: i32,
+    input_limit: usize,
+    processor: &str,
+) -> Result<()> {
+    let limit = (input_limit + DLT_HEADROOM).to_string();
+    let new = NewTopic::new(dlt, partitions.max(1), TopicReplication::Fixed(-1)).set("max.message.bytes", &limit);
+    let res =
+        admin.create_topics([&new], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))).await?;
+    for r in res {
+        match r {
+            Ok(t) => tracing::info!(processor, topic = %t, "Created the dead-letter topic."),
+            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
+            Err((t, e)) => return Err(Error::Config(format!("cannot create the dead-letter topic `{t}`: {e}"))),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn get(cfg: &ClientConfig, k: &str) -> Option<String> {
+        cfg.get(k).map(str::to_owned)
+    }
+
+    #[test]
+    fn the_caller_settings_reach_every_client_and_forced_ones_win() {
+        let conn = Connection {
+            kafka: crate::kafka::KafkaConnection::new("b:9092")
+                .property("security.protocol", "SASL_SSL")
+                .property("isolation.level", "read_uncommitted"),
+            consumer: vec![("session.timeout.ms".into(), "30000".into())],
+            producer: vec![("linger.ms".into(), "1".into()), ("transactional.id".into(), "mine".into())],
+        };
+        let c = client_config(&conn, Role::Consumer { group: "g" }).expect("consumer");
+        let p = client_config(&conn, Role::Producer { transactional_id: "p/1", batch_size: 10, message_max_bytes: 20 })
+            .expect("producer");
+        let a = client_config(&conn, Role::Admin).expect("admin");
+        for cfg in [&c, &p, &a] {
+            assert_eq!(get(cfg, "bootstrap.servers").as_deref(), Some("b:9092"));
+            assert_eq!(get(cfg, "security.protocol").as_deref(), Some("SASL_SSL"));
+        }
+        assert_eq!(get(&c, "isolation.level").as_deref(), Some("read_committed"));
+        assert_eq!(get(&c, "group.id").as_deref(), Some("g"));
+        assert_eq!(get(&c, "session.timeout.ms").as_deref(), Some("30000"));
+        assert_eq!(get(&p, "session.timeout.ms"), None, "consumer settings stay on the consumer");
+        assert_eq!(get(&p, "transactional.id").as_deref(), Some("p/1"), "the derived id wins");
+        assert_eq!(get(&p, "linger.ms").as_deref(), Some("1"));
+        assert_eq!(get(&p, "batch.size").as_deref(), Some("10"));
+    }
+}
