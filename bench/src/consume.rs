@@ -59,8 +59,8 @@ pub struct ConsumeArgs {
     /// Bytes of padding in each event's payload (record size ≈ 150 + this).
     #[arg(long, default_value_t = 0)]
     pub pad: usize,
-    /// Variants to run (comma separated; default all): oncely, oncely-batch,
-    /// oncely-dups, baseline, baseline-pk, baseline-per-event, naive.
+    /// Variants to run (comma separated; default all): read-only, oncely,
+    /// oncely-batch, oncely-dups, baseline, baseline-pk, baseline-per-event, naive.
     #[arg(long)]
     pub only: Option<String>,
     /// Print one JSON object as the last line.
@@ -130,6 +130,7 @@ pub async fn run(args: ConsumeArgs) -> Result<()> {
             "baseline-pk" => run_baseline(&topic, &group, args.events, Baseline::PrimaryKey).await?,
             "baseline-per-event" => run_baseline(&topic, &group, args.events, Baseline::PerEvent).await?,
             "naive" => run_naive(&topic, &group, args.naive_events).await?,
+            "read-only" => run_read_only(&topic, &group, args.events).await?,
             other => bail!("unknown variant {other}"),
         };
         println!("{}", serde_json::to_string(&r)?);
@@ -149,7 +150,16 @@ pub async fn run(args: ConsumeArgs) -> Result<()> {
     produce(&topic, args.events, args.keys, args.pad).await?;
     eprintln!("produced in {:.1}s", t.elapsed().as_secs_f64());
 
-    let all = ["oncely", "oncely-batch", "oncely-dups", "baseline", "baseline-pk", "baseline-per-event", "naive"];
+    let all = [
+        "read-only",
+        "oncely",
+        "oncely-batch",
+        "oncely-dups",
+        "baseline",
+        "baseline-pk",
+        "baseline-per-event",
+        "naive",
+    ];
     let wanted: Vec<&str> = match &args.only {
         Some(list) => all.iter().copied().filter(|v| list.split(',').any(|w| w.trim() == *v)).collect(),
         None => all.to_vec(),
@@ -212,6 +222,7 @@ pub async fn run(args: ConsumeArgs) -> Result<()> {
             println!("{label:<48} {r:.2}x");
         }
     };
+    show("duplicates-only replay / read-only ceiling", ratio("oncely-dups", "read-only"));
     show("batch handler / baseline_pk", ratio("oncely-batch", "baseline-pk"));
     show("batch handler / baseline (no index)", ratio("oncely-batch", "baseline"));
     show("per-event handler / baseline_per_event", ratio("oncely", "baseline-per-event"));
@@ -234,6 +245,7 @@ pub async fn run(args: ConsumeArgs) -> Result<()> {
                 "partitions": args.partitions,
                 "keys": args.keys,
                 "pad_bytes": args.pad,
+                "read_only_events_per_s": rate("read-only"),
                 "oncely_events_per_s": rate("oncely"),
                 "oncely_batch_handler_events_per_s": rate("oncely-batch"),
                 "oncely_duplicates_events_per_s": rate("oncely-dups"),
@@ -647,6 +659,36 @@ async fn write_baseline_batch(
         }
     }
     Ok(())
+}
+
+/// The ceiling: read every record and drop it (rdkafka's stream consumer,
+/// nothing copied, no database): what this machine's broker and client give.
+async fn run_read_only(topic: &str, group: &str, events: u64) -> Result<VariantResult> {
+    let consumer: StreamConsumer = oncely::kafka::KafkaConnection::new(bootstrap())
+        .client_config()?
+        .set("group.id", group)
+        .set("enable.auto.commit", "false")
+        .set("auto.offset.reset", "earliest")
+        .create()?;
+    consumer.subscribe(&[topic])?;
+    let mut n = 0u64;
+    let mut first: Option<Instant> = None;
+    while n < events {
+        let m = consumer.recv().await?;
+        first.get_or_insert_with(Instant::now);
+        std::hint::black_box(m.payload());
+        n += 1;
+    }
+    let seconds = first.map_or(0.0, |f| f.elapsed().as_secs_f64());
+    Ok(VariantResult {
+        variant: "read-only".into(),
+        events: n,
+        seconds,
+        events_per_s: n as f64 / seconds,
+        batch_p50_ms: None,
+        batch_p99_ms: None,
+        peak_rss_mb: peak_rss_mb(),
+    })
 }
 
 /// The naive pattern: per event, check the processed table, insert, commit

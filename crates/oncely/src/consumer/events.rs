@@ -18,26 +18,34 @@ pub fn events_counted(consumer: &str, topic: &str, outcome: &str) -> u64 {
     metrics::counter(EVENTS, &[("consumer", consumer), ("topic", topic), ("outcome", outcome)])
 }
 
-/// A duplicate delivery was skipped because the inbox already holds its identity.
-pub(crate) struct DuplicateSkipped<'a> {
+/// Duplicate deliveries were skipped because the inbox already holds their
+/// identities: logged one by one (at debug), counted once per batch.
+pub(crate) struct DuplicatesSkipped<'a> {
     pub consumer: &'a str,
     pub topic: &'a str,
     pub partition: i32,
-    pub offset: i64,
-    pub event_id: &'a crate::envelope::EventId,
+    /// `(offset, identity)` of each.
+    pub records: &'a [(i64, &'a crate::envelope::EventId)],
 }
 
-impl DuplicateSkipped<'_> {
+impl DuplicatesSkipped<'_> {
     pub fn emit(self) {
-        tracing::debug!(
-            consumer = self.consumer,
-            topic = self.topic,
-            partition = self.partition,
-            offset = self.offset,
-            event_id = %self.event_id,
-            "Skipped a duplicate delivery: the inbox already holds this event."
-        );
-        count_events(self.consumer, self.topic, "duplicate", 1);
+        if self.records.is_empty() {
+            return;
+        }
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            for (offset, id) in self.records {
+                tracing::debug!(
+                    consumer = self.consumer,
+                    topic = self.topic,
+                    partition = self.partition,
+                    offset,
+                    event_id = %id,
+                    "Skipped a duplicate delivery: the inbox already holds this event."
+                );
+            }
+        }
+        count_events(self.consumer, self.topic, "duplicate", self.records.len() as u64);
     }
 }
 

@@ -884,12 +884,11 @@ impl Lane {
             s.effects_wake.notify_one();
         }
 
-        let mut duplicates = 0u64;
+        let dups: Vec<(i64, &EventId)> = skipped.iter().filter(|s| s.3).map(|s| (s.0, s.1)).collect();
+        let duplicates = dups.len() as u64;
+        self.duplicates_skipped(&dups);
         for (offset, id, version, dup, key) in &skipped {
-            if *dup {
-                duplicates += 1;
-                self.duplicate_skipped(*offset, id);
-            } else {
+            if !*dup {
                 events::StaleSkipped {
                     consumer,
                     topic: &self.topic,
@@ -1135,9 +1134,8 @@ impl Lane {
         if processed > 0 && !s.registry.is_empty() {
             s.effects_wake.notify_one();
         }
-        for (offset, id) in &duplicates {
-            self.duplicate_skipped(*offset, id);
-        }
+        let dups: Vec<(i64, &EventId)> = duplicates.iter().map(|(o, id)| (*o, id)).collect();
+        self.duplicates_skipped(&dups);
         count_events(consumer, &self.topic, "processed", processed);
         count_events(consumer, &self.topic, "dead", dead);
         if held_key {
@@ -1243,13 +1241,12 @@ impl Lane {
         }
     }
 
-    fn duplicate_skipped(&self, offset: i64, id: &EventId) {
-        events::DuplicateSkipped {
+    fn duplicates_skipped(&self, records: &[(i64, &EventId)]) {
+        events::DuplicatesSkipped {
             consumer: &self.shared.name,
             topic: &self.topic,
             partition: self.partition,
-            offset,
-            event_id: id,
+            records,
         }
         .emit();
     }
