@@ -183,6 +183,10 @@ async fn metrics_are_served_in_prometheus_format() -> Result<()> {
     assert!(body.contains("# TYPE oncely_batch_seconds histogram"));
     let lag = format!(r#"oncely_lag_records{{consumer="{group}",topic="{topic}",partition="0"}} 0"#);
     assert!(body.contains(&lag), "{lag} not in\n{body}");
+    let lag_s = format!(r#"oncely_lag_seconds{{consumer="{group}",topic="{topic}",partition="0"}} 0"#);
+    assert!(body.contains(&lag_s), "{lag_s} not in\n{body}");
+    assert!(body.contains("content-type: application/openmetrics-text"), "{body}");
+    assert!(body.trim_end().ends_with("# EOF"), "{body}");
     assert!(body.lines().any(|l| l.starts_with("oncely_batch_seconds_count") && l.contains(&group)), "{body}");
     let _ = body.find("oncely_events_total").context("events")?;
     Ok(())

@@ -1,145 +1,195 @@
-//! Counters, gauges and histograms, and a Prometheus text endpoint.
+//! Counters, gauges and histograms in Prometheus/OpenMetrics form, through
+//! [`prometheus-client`](https://docs.rs/prometheus-client) (the Prometheus
+//! project's Rust client), and a small `GET /metrics` endpoint.
 //!
-//! A small process-wide registry keyed by metric name and labels: enough for
-//! the handful of series oncely exports, with no dependency. Every notable
-//! runtime event is one struct in [`crate::consumer::events`] that logs and
-//! counts through here.
+//! Every notable runtime event is one struct in [`crate::consumer::events`]
+//! that logs and counts through here. Hot paths hold a [`CounterHandle`] (or
+//! [`HistogramHandle`]) made once, so a count is an atomic add: no lock and no
+//! label allocation per event. An application that serves its own HTTP can
+//! mount [`render`] on its router (`GET /metrics` → `render()`, content type
+//! [`CONTENT_TYPE`]) or register oncely's metrics in its own registry with
+//! [`encode_into`].
 
-use std::collections::BTreeMap;
-use std::fmt::Write as _;
+use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Mutex, OnceLock};
+use std::sync::atomic::AtomicU64;
+use std::sync::{Mutex, OnceLock, RwLock};
 
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+/// A metric's labels.
 type Labels = Vec<(&'static str, String)>;
-
-#[derive(Debug, Default)]
-struct Registry {
-    counters: BTreeMap<(&'static str, Labels), f64>,
-    gauges: BTreeMap<(&'static str, Labels), f64>,
-    histograms: BTreeMap<(&'static str, Labels), Histogram>,
-    help: BTreeMap<&'static str, &'static str>,
-}
-
-#[derive(Debug, Clone)]
-struct Histogram {
-    counts: Vec<u64>,
-    sum: f64,
-    count: u64,
-}
+type Histograms = Family<Labels, Histogram, fn() -> Histogram>;
+type Gauges = Family<Labels, Gauge<f64, AtomicU64>>;
 
 /// Histogram buckets in seconds (batch and publish latencies).
 const BUCKETS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
 
-fn registry() -> &'static Mutex<Registry> {
-    static R: OnceLock<Mutex<Registry>> = OnceLock::new();
-    R.get_or_init(|| Mutex::new(Registry::default()))
+/// The content type of [`render`]'s output (OpenMetrics text).
+pub const CONTENT_TYPE: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
+
+fn histogram() -> Histogram {
+    Histogram::new(BUCKETS.iter().copied())
 }
 
-fn with<R>(f: impl FnOnce(&mut Registry) -> R) -> R {
-    let mut g = match registry().lock() {
-        Ok(g) => g,
-        // A panic while holding the lock leaves plain numbers behind: still usable.
+#[derive(Default)]
+struct Metrics {
+    registry: Mutex<Registry>,
+    counters: RwLock<HashMap<&'static str, Family<Labels, Counter>>>,
+    gauges: RwLock<HashMap<&'static str, Gauges>>,
+    histograms: RwLock<HashMap<&'static str, Histograms>>,
+}
+
+fn metrics() -> &'static Metrics {
+    static M: OnceLock<Metrics> = OnceLock::new();
+    M.get_or_init(Metrics::default)
+}
+
+/// Label values escaped as the text format requires (prometheus-client 0.23
+/// writes them as they are: a consumer name with a quote would break the page).
+fn labels(l: &[(&'static str, &str)]) -> Labels {
+    l.iter()
+        .map(|(k, v)| {
+            let v = if v.contains(['\\', '"', '\n']) {
+                v.replace('\\', "\\\\").replace('"', "\\\"").replace('\n', "\\n")
+            } else {
+                (*v).to_owned()
+            };
+            (*k, v)
+        })
+        .collect()
+}
+
+/// The family of `name` in `map`, registered on first use. prometheus-client
+/// appends `_total` to counters, so a counter is registered without it.
+fn family<
+    F: Clone
+        + prometheus_client::metrics::TypedMetric
+        + prometheus_client::encoding::EncodeMetric
+        + Send
+        + Sync
+        + std::fmt::Debug
+        + 'static,
+>(
+    map: &RwLock<HashMap<&'static str, F>>,
+    name: &'static str,
+    help: &'static str,
+    new: impl FnOnce() -> F,
+) -> F {
+    if let Some(f) = map.read().ok().and_then(|m| m.get(name).cloned()) {
+        return f;
+    }
+    let mut m = match map.write() {
+        Ok(m) => m,
         Err(p) => p.into_inner(),
     };
-    f(&mut g)
+    m.entry(name)
+        .or_insert_with(|| {
+            let f = new();
+            let mut r = match metrics().registry.lock() {
+                Ok(r) => r,
+                Err(p) => p.into_inner(),
+            };
+            r.register(name.strip_suffix("_total").unwrap_or(name), help, f.clone());
+            f
+        })
+        .clone()
 }
 
-fn labels(l: &[(&'static str, &str)]) -> Labels {
-    l.iter().map(|(k, v)| (*k, (*v).to_owned())).collect()
+fn counters(name: &'static str, help: &'static str) -> Family<Labels, Counter> {
+    family(&metrics().counters, name, help, Family::default)
 }
 
-/// Adds `n` to counter `name{labels}`.
+/// A counter with fixed labels, for hot paths: `inc` is an atomic add.
+#[derive(Debug, Clone)]
+pub struct CounterHandle(Counter);
+
+impl CounterHandle {
+    /// Adds `n`.
+    pub fn inc(&self, n: u64) {
+        if n > 0 {
+            self.0.inc_by(n);
+        }
+    }
+}
+
+/// The counter `name{labels}` as a handle (registered on first use).
+pub fn counter_handle(name: &'static str, help: &'static str, l: &[(&'static str, &str)]) -> CounterHandle {
+    let f = counters(name, help);
+    let c = f.get_or_create(&labels(l)).clone();
+    CounterHandle(c)
+}
+
+/// A histogram with fixed labels, for hot paths.
+#[derive(Debug, Clone)]
+pub struct HistogramHandle(Histogram);
+
+impl HistogramHandle {
+    /// Records `seconds`.
+    pub fn observe(&self, seconds: f64) {
+        self.0.observe(seconds);
+    }
+}
+
+/// The histogram `name{labels}` as a handle (registered on first use).
+pub fn histogram_handle(name: &'static str, help: &'static str, l: &[(&'static str, &str)]) -> HistogramHandle {
+    let f = family(&metrics().histograms, name, help, || Histograms::new_with_constructor(histogram));
+    let h = f.get_or_create(&labels(l)).clone();
+    HistogramHandle(h)
+}
+
+/// Adds `n` to counter `name{labels}` (rare events; hot paths hold a
+/// [`CounterHandle`]).
 pub fn inc(name: &'static str, help: &'static str, l: &[(&'static str, &str)], n: u64) {
-    with(|r| {
-        r.help.entry(name).or_insert(help);
-        *r.counters.entry((name, labels(l))).or_default() += n as f64;
-    });
+    if n > 0 {
+        counters(name, help).get_or_create(&labels(l)).inc_by(n);
+    }
 }
 
 /// Sets gauge `name{labels}` to `v`.
 pub fn set(name: &'static str, help: &'static str, l: &[(&'static str, &str)], v: f64) {
-    with(|r| {
-        r.help.entry(name).or_insert(help);
-        r.gauges.insert((name, labels(l)), v);
-    });
+    let f = family(&metrics().gauges, name, help, Family::default);
+    f.get_or_create(&labels(l)).set(v);
 }
 
 /// Records `seconds` in histogram `name{labels}`.
 pub fn observe(name: &'static str, help: &'static str, l: &[(&'static str, &str)], seconds: f64) {
-    with(|r| {
-        r.help.entry(name).or_insert(help);
-        let h = r.histograms.entry((name, labels(l))).or_insert_with(|| Histogram {
-            counts: vec![0; BUCKETS.len()],
-            sum: 0.0,
-            count: 0,
-        });
-        for (i, b) in BUCKETS.iter().enumerate() {
-            if seconds <= *b {
-                h.counts[i] += 1;
-            }
-        }
-        h.sum += seconds;
-        h.count += 1;
-    });
+    histogram_handle(name, help, l).observe(seconds);
 }
 
 /// The current value of counter `name` with exactly these labels (0 if never counted).
 pub fn counter(name: &'static str, l: &[(&'static str, &str)]) -> u64 {
-    with(|r| r.counters.get(&(name, labels(l))).copied().unwrap_or(0.0) as u64)
+    let Some(f) = metrics().counters.read().ok().and_then(|m| m.get(name).cloned()) else { return 0 };
+    let v = f.get_or_create(&labels(l)).get();
+    v
 }
 
-fn fmt_labels(l: &Labels, extra: Option<(&str, String)>) -> String {
-    let mut parts: Vec<String> =
-        l.iter().map(|(k, v)| format!("{k}=\"{}\"", v.replace('\\', "\\\\").replace('"', "\\\""))).collect();
-    if let Some((k, v)) = extra {
-        parts.push(format!("{k}=\"{v}\""));
-    }
-    if parts.is_empty() {
-        String::new()
-    } else {
-        format!("{{{}}}", parts.join(","))
-    }
-}
-
-/// Renders every series in the Prometheus text exposition format.
+/// Every series in the OpenMetrics text format ([`CONTENT_TYPE`]).
 pub fn render() -> String {
-    with(|r| {
-        let mut out = String::new();
-        let mut last = "";
-        for ((name, l), v) in &r.counters {
-            if *name != last {
-                let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} counter", r.help.get(name).unwrap_or(&""));
-                last = name;
-            }
-            let _ = writeln!(out, "{name}{} {v}", fmt_labels(l, None));
-        }
-        last = "";
-        for ((name, l), v) in &r.gauges {
-            if *name != last {
-                let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} gauge", r.help.get(name).unwrap_or(&""));
-                last = name;
-            }
-            let _ = writeln!(out, "{name}{} {v}", fmt_labels(l, None));
-        }
-        last = "";
-        for ((name, l), h) in &r.histograms {
-            if *name != last {
-                let _ = writeln!(out, "# HELP {name} {}\n# TYPE {name} histogram", r.help.get(name).unwrap_or(&""));
-                last = name;
-            }
-            for (i, b) in BUCKETS.iter().enumerate() {
-                let _ = writeln!(out, "{name}_bucket{} {}", fmt_labels(l, Some(("le", b.to_string()))), h.counts[i]);
-            }
-            let _ = writeln!(out, "{name}_bucket{} {}", fmt_labels(l, Some(("le", "+Inf".into()))), h.count);
-            let _ = writeln!(out, "{name}_sum{} {}", fmt_labels(l, None), h.sum);
-            let _ = writeln!(out, "{name}_count{} {}", fmt_labels(l, None), h.count);
-        }
-        out
-    })
+    let mut out = String::new();
+    let r = match metrics().registry.lock() {
+        Ok(r) => r,
+        Err(p) => p.into_inner(),
+    };
+    // Writing into a String cannot fail.
+    let _ = encode(&mut out, &r);
+    out
+}
+
+/// Encodes oncely's metrics into `out` (for an application that serves one
+/// page of its own metrics and oncely's): the OpenMetrics text of oncely's
+/// registry, without the final `# EOF` line.
+pub fn encode_into(out: &mut String) {
+    let text = render();
+    out.push_str(text.strip_suffix("# EOF\n").unwrap_or(&text));
 }
 
 /// Serves `GET /metrics` on `addr` until `shutdown`. Returns the bound address
@@ -158,13 +208,13 @@ pub async fn serve(addr: SocketAddr, shutdown: CancellationToken) -> crate::Resu
                 let mut buf = [0u8; 2048];
                 let n = sock.read(&mut buf).await.unwrap_or(0);
                 let req = String::from_utf8_lossy(&buf[..n]);
-                let (status, body) = if req.starts_with("GET /metrics") {
-                    ("200 OK", render())
+                let (status, ctype, body) = if req.starts_with("GET /metrics") {
+                    ("200 OK", CONTENT_TYPE, render())
                 } else {
-                    ("404 Not Found", "try GET /metrics\n".to_owned())
+                    ("404 Not Found", "text/plain", "try GET /metrics\n".to_owned())
                 };
                 let resp = format!(
-                    "HTTP/1.1 {status}\r\ncontent-type: text/plain; version=0.0.4\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    "HTTP/1.1 {status}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
                     body.len()
                 );
                 let _ = sock.write_all(resp.as_bytes()).await;
@@ -179,14 +229,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn renders_counters_and_histograms() {
+    fn renders_counters_gauges_and_histograms() {
         inc("oncely_test_total", "a test counter", &[("consumer", "c\"1")], 3);
+        let h = counter_handle("oncely_test_total", "a test counter", &[("consumer", "c2")]);
+        h.inc(2);
+        set("oncely_test_gauge", "a test gauge", &[("consumer", "c1")], 1.5);
         observe("oncely_test_seconds", "a test histogram", &[("consumer", "c1")], 0.02);
         let text = render();
-        assert!(text.contains("# TYPE oncely_test_total counter"), "{text}");
+        assert!(text.contains("# TYPE oncely_test counter"), "{text}");
         assert!(text.contains(r#"oncely_test_total{consumer="c\"1"} 3"#), "{text}");
-        assert!(text.contains(r#"oncely_test_seconds_bucket{consumer="c1",le="0.025"} 1"#), "{text}");
-        assert!(text.contains(r#"oncely_test_seconds_bucket{consumer="c1",le="0.01"} 0"#), "{text}");
+        assert!(text.contains(r#"oncely_test_total{consumer="c2"} 2"#), "{text}");
+        assert!(text.contains(r#"oncely_test_gauge{consumer="c1"} 1.5"#), "{text}");
+        assert!(text.contains(r#"oncely_test_seconds_bucket{le="0.025",consumer="c1"} 1"#), "{text}");
+        assert!(text.contains(r#"oncely_test_seconds_bucket{le="0.01",consumer="c1"} 0"#), "{text}");
+        assert!(text.ends_with("# EOF\n"));
         assert_eq!(counter("oncely_test_total", &[("consumer", "c\"1")]), 3);
+        assert_eq!(counter("oncely_test_total", &[("consumer", "c2")]), 2);
+        let mut mine = String::new();
+        encode_into(&mut mine);
+        assert!(!mine.contains("# EOF"));
     }
 }

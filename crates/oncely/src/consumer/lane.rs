@@ -91,6 +91,7 @@ pub(crate) fn spawn(
         stop: stop.clone(),
         epoch: 0,
         db_next: None,
+        committed_ts: None,
         next_read: None,
         pending: VecDeque::new(),
         pending_bytes: 0,
@@ -128,6 +129,8 @@ struct Lane {
     infra_failures: u32,
     retry_at: Option<Instant>,
     position: Arc<AtomicI64>,
+    /// The timestamp (ms) of the newest record committed, for `oncely_lag_seconds`.
+    committed_ts: Option<i64>,
     /// Keys with parked events in this partition.
     parked: HashSet<Vec<u8>>,
     /// Keys held (their head is a dead-lettered marker or held).
@@ -438,6 +441,7 @@ impl Lane {
                 self.infra_failures = 0;
                 self.db_next = Some(next);
                 self.position.store(next, Ordering::Release);
+                self.committed_ts = batch.last().and_then(|r| r.timestamp_ms).or(self.committed_ts);
                 for r in self.pending.drain(..n) {
                     self.pending_bytes -= r.size();
                 }
@@ -1266,15 +1270,26 @@ impl Lane {
                 }
                 if let Some((_, high)) = crate::admin::kafka::cached_watermarks(c.client(), &self.topic, self.partition)
                 {
+                    let partition = self.partition.to_string();
+                    let labels = [("consumer", &*self.shared.name), ("topic", &self.topic), ("partition", &partition)];
+                    let behind = (high - pos).max(0);
                     crate::metrics::set(
                         "oncely_lag_records",
                         "Records between the lane's position and the partition's high watermark (as last fetched).",
-                        &[
-                            ("consumer", &self.shared.name),
-                            ("topic", &self.topic),
-                            ("partition", &self.partition.to_string()),
-                        ],
-                        (high - pos).max(0) as f64,
+                        &labels,
+                        behind as f64,
+                    );
+                    // Caught up: no lag. Behind: how old the newest committed
+                    // record is (the records after it are at least as new).
+                    let seconds = match (behind, self.committed_ts) {
+                        (0, _) | (_, None) => 0.0,
+                        (_, Some(ts)) => (chrono::Utc::now().timestamp_millis() - ts).max(0) as f64 / 1000.0,
+                    };
+                    crate::metrics::set(
+                        "oncely_lag_seconds",
+                        "Age of the newest committed record while the lane is behind the high watermark (0 when caught up).",
+                        &labels,
+                        seconds,
                     );
                 }
             }
