@@ -57,6 +57,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod processor;
 pub mod store;
+pub mod telemetry;
 
 pub use consumer::{Consumer, ConsumerBuilder, Cx, HandlerError, RewindPolicy, State, Unrouted};
 pub use envelope::{Event, EventId, IdentitySource, Publisher};

@@ -81,14 +81,44 @@ enum Cmd {
     },
 }
 
+/// Logs to stderr; with the `otlp` feature and `OTEL_EXPORTER_OTLP_ENDPOINT`
+/// set, also exports spans over OTLP/HTTP (the returned provider flushes them
+/// when dropped).
+fn init_tracing() -> Option<Box<dyn std::any::Any>> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,oncely=info,payments=info"));
+    let registry =
+        tracing_subscriber::registry().with(filter).with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr));
+    #[cfg(feature = "otlp")]
+    if std::env::var_os("OTEL_EXPORTER_OTLP_ENDPOINT").is_some() {
+        use opentelemetry::trace::TracerProvider as _;
+        match opentelemetry_otlp::SpanExporter::builder().with_http().build() {
+            Ok(exporter) => {
+                let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder()
+                    .with_batch_exporter(exporter)
+                    .with_resource(opentelemetry_sdk::Resource::builder().with_service_name("payments").build())
+                    .build();
+                let layer = tracing_opentelemetry::layer().with_tracer(provider.tracer("payments"));
+                registry.with(layer).init();
+                struct Flush(opentelemetry_sdk::trace::SdkTracerProvider);
+                impl Drop for Flush {
+                    fn drop(&mut self) {
+                        let _ = self.0.shutdown();
+                    }
+                }
+                return Some(Box::new(Flush(provider)));
+            }
+            Err(e) => eprintln!("payments: OTLP exporter not started: {e}"),
+        }
+    }
+    registry.init();
+    None
+}
+
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,oncely=info,payments=info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    let _telemetry = init_tracing();
     let cli = Cli::parse();
     let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
         Ok(rt) => rt,

@@ -417,15 +417,24 @@ impl Lane {
         }
         let batch: Vec<Arc<RawRecord>> = self.pending.iter().take(n).cloned().collect();
         let started = Instant::now();
+        // OpenTelemetry messaging conventions (see `crate::telemetry`).
         let span = tracing::info_span!(
             "batch",
-            consumer = &*self.shared.name,
-            topic = %self.topic,
-            partition = self.partition,
-            first_offset = batch.first().map(|r| r.offset),
+            "otel.name" = %format_args!("process {}", self.topic),
+            "otel.kind" = "consumer",
+            "messaging.system" = "kafka",
+            "messaging.operation.type" = "process",
+            "messaging.operation.name" = "process",
+            "messaging.consumer.group.name" = &*self.shared.name,
+            "messaging.destination.name" = %self.topic,
+            "messaging.destination.partition.id" = %self.partition,
+            "messaging.batch.message_count" = batch.len() as i64,
+            "messaging.kafka.offset" = batch.first().map(|r| r.offset),
             last_offset = batch.last().map(|r| r.offset),
-            size = batch.len()
         );
+        for r in &batch {
+            crate::telemetry::add_link(&span, r.headers.iter().map(|(k, v)| (k.as_slice(), v.as_deref())));
+        }
         let mut result = self.process(&batch, false).instrument(span.clone()).await;
         if matches!(result, Ok(Outcome::NeedCareful)) {
             result = self.process(&batch, true).instrument(span).await;
@@ -804,7 +813,21 @@ impl Lane {
             if careful {
                 store::savepoint(cx.db(), Savepoint::Begin).await?;
             }
-            let span = tracing::debug_span!("event", event_id = %id, offset = rec.offset);
+            let span = tracing::info_span!(
+                "event",
+                "otel.name" = %format_args!("process {}", self.topic),
+                "otel.kind" = "consumer",
+                "messaging.system" = "kafka",
+                "messaging.operation.type" = "process",
+                "messaging.operation.name" = "process",
+                "messaging.consumer.group.name" = &*s.name,
+                "messaging.destination.name" = %self.topic,
+                "messaging.destination.partition.id" = %self.partition,
+                "messaging.message.id" = %id,
+                "messaging.kafka.offset" = rec.offset,
+                "messaging.kafka.message.key" = %crate::telemetry::key_attr(rec.key.as_deref()),
+            );
+            crate::telemetry::set_parent(&span, rec.headers.iter().map(|(k, v)| (k.as_slice(), v.as_deref())));
             let mut outcome = self.apply(&mut cx, id, version, ev, rec, key).instrument(span).await;
             if careful && outcome.is_ok() {
                 // The handler may have swallowed an SQL error, which leaves the

@@ -197,7 +197,9 @@ impl OutgoingEvent {
     }
 
     /// The record headers: the CloudEvents binary-mode headers, the content
-    /// type, then the extra headers.
+    /// type, then the extra headers. With the `otel` feature, an event with
+    /// no `traceparent` of its own gets the current span's
+    /// ([`crate::telemetry`]).
     pub fn headers(&self) -> Vec<(String, Vec<u8>)> {
         let mut h = self.attrs.to_headers();
         for (k, v) in h.iter_mut() {
@@ -206,6 +208,14 @@ impl OutgoingEvent {
             }
         }
         h.extend(self.extra.iter().cloned());
+        if !self.extra.iter().any(|(k, _)| k == H_TRACEPARENT) {
+            if let Some((parent, state)) = crate::telemetry::current_traceparent() {
+                h.push((H_TRACEPARENT.to_owned(), parent.into_bytes()));
+                if !state.is_empty() {
+                    h.push(("tracestate".to_owned(), state.into_bytes()));
+                }
+            }
+        }
         h
     }
 

@@ -1051,8 +1051,31 @@ impl Pump {
         let mut futures: Vec<(usize, DeliveryFuture)> = Vec::with_capacity(idx.len());
         let mut awaited = 0usize;
         let mut blocked: HashSet<(&str, Option<&[u8]>)> = HashSet::new();
+        // One `send` span per row, open until the group's deliveries are in.
+        let mut spans = Vec::with_capacity(idx.len());
         for (slot, &i) in idx.iter().enumerate() {
             let row = &rows[i];
+            let span = tracing::info_span!(
+                "send",
+                "otel.name" = %format_args!("send {}", row.topic),
+                "otel.kind" = "producer",
+                "messaging.system" = "kafka",
+                "messaging.operation.type" = "send",
+                "messaging.operation.name" = "send",
+                "messaging.destination.name" = %row.topic,
+                "messaging.message.id" = row
+                    .headers
+                    .iter()
+                    .find(|(k, _)| k == crate::envelope::H_ID.as_bytes())
+                    .and_then(|(_, v)| v.as_deref())
+                    .map(String::from_utf8_lossy)
+                    .as_deref()
+                    .unwrap_or_default(),
+                "messaging.kafka.message.key" = %crate::telemetry::key_attr(row.key.as_deref()),
+                outbox_id = row.id,
+            );
+            crate::telemetry::set_parent(&span, row.headers.iter().map(|(k, v)| (k.as_slice(), v.as_deref())));
+            spans.push(span);
             let key = (row.topic.as_str(), row.key.as_deref());
             if blocked.contains(&key) {
                 results[slot] = Some(Sent::Skipped);
