@@ -301,6 +301,20 @@ pub async fn release_key(pool: &PgPool, consumer: &str, entity_key: &[u8]) -> Re
     Ok(markers + n)
 }
 
+/// How a key of a consumer is held: its dead-lettered markers and its held
+/// events (both 0: the key is not held).
+pub async fn key_hold(pool: &PgPool, consumer: &str, entity_key: &[u8]) -> Result<(i64, i64)> {
+    let row = sqlx::query(
+        "SELECT count(*) FILTER (WHERE status = 'dead'), count(*) FILTER (WHERE status = 'held')
+           FROM oncely.parked WHERE consumer = $1 AND entity_key = $2",
+    )
+    .bind(consumer)
+    .bind(entity_key)
+    .fetch_one(pool)
+    .await?;
+    Ok((row.try_get(0)?, row.try_get(1)?))
+}
+
 /// Parked events of a consumer (all consumers when `None`), heads first.
 pub async fn list_parked(pool: &PgPool, consumer: Option<&str>, limit: i64) -> Result<Vec<ParkedRow>> {
     let rows = sqlx::query(
