@@ -234,10 +234,16 @@ impl Browser {
 
     /// Waits until the page's text contains `what`.
     async fn wait_text(&self, what: &str) -> Result<()> {
-        kit::wait_until(WAIT, &format!("the page to show `{what}`"), || async {
+        let waited = kit::wait_until(WAIT, &format!("the page to show `{what}`"), || async {
             Ok(self.body().await.map(|b| b.contains(what)).unwrap_or(false))
         })
-        .await
+        .await;
+        if waited.is_err() {
+            let url = self.client.current_url().await.map(|u| u.to_string()).unwrap_or_default();
+            let body = self.body().await.unwrap_or_default();
+            return waited.with_context(|| format!("at {url}, the page shows:\n{body}"));
+        }
+        waited
     }
 
     /// Saves a screenshot as `docs/console/<name>.png`.
@@ -314,8 +320,8 @@ async fn execute_form(b: &Browser) -> Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_reset_is_previewed_confirmed_through_the_form_refused_on_a_wrong_text_and_undone_from_the_page(
-) -> Result<()> {
+async fn a_reset_is_previewed_confirmed_through_the_form_refused_on_a_wrong_text_and_undone_from_the_page() -> Result<()>
+{
     let w = World::new("console-reset", 2).await?;
     w.produce(0, 10).await?;
     w.produce(1, 10).await?;
@@ -496,14 +502,20 @@ async fn the_console_guards_every_change() -> Result<()> {
     ensure!(!html.contains(&w.db.url) && !html.contains("oncely:oncely@"), "no secret on a page");
     let token = csrf_of(&html)?;
     let form = [("key", key), ("as", "done"), ("reason", "checked")];
-    let r = http.post(format!("{}/effects/resolve", c.url)).header("content-type", "application/x-www-form-urlencoded").body(serde_urlencoded::to_string(&form)?).send().await?;
+    let r = http
+        .post(format!("{}/effects/resolve", c.url))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(serde_urlencoded::to_string(&form)?)
+        .send()
+        .await?;
     assert_eq!(r.status(), 403, "no token");
     let mut with_token = form.to_vec();
     with_token.push(("csrf", &token));
     let r = http
         .post(format!("{}/effects/resolve", c.url))
         .header("Origin", "http://evil.example")
-        .header("content-type", "application/x-www-form-urlencoded").body(serde_urlencoded::to_string(&with_token)?)
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(serde_urlencoded::to_string(&with_token)?)
         .send()
         .await?;
     assert_eq!(r.status(), 403, "from another site");
@@ -522,7 +534,12 @@ async fn the_console_guards_every_change() -> Result<()> {
     let html = http.get(format!("{}/effects/resolve?{q}", c.url)).send().await?.text().await?;
     ensure!(!html.contains("id=\"execute-form\""), "a read-only console offers no action");
     ensure!(html.contains("READ-ONLY"));
-    let r = http.post(format!("{}/effects/resolve", c.url)).header("content-type", "application/x-www-form-urlencoded").body(serde_urlencoded::to_string(&with_token)?).send().await?;
+    let r = http
+        .post(format!("{}/effects/resolve", c.url))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .body(serde_urlencoded::to_string(&with_token)?)
+        .send()
+        .await?;
     assert_eq!(r.status(), 403);
     assert_eq!(status().await?, "unknown");
     drop(c);

@@ -16,7 +16,8 @@
 //!   headers. A read-only console refuses every POST.
 //! - **Headers**: a Content-Security-Policy that runs only the console's own
 //!   scripts (no inline script, even if a value were ever rendered raw), no
-//!   framing, no caching, no referrer.
+//!   framing, no caching, no referrer to other sites (`same-origin`: with `no-referrer`
+//!   browsers send `Origin: null`, which the CSRF check refuses).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -179,7 +180,8 @@ pub(crate) async fn check(State(c): State<Arc<Console>>, req: Request, next: Nex
         Some(users) => match users.check(req.headers()) {
             Some(name) => Operator { name, host: peer.unwrap_or_default(), signed_in: true },
             None => {
-                let mut r = refuse(StatusCode::UNAUTHORIZED, "Sign in: this console requires an operator name and secret.");
+                let mut r =
+                    refuse(StatusCode::UNAUTHORIZED, "Sign in: this console requires an operator name and secret.");
                 r.headers_mut().insert(
                     header::WWW_AUTHENTICATE,
                     HeaderValue::from_static("Basic realm=\"oncely console\", charset=\"UTF-8\""),
@@ -236,7 +238,7 @@ pub(crate) async fn check(State(c): State<Arc<Console>>, req: Request, next: Nex
         ),
     );
     h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("no-referrer"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("same-origin"));
     h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("DENY"));
     if !h.contains_key(header::CACHE_CONTROL) {
         h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));

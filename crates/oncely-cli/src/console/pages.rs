@@ -375,10 +375,8 @@ async fn group_live(cx: &Ctx, group: &str) -> oncely::Result<Option<GroupLive>> 
         return Ok(None);
     }
     let lag = lag_of(cx, Some(&[group.to_owned()])).await?.into_iter().next();
-    let by_part: BTreeMap<(String, i32), &oncely::admin::lag::PartitionLag> = lag
-        .iter()
-        .flat_map(|g| g.partitions.iter().map(|p| ((p.topic.clone(), p.partition), p)))
-        .collect();
+    let by_part: BTreeMap<(String, i32), &oncely::admin::lag::PartitionLag> =
+        lag.iter().flat_map(|g| g.partitions.iter().map(|p| ((p.topic.clone(), p.partition), p))).collect();
     let partitions = show
         .partitions
         .iter()
@@ -394,7 +392,13 @@ async fn group_live(cx: &Ctx, group: &str) -> oncely::Result<Option<GroupLive>> 
                 lag: view::opt(&p.lag),
                 time_lag: view::age_ms(l.and_then(|l| l.time_lag_ms)),
                 status: l.map(|l| l.evaluation.status.as_str().to_owned()).unwrap_or_default(),
-                moved_by: p.moved_by.clone().unwrap_or_else(|| if p.committed.is_some() { "other".into() } else { "-".into() }),
+                moved_by: p.moved_by.clone().unwrap_or_else(|| {
+                    if p.committed.is_some() {
+                        "other".into()
+                    } else {
+                        "-".into()
+                    }
+                }),
                 metadata: if p.metadata.is_empty() { "-".into() } else { p.metadata.clone() },
                 owner: view::opt(&p.owner),
             }
@@ -474,8 +478,9 @@ async fn group(cx: Ctx, Path(group): Path<String>) -> Response {
     let built = async {
         let Some(live) = group_live(&cx, &group).await? else { return Ok(None) };
         let snaps = snapshots::list(cx.pool(), Some(cx.session().cluster_id()), Some(&group), 500).await?;
-        let trail = audit::list(cx.pool(), &AuditFilter { group: Some(group.clone()), limit: Some(100), ..Default::default() })
-            .await?;
+        let trail =
+            audit::list(cx.pool(), &AuditFilter { group: Some(group.clone()), limit: Some(100), ..Default::default() })
+                .await?;
         let changes: Vec<AuditRecord> = trail.iter().filter(|r| r.action.starts_with("offsets.")).cloned().collect();
         let chart_json = view::script_json(&chart(&snaps, &live, &changes));
         Ok::<_, oncely::Error>(Some(GroupPage {
@@ -560,7 +565,9 @@ impl OffsetForm {
     fn options(&self) -> Result<PlanOptions, String> {
         let max_replay = match self.max_replay.trim() {
             "" => None,
-            n => Some(n.parse::<u64>().map_err(|_| format!("max replay must be a whole number of records (got `{n}`)"))?),
+            n => Some(
+                n.parse::<u64>().map_err(|_| format!("max replay must be a whole number of records (got `{n}`)"))?,
+            ),
         };
         Ok(PlanOptions { allow_clamp: self.allow_clamp.is_some(), max_replay })
     }
@@ -808,9 +815,7 @@ async fn reset_preview(cx: Ctx, Path(group): Path<String>, Query(f): Query<Offse
             String::new(),
             StatusCode::OK,
         ),
-        Err(e @ oncely::Error::Refused(_)) => {
-            reset_form_page(&cx, &group, &f, cx.text(&e), StatusCode::CONFLICT).await
-        }
+        Err(e @ oncely::Error::Refused(_)) => reset_form_page(&cx, &group, &f, cx.text(&e), StatusCode::CONFLICT).await,
         Err(e) => cx.failure(&e),
     }
 }
@@ -891,9 +896,7 @@ async fn reset_execute(cx: Ctx, Path(group): Path<String>, Form(f): Form<OffsetF
     };
     match cx.session().preview_reset(&req, cx.origin()).await {
         Ok(p) => execute_offsets(&cx, p, &f, format!("/groups/{}/reset", path_segment(&group)), reset_hidden(&f)).await,
-        Err(e @ oncely::Error::Refused(_)) => {
-            reset_form_page(&cx, &group, &f, cx.text(&e), StatusCode::CONFLICT).await
-        }
+        Err(e @ oncely::Error::Refused(_)) => reset_form_page(&cx, &group, &f, cx.text(&e), StatusCode::CONFLICT).await,
         Err(e) => cx.failure(&e),
     }
 }
@@ -977,7 +980,10 @@ async fn snapshots_page(cx: Ctx) -> Response {
     match snapshots::list(cx.pool(), Some(cx.session().cluster_id()), None, 200).await {
         Ok(list) => render(
             StatusCode::OK,
-            &SnapshotsPage { chrome: cx.chrome("Snapshots", "snapshots"), snapshots: list.iter().map(SnapRow::from).collect() },
+            &SnapshotsPage {
+                chrome: cx.chrome("Snapshots", "snapshots"),
+                snapshots: list.iter().map(SnapRow::from).collect(),
+            },
         ),
         Err(e) => cx.failure(&e),
     }
@@ -1092,11 +1098,18 @@ async fn dlq_letter(cx: Ctx, Path(id): Path<String>) -> Response {
                     redriven_at: view::time_opt(&r.redriven_at),
                     redrive_count: r.redrive_count,
                     key: Shown::of_opt(r.record.key.as_deref()),
-                    headers: r.record.headers.iter().map(|(k, v)| (Shown::of(k), Shown::of_opt(v.as_deref()))).collect(),
+                    headers: r
+                        .record
+                        .headers
+                        .iter()
+                        .map(|(k, v)| (Shown::of(k), Shown::of_opt(v.as_deref())))
+                        .collect(),
                     payload: Shown::of_opt(r.record.payload.as_deref()),
                 },
             ),
-            None => cx.message(StatusCode::NOT_FOUND, "Not found", &format!("dead letter {id} does not exist"), "error"),
+            None => {
+                cx.message(StatusCode::NOT_FOUND, "Not found", &format!("dead letter {id} does not exist"), "error")
+            }
         },
         Err(e) => cx.failure(&e),
     }
@@ -1176,12 +1189,20 @@ async fn redrive_execute(cx: Ctx, Form(fields): Form<Vec<(String, String)>>) -> 
     };
     match confirmed.execute(cx.session()).await {
         Ok(done) => {
-            let sent: Vec<String> =
-                done.redriven.iter().map(|r| format!("#{} → {}[{}]@{}", r.id, r.topic, r.partition, r.offset)).collect();
+            let sent: Vec<String> = done
+                .redriven
+                .iter()
+                .map(|r| format!("#{} → {}[{}]@{}", r.id, r.topic, r.partition, r.offset))
+                .collect();
             cx.message_links(
                 StatusCode::OK,
                 "Redriven",
-                &format!("Redrove {} dead letter(s) (audit #{}): {}", done.redriven.len(), done.audit_id, sent.join(", ")),
+                &format!(
+                    "Redrove {} dead letter(s) (audit #{}): {}",
+                    done.redriven.len(),
+                    done.audit_id,
+                    sent.join(", ")
+                ),
                 "notice",
                 vec![("/dlq?all=on".into(), "Dead letters".into())],
             )
@@ -1272,10 +1293,7 @@ impl KeyForm {
     }
 }
 
-async fn release_preview_of(
-    cx: &Ctx,
-    f: &KeyForm,
-) -> Result<Preview<oncely::admin::dlq::KeyRelease>, Response> {
+async fn release_preview_of(cx: &Ctx, f: &KeyForm) -> Result<Preview<oncely::admin::dlq::KeyRelease>, Response> {
     let key = parse_hex(&f.key_hex).map_err(|m| cx.message(StatusCode::BAD_REQUEST, "Bad input", &m, "error"))?;
     if f.consumer.trim().is_empty() {
         return Err(cx.message(StatusCode::BAD_REQUEST, "Bad input", "name the consumer", "error"));
@@ -1283,7 +1301,12 @@ async fn release_preview_of(
     cx.session().preview_release(&f.consumer, &key, cx.origin()).await.map_err(|e| cx.failure(&e))
 }
 
-fn release_page(cx: &Ctx, p: &Preview<oncely::admin::dlq::KeyRelease>, message: String, status: StatusCode) -> Response {
+fn release_page(
+    cx: &Ctx,
+    p: &Preview<oncely::admin::dlq::KeyRelease>,
+    message: String,
+    status: StatusCode,
+) -> Response {
     render(
         status,
         &OpPreviewPage {
@@ -1468,7 +1491,9 @@ async fn effect_decide(cx: Ctx, f: KeyForm, retry: bool) -> Response {
     };
     let confirmed = match p.confirm(cx.session(), f.typed()).await {
         Ok(c) => c,
-        Err(e) => return effect_page(&cx, &p, &f, format!("Nothing was changed: {}", cx.text(&e)), StatusCode::CONFLICT),
+        Err(e) => {
+            return effect_page(&cx, &p, &f, format!("Nothing was changed: {}", cx.text(&e)), StatusCode::CONFLICT)
+        }
     };
     match confirmed.execute(cx.session()).await {
         Ok(done) => cx.message_links(
@@ -1668,7 +1693,9 @@ mod tests {
     fn bad_input_is_a_sentence() {
         let e = reset_request("g", &form("datetime", "2026-03-21T02:44:00", "")).expect_err("no zone");
         assert!(e.contains("zone"), "{e}");
-        assert!(reset_request("g", &form("offset", "ten", "")).expect_err("nan").contains("`ten` is not a whole number"));
+        assert!(reset_request("g", &form("offset", "ten", ""))
+            .expect_err("nan")
+            .contains("`ten` is not a whole number"));
         assert!(reset_request("g", &form("offset", "", "")).expect_err("empty").contains("needs a value"));
         assert!(reset_request("g", &form("nowhere", "", "")).expect_err("target").contains("unknown target"));
         let f = OffsetForm { max_replay: "-3".into(), ..form("earliest", "", "") };
