@@ -234,7 +234,11 @@ impl Browser {
 
     /// Waits until the page's text contains `what`.
     async fn wait_text(&self, what: &str) -> Result<()> {
-        let waited = kit::wait_until(WAIT, &format!("the page to show `{what}`"), || async {
+        self.wait_text_for(what, WAIT).await
+    }
+
+    async fn wait_text_for(&self, what: &str, wait: Duration) -> Result<()> {
+        let waited = kit::wait_until(wait, &format!("the page to show `{what}`"), || async {
             Ok(self.body().await.map(|b| b.contains(what)).unwrap_or(false))
         })
         .await;
@@ -292,7 +296,9 @@ async fn the_groups_page_shows_a_rewound_groups_rewind_badge_and_its_history() -
     let console = w.console("local", &[]).await?;
     let b = Browser::start().await?;
     b.goto(&console.url).await?;
-    b.wait_text(&w.group).await?;
+    // The page fills in as the background round over every group of the
+    // (shared, busy) cluster ends: wait for it by the page's own polling.
+    b.wait_text_for(&w.group, Duration::from_secs(300)).await?;
     let row = format!("tr[data-group='{}'] .status", w.group);
     assert_eq!(b.text(&row).await?, "REWIND", "the rewound group is flagged");
     b.screenshot("groups").await?;
@@ -505,7 +511,7 @@ async fn the_console_guards_every_change() -> Result<()> {
     let r = http
         .post(format!("{}/effects/resolve", c.url))
         .header("content-type", "application/x-www-form-urlencoded")
-        .body(serde_urlencoded::to_string(&form)?)
+        .body(serde_urlencoded::to_string(form)?)
         .send()
         .await?;
     assert_eq!(r.status(), 403, "no token");

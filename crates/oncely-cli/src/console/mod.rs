@@ -60,6 +60,48 @@ pub(crate) struct Console {
     guard: guard::Guard,
     /// Live lag values kept between refreshes (Burrow's window needs history).
     history: Mutex<LagHistory>,
+    /// The same for one group's page (its own, so that a page never waits
+    /// for the background round over every group).
+    group_history: Mutex<LagHistory>,
+    /// The last round of every group's lag, refreshed in the background: a
+    /// cluster may have hundreds of groups, and a page (or many open tabs)
+    /// must not each evaluate them all.
+    groups: tokio::sync::RwLock<Option<GroupsRound>>,
+}
+
+/// One evaluation of every group's lag.
+#[derive(Debug, Clone)]
+pub(crate) struct GroupsRound {
+    pub(crate) at: chrono::DateTime<chrono::Utc>,
+    pub(crate) groups: Vec<oncely::admin::lag::GroupLag>,
+    pub(crate) error: Option<String>,
+}
+
+/// How long the background refresh waits between rounds.
+const GROUPS_REFRESH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Evaluates every group's lag, round after round, for the groups page.
+async fn refresh_groups(c: Arc<Console>) {
+    loop {
+        let round = {
+            let mut history = c.history.lock().await;
+            c.session.lag(None, oncely::admin::lag::LagOptions::default(), &mut history).await
+        };
+        let round = match round {
+            Ok(groups) => GroupsRound { at: chrono::Utc::now(), groups, error: None },
+            Err(e) => {
+                tracing::warn!(error = %e, "Could not evaluate the groups' lag.");
+                let last = c.groups.read().await.clone();
+                GroupsRound {
+                    at: chrono::Utc::now(),
+                    groups: last.map(|l| l.groups).unwrap_or_default(),
+                    error: Some(c.guard.scrub(&e.to_string())),
+                }
+            }
+        };
+        *c.groups.write().await = Some(round);
+        tokio::time::sleep(GROUPS_REFRESH).await;
+    }
 }
 
 pub(crate) async fn run(cli: &Cli, a: &ConsoleArgs) -> anyhow::Result<ExitCode> {
@@ -83,7 +125,10 @@ pub(crate) async fn run(cli: &Cli, a: &ConsoleArgs) -> anyhow::Result<ExitCode> 
         session,
         read_only: a.read_only,
         history: Mutex::new(LagHistory::default()),
+        group_history: Mutex::new(LagHistory::default()),
+        groups: tokio::sync::RwLock::new(None),
     });
+    let refresher = tokio::spawn(refresh_groups(state.clone()));
     let app = pages::router(state.clone());
     // The first line on stdout is the address (scripts and tests read it).
     println!("oncely console listening on http://{addr}/");
@@ -97,5 +142,6 @@ pub(crate) async fn run(cli: &Cli, a: &ConsoleArgs) -> anyhow::Result<ExitCode> 
         .with_graceful_shutdown(crate::offsets::interrupted())
         .await
         .context("serving the console")?;
+    refresher.abort();
     Ok(ExitCode::SUCCESS)
 }

@@ -222,32 +222,32 @@ struct GroupsTable {
 }
 
 async fn lag_of(cx: &Ctx, groups: Option<&[String]>) -> oncely::Result<Vec<GroupLag>> {
-    let mut history = cx.c.history.lock().await;
+    let mut history = cx.c.group_history.lock().await;
     cx.session().lag(groups, LagOptions::default(), &mut history).await
 }
 
-async fn groups(cx: Ctx) -> Response {
-    match lag_of(&cx, None).await {
-        Ok(l) => render(
-            StatusCode::OK,
-            &GroupsPage {
-                chrome: cx.chrome("Groups", "groups"),
-                groups: l.iter().map(GroupRow::from).collect(),
-                fetched_at: view::time(&Utc::now()),
+/// The groups as the background refresh last evaluated them.
+async fn groups_now(cx: &Ctx) -> (Vec<GroupRow>, String) {
+    match cx.c.groups.read().await.as_ref() {
+        Some(r) => (
+            r.groups.iter().map(GroupRow::from).collect(),
+            match &r.error {
+                None => view::time(&r.at),
+                Some(e) => format!("{} — the last refresh failed: {e}", view::time(&r.at)),
             },
         ),
-        Err(e) => cx.failure(&e),
+        None => (Vec::new(), "— reading every group's offsets (the first round takes a moment)".to_owned()),
     }
 }
 
+async fn groups(cx: Ctx) -> Response {
+    let (groups, fetched_at) = groups_now(&cx).await;
+    render(StatusCode::OK, &GroupsPage { chrome: cx.chrome("Groups", "groups"), groups, fetched_at })
+}
+
 async fn groups_fragment(cx: Ctx) -> Response {
-    match lag_of(&cx, None).await {
-        Ok(l) => render(
-            StatusCode::OK,
-            &GroupsTable { groups: l.iter().map(GroupRow::from).collect(), fetched_at: view::time(&Utc::now()) },
-        ),
-        Err(e) => cx.failure(&e),
-    }
+    let (groups, fetched_at) = groups_now(&cx).await;
+    render(StatusCode::OK, &GroupsTable { groups, fetched_at })
 }
 
 struct PartRow {
@@ -516,7 +516,7 @@ async fn group_fragment(cx: Ctx, Path(group): Path<String>) -> Response {
 }
 
 async fn snapshot_now(cx: Ctx, Path(group): Path<String>) -> Response {
-    match cx.session().snapshot_groups(Some(&[group.clone()]), SnapshotReason::Manual).await {
+    match cx.session().snapshot_groups(Some(std::slice::from_ref(&group)), SnapshotReason::Manual).await {
         Ok(round) if round.failed.is_empty() => {
             Redirect::to(&format!("/groups/{}", path_segment(&group))).into_response()
         }
