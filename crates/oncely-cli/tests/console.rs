@@ -533,6 +533,38 @@ async fn the_console_guards_every_change() -> Result<()> {
     assert_eq!(r.status(), 200);
     assert_eq!(status().await?, "unknown");
     assert!(w.audit_rows("effects.resolve").await?.is_empty(), "nothing was even attempted");
+
+    // Every page renders; bad input is a message; no page shows a secret.
+    sqlx::query(
+        r#"INSERT INTO oncely.parked (consumer, topic, partition, "offset", entity_key, key, status)
+           VALUES ('pay', 'orders', 0, 1, '\xff00'::bytea, '\xff00'::bytea, 'dead'), ('pay', 'orders', 0, 2, '\xff00'::bytea, '\xff00'::bytea, 'held')"#,
+    )
+    .execute(&w.db.pool)
+    .await?;
+    for (path, want, text) in [
+        ("/", 200, "Consumer groups"),
+        ("/snapshots", 200, "Snapshots"),
+        ("/dlq", 200, "Dead letters"),
+        ("/parked", 200, "key_hex=ff00"),
+        ("/parked/release?consumer=pay&key_hex=ff00", 200, "held events"),
+        ("/parked/release?consumer=pay&key_hex=00", 200, "REFUSED: no held events for key \\u{0}"),
+        ("/parked/release?consumer=pay&key_hex=zz", 400, "is not hex"),
+        ("/effects", 200, key),
+        ("/outbox", 200, "relays running"),
+        ("/audit?since=24h", 200, "Audit log"),
+        ("/audit?since=yesterday", 400, "Since:"),
+        ("/groups/no-such-group-here", 404, "Unknown group"),
+        ("/groups/no-such-group-here/reset/preview?target=offset&value=ten", 400, "is not a whole number"),
+        ("/dlq/abc", 400, "is not a dead letter id"),
+        ("/nowhere", 404, "no such page"),
+    ] {
+        let r = http.get(format!("{}{path}", c.url)).send().await?;
+        let code = r.status().as_u16();
+        let body = r.text().await?;
+        ensure!(code == want, "{path}: {code}, not {want}:\n{body}");
+        ensure!(body.contains(text), "{path} does not show `{text}`:\n{body}");
+        ensure!(!body.contains(&w.db.url) && !body.contains("oncely:oncely@"), "{path} shows a secret");
+    }
     drop(c);
 
     // Read-only: every POST refused, even with the token.
