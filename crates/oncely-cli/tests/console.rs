@@ -301,7 +301,13 @@ async fn the_groups_page_shows_a_rewound_groups_rewind_badge_and_its_history() -
     b.wait_text_for(&w.group, Duration::from_secs(300)).await?;
     let row = format!("tr[data-group='{}'] .status", w.group);
     assert_eq!(b.text(&row).await?, "REWIND", "the rewound group is flagged");
+    assert_eq!(b.text("#groups tbody tr:first-child .status").await?, "REWIND", "the worst groups come first");
     b.screenshot("groups").await?;
+    // Filtered by name: just this group.
+    b.goto(&format!("{}/?q={}", console.url, w.group)).await?;
+    b.wait_text(&w.group).await?;
+    let rows = b.client.find_all(Locator::Css("#groups tbody tr")).await?;
+    assert_eq!(rows.len(), 1, "the filter keeps only the named group");
 
     // Its page: partitions, the chart of its history, the trail.
     b.click(&format!("tr[data-group='{}'] a", w.group)).await?;
@@ -400,6 +406,16 @@ async fn a_reset_is_previewed_confirmed_through_the_form_refused_on_a_wrong_text
     b.wait_text("Audit trail").await?;
     let trail = b.text("#audit").await?;
     ensure!(trail.contains("offsets.reset") && trail.contains("offsets.undo"), "{trail}");
+    kit::wait_until(WAIT, "the chart to be drawn", || async {
+        Ok(b.client.find(Locator::Css("#offset-chart canvas")).await.is_ok())
+    })
+    .await?;
+    let data = b.client.execute("return document.getElementById('chart-data').textContent;", vec![]).await?;
+    let data: serde_json::Value = serde_json::from_str(data.as_str().unwrap_or_default())?;
+    let kinds: Vec<&str> =
+        data["marks"].as_array().map(|m| m.iter().filter_map(|m| m["kind"].as_str()).collect()).unwrap_or_default();
+    assert_eq!(kinds, ["reset", "undo"], "both changes are marked on the chart: {data}");
+    b.screenshot("group-changes").await?;
     b.close().await?;
     Ok(())
 }

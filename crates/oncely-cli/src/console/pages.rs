@@ -212,6 +212,7 @@ struct GroupsPage {
     chrome: Chrome,
     groups: Vec<GroupRow>,
     fetched_at: String,
+    q: String,
 }
 
 #[derive(Template)]
@@ -219,6 +220,7 @@ struct GroupsPage {
 struct GroupsTable {
     groups: Vec<GroupRow>,
     fetched_at: String,
+    q: String,
 }
 
 async fn lag_of(cx: &Ctx, groups: Option<&[String]>) -> oncely::Result<Vec<GroupLag>> {
@@ -226,28 +228,44 @@ async fn lag_of(cx: &Ctx, groups: Option<&[String]>) -> oncely::Result<Vec<Group
     cx.session().lag(groups, LagOptions::default(), &mut history).await
 }
 
-/// The groups as the background refresh last evaluated them.
-async fn groups_now(cx: &Ctx) -> (Vec<GroupRow>, String) {
+#[derive(Debug, Default, Deserialize)]
+#[serde(default)]
+struct GroupsQuery {
+    /// Only groups whose name contains this.
+    q: String,
+}
+
+/// The groups as the background refresh last evaluated them, worst first
+/// (REWIND, STOP, STALL, WARN, then OK; the most lag first within each), so
+/// that at 3 AM the group in trouble is the first line, however many
+/// groups the cluster has.
+async fn groups_now(cx: &Ctx, q: &str) -> (Vec<GroupRow>, String) {
     match cx.c.groups.read().await.as_ref() {
-        Some(r) => (
-            r.groups.iter().map(GroupRow::from).collect(),
-            match &r.error {
-                None => view::time(&r.at),
-                Some(e) => format!("{} — the last refresh failed: {e}", view::time(&r.at)),
-            },
-        ),
+        Some(r) => {
+            let mut groups: Vec<&GroupLag> = r.groups.iter().filter(|g| g.group.contains(q)).collect();
+            groups.sort_by(|a, b| {
+                b.status.cmp(&a.status).then(b.total_lag.cmp(&a.total_lag)).then(a.group.cmp(&b.group))
+            });
+            (
+                groups.into_iter().map(GroupRow::from).collect(),
+                match &r.error {
+                    None => view::time(&r.at),
+                    Some(e) => format!("{} — the last refresh failed: {e}", view::time(&r.at)),
+                },
+            )
+        }
         None => (Vec::new(), "— reading every group's offsets (the first round takes a moment)".to_owned()),
     }
 }
 
-async fn groups(cx: Ctx) -> Response {
-    let (groups, fetched_at) = groups_now(&cx).await;
-    render(StatusCode::OK, &GroupsPage { chrome: cx.chrome("Groups", "groups"), groups, fetched_at })
+async fn groups(cx: Ctx, Query(q): Query<GroupsQuery>) -> Response {
+    let (groups, fetched_at) = groups_now(&cx, &q.q).await;
+    render(StatusCode::OK, &GroupsPage { chrome: cx.chrome("Groups", "groups"), groups, fetched_at, q: q.q })
 }
 
-async fn groups_fragment(cx: Ctx) -> Response {
-    let (groups, fetched_at) = groups_now(&cx).await;
-    render(StatusCode::OK, &GroupsTable { groups, fetched_at })
+async fn groups_fragment(cx: Ctx, Query(q): Query<GroupsQuery>) -> Response {
+    let (groups, fetched_at) = groups_now(&cx, &q.q).await;
+    render(StatusCode::OK, &GroupsTable { groups, fetched_at, q: q.q })
 }
 
 struct PartRow {
