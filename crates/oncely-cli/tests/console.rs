@@ -436,6 +436,19 @@ async fn a_redrive_dry_run_shows_the_records_it_would_send_and_hostile_bytes_ren
     .bind(vec![Some(b"1".to_vec()), Some(b"<img src=x onerror=alert(1)>".to_vec())])
     .fetch_one(&w.db.pool)
     .await?;
+    let mut others = Vec::new();
+    for offset in [8i64, 9] {
+        let other: i64 = sqlx::query_scalar(
+            r#"INSERT INTO oncely.dead_letters (consumer, topic, partition, "offset", event_id, key, payload, reason, error, error_class)
+               VALUES ('pay', $1, 0, $2, $3, 'k2', '{}', 'rejected', 'boom', 'test') RETURNING id"#,
+        )
+        .bind(&w.topic)
+        .bind(offset)
+        .bind(format!("/s#{offset}"))
+        .fetch_one(&w.db.pool)
+        .await?;
+        others.push(other);
+    }
     let console = w.console("local", &[]).await?;
     let b = Browser::start().await?;
 
@@ -476,8 +489,26 @@ async fn a_redrive_dry_run_shows_the_records_it_would_send_and_hostile_bytes_ren
         .fetch_one(&w.db.pool)
         .await?;
     assert_eq!(count, 1);
+
+    // A slow redrive (all three at 0.5/s: 4 s) runs in the console and the
+    // page follows it without a reload.
+    b.goto(&format!("{}/dlq?all=on", console.url)).await?;
+    b.wait_text("Dead letters").await?;
+    for i in std::iter::once(id).chain(others.iter().copied()) {
+        b.click(&format!("#pick-{i}")).await?;
+    }
+    b.fill("#rate", "0.5").await?;
+    b.click("#redrive-dry-run").await?;
+    b.wait_text("Redrive: dry run").await?;
+    b.click("#execute").await?;
+    b.wait_text("going on at the rate limit").await?;
+    b.client.execute("window.__same_page = true;", vec![]).await?;
+    b.wait_text("Redrove 3 dead letter(s)").await?;
+    let same = b.client.execute("return window.__same_page === true;", vec![]).await?;
+    assert_eq!(same, serde_json::Value::Bool(true), "no reload: the page updated itself");
+    ensure!(b.text("#job-progress").await?.starts_with("3 of 3"));
     let rows = w.audit_rows("dlq.redrive").await?;
-    assert_eq!(rows.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(), ["succeeded"]);
+    assert_eq!(rows.iter().map(|r| r.0.as_str()).collect::<Vec<_>>(), ["succeeded", "succeeded"]);
     b.close().await?;
     Ok(())
 }

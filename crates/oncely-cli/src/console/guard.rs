@@ -13,7 +13,9 @@
 //!   GET or HEAD must be a POST whose form carries `csrf`, a random token of
 //!   this process that only the console's own pages contain; a request from
 //!   another site is also refused on its `Origin` / `Sec-Fetch-Site`
-//!   headers. A read-only console refuses every POST.
+//!   headers. A read-only console refuses every POST, and every POST first
+//!   checks the live cluster id again (the console runs for hours; the
+//!   bootstrap address may lead elsewhere by now).
 //! - **Headers**: a Content-Security-Policy that runs only the console's own
 //!   scripts (no inline script, even if a value were ever rendered raw), no
 //!   framing, no caching, no referrer to other sites (`same-origin`: with `no-referrer`
@@ -225,6 +227,18 @@ pub(crate) async fn check(State(c): State<Arc<Console>>, req: Request, next: Nex
                 StatusCode::FORBIDDEN,
                 "The form's CSRF token is missing or stale (the console restarted?): reload the page and try again.",
             );
+        }
+        // A console runs for hours: the bootstrap address may lead to another
+        // cluster by now. Asked again before every change, as `lag --watch`
+        // does every round.
+        if let Err(e) = c.session.recheck_cluster().await {
+            let why = match e {
+                oncely::Error::Refused(r) => format!("{r}: this console refuses every change; restart it"),
+                other => {
+                    format!("the cluster id could not be checked before the change ({other}): nothing was changed")
+                }
+            };
+            return refuse(StatusCode::CONFLICT, &g.scrub(&why));
         }
         Request::from_parts(parts, Body::from(bytes))
     };

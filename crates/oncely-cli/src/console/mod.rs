@@ -67,6 +67,27 @@ pub(crate) struct Console {
     /// cluster may have hundreds of groups, and a page (or many open tabs)
     /// must not each evaluate them all.
     groups: tokio::sync::RwLock<Option<GroupsRound>>,
+    /// Redrives started from the console (the last [`KEPT_JOBS`]).
+    jobs: std::sync::Mutex<std::collections::BTreeMap<u64, Arc<pages::RedriveJob>>>,
+}
+
+/// How many finished or running redrives the console remembers.
+const KEPT_JOBS: usize = 100;
+
+impl Console {
+    fn add_job(&self, job: Arc<pages::RedriveJob>) -> u64 {
+        let mut jobs = self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let id = jobs.keys().next_back().map_or(1, |k| k + 1);
+        jobs.insert(id, job);
+        while jobs.len() > KEPT_JOBS {
+            jobs.pop_first();
+        }
+        id
+    }
+
+    fn job(&self, id: u64) -> Option<Arc<pages::RedriveJob>> {
+        self.jobs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&id).cloned()
+    }
 }
 
 /// One evaluation of every group's lag.
@@ -127,6 +148,7 @@ pub(crate) async fn run(cli: &Cli, a: &ConsoleArgs) -> anyhow::Result<ExitCode> 
         history: Mutex::new(LagHistory::default()),
         group_history: Mutex::new(LagHistory::default()),
         groups: tokio::sync::RwLock::new(None),
+        jobs: std::sync::Mutex::new(Default::default()),
     });
     let refresher = tokio::spawn(refresh_groups(state.clone()));
     let app = pages::router(state.clone());

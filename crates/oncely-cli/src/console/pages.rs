@@ -52,6 +52,8 @@ pub(crate) fn router(state: Shared) -> Router {
         .route("/dlq", get(dlq_list))
         .route("/dlq/redrive", get(redrive_preview).post(redrive_execute))
         .route("/dlq/{id}", get(dlq_letter))
+        .route("/jobs/{id}", get(job_page))
+        .route("/fragments/jobs/{id}", get(job_fragment))
         .route("/parked", get(parked))
         .route("/parked/release", get(release_preview).post(release_execute))
         .route("/effects", get(effects))
@@ -1196,36 +1198,126 @@ async fn redrive_execute(cx: Ctx, Form(fields): Form<Vec<(String, String)>>) -> 
         Ok(r) => r,
         Err(m) => return cx.message(StatusCode::BAD_REQUEST, "Bad input", &m, "error"),
     };
-    let typed = fields.iter().find(|(k, _)| k == "confirm").map(|(_, v)| v.as_str()).filter(|v| !v.is_empty());
+    let typed = fields.iter().find(|(k, _)| k == "confirm").map(|(_, v)| v.clone()).filter(|v| !v.is_empty());
     let p = match cx.session().preview_redrive(&req, cx.origin()).await {
         Ok(p) => p,
         Err(e) => return cx.failure(&e),
     };
-    let confirmed = match p.confirm(cx.session(), typed).await {
-        Ok(c) => c,
-        Err(e) => return redrive_page(&cx, &p, format!("Nothing was sent: {}", cx.text(&e)), StatusCode::CONFLICT),
-    };
-    match confirmed.execute(cx.session()).await {
-        Ok(done) => {
-            let sent: Vec<String> = done
-                .redriven
-                .iter()
-                .map(|r| format!("#{} → {}[{}]@{}", r.id, r.topic, r.partition, r.offset))
-                .collect();
-            cx.message_links(
-                StatusCode::OK,
-                "Redriven",
-                &format!(
-                    "Redrove {} dead letter(s) (audit #{}): {}",
-                    done.redriven.len(),
-                    done.audit_id,
-                    sent.join(", ")
-                ),
-                "notice",
-                vec![("/dlq?all=on".into(), "Dead letters".into())],
-            )
+    // A redrive is rate limited (1 000 letters at 10/s take 100 s): it runs
+    // in a task of the console, and the page follows its progress.
+    let job = Arc::new(RedriveJob {
+        total: p.dead_letters.len(),
+        progress: p.progress(),
+        outcome: std::sync::Mutex::new(None),
+    });
+    let (confirmed_tx, confirmed_rx) = tokio::sync::oneshot::channel::<Result<(), String>>();
+    let (session, guard_job, c) = (cx.c.session.clone(), job.clone(), cx.c.clone());
+    tokio::spawn(async move {
+        let outcome = match p.confirm(&session, typed.as_deref()).await {
+            Err(e) => {
+                let _ = confirmed_tx.send(Err(c.guard.scrub(&e.to_string())));
+                return;
+            }
+            Ok(confirmed) => {
+                let _ = confirmed_tx.send(Ok(()));
+                match confirmed.execute(&session).await {
+                    Ok(done) => {
+                        let sent: Vec<String> = done
+                            .redriven
+                            .iter()
+                            .map(|r| format!("#{} → {}[{}]@{}", r.id, r.topic, r.partition, r.offset))
+                            .collect();
+                        Ok(format!(
+                            "Redrove {} dead letter(s) (audit #{}): {}",
+                            done.redriven.len(),
+                            done.audit_id,
+                            sent.join(", ")
+                        ))
+                    }
+                    Err(e) => {
+                        Err(c.guard.scrub(&format!("the redrive stopped: {e} (the audit record says how far it got)")))
+                    }
+                }
+            }
+        };
+        if let Ok(mut o) = guard_job.outcome.lock() {
+            *o = Some(outcome);
         }
-        Err(e) => cx.failure(&e),
+    });
+    match confirmed_rx.await {
+        Ok(Ok(())) => {
+            let id = cx.c.add_job(job);
+            Redirect::to(&format!("/jobs/{id}")).into_response()
+        }
+        Ok(Err(refusal)) => match cx.session().preview_redrive(&req, cx.origin()).await {
+            Ok(p) => redrive_page(&cx, &p, format!("Nothing was sent: {refusal}"), StatusCode::CONFLICT),
+            Err(e) => cx.failure(&e),
+        },
+        Err(_) => cx.message(StatusCode::INTERNAL_SERVER_ERROR, "Failed", "the redrive task ended early", "error"),
+    }
+}
+
+/// A redrive running in the console.
+#[derive(Debug)]
+pub(crate) struct RedriveJob {
+    total: usize,
+    progress: tokio::sync::watch::Receiver<Vec<oncely::failure::redrive::Redriven>>,
+    /// `None` while it runs; then the message or the error.
+    outcome: std::sync::Mutex<Option<Result<String, String>>>,
+}
+
+#[derive(Template)]
+#[template(path = "console/job.html")]
+struct JobPage {
+    chrome: Chrome,
+    job: JobView,
+}
+
+#[derive(Template)]
+#[template(path = "console/job_live.html")]
+struct JobFragment {
+    job: JobView,
+}
+
+struct JobView {
+    id: u64,
+    done: usize,
+    total: usize,
+    sent: Vec<String>,
+    finished: bool,
+    ok: bool,
+    message: String,
+}
+
+fn job_view(id: u64, j: &RedriveJob) -> JobView {
+    let sent: Vec<String> =
+        j.progress.borrow().iter().map(|r| format!("#{} → {}[{}]@{}", r.id, r.topic, r.partition, r.offset)).collect();
+    let outcome = j.outcome.lock().ok().and_then(|o| o.clone());
+    JobView {
+        id,
+        done: sent.len(),
+        total: j.total,
+        sent,
+        finished: outcome.is_some(),
+        ok: matches!(outcome, Some(Ok(_))),
+        message: match outcome {
+            Some(Ok(m)) | Some(Err(m)) => m,
+            None => String::new(),
+        },
+    }
+}
+
+async fn job_page(cx: Ctx, Path(id): Path<u64>) -> Response {
+    match cx.c.job(id) {
+        Some(j) => render(StatusCode::OK, &JobPage { chrome: cx.chrome("Redrive", "dlq"), job: job_view(id, &j) }),
+        None => cx.message(StatusCode::NOT_FOUND, "Not found", &format!("there is no job {id}"), "error"),
+    }
+}
+
+async fn job_fragment(cx: Ctx, Path(id): Path<u64>) -> Response {
+    match cx.c.job(id) {
+        Some(j) => render(StatusCode::OK, &JobFragment { job: job_view(id, &j) }),
+        None => cx.message(StatusCode::NOT_FOUND, "Not found", &format!("there is no job {id}"), "error"),
     }
 }
 
