@@ -79,15 +79,6 @@ pub(crate) fn typed_confirmation(
     Ok(Some(line.trim_end_matches(['\n', '\r']).to_owned()))
 }
 
-/// Asks for (or checks) the typed confirmation `expected` on a protected
-/// environment, with the library's rule; returns the refusal reason, if any.
-/// For `dlq redrive`, until it is an `oncely::admin::ops` operation (which
-/// checks and records this itself).
-pub(crate) fn confirm(env: &str, expected: &str, given: Option<&str>) -> anyhow::Result<Option<String>> {
-    let typed = typed_confirmation(env, Some(expected), given)?;
-    Ok(oncely::admin::ops::confirmation_refusal(env, true, expected, &[], typed.as_deref()))
-}
-
 /// Prints `value` as one line of JSON on stdout.
 pub(crate) fn print_json(value: &impl Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string(value)?);

@@ -4,8 +4,9 @@
 use std::process::ExitCode;
 
 use clap::Subcommand;
-use oncely::admin::audit::{self, AuditEntry, AuditOutcome};
-use oncely::failure::redrive;
+use oncely::admin::dlq::{RedriveRequest, RedriveSelection};
+use oncely::admin::ops::Origin;
+use oncely::admin::parse::parse_hex;
 use oncely::store::failure as store;
 use serde_json::json;
 
@@ -20,7 +21,8 @@ use crate::Cli;
   oncely dlq redrive --id 17 --id 18             # dry run: what would be redriven
   oncely dlq redrive --all --consumer payment-service --rate 20 --execute
   oncely dlq parked --consumer payment-service
-  oncely dlq release --consumer payment-service --key order-42")]
+  oncely dlq release --consumer payment-service --key order-42
+  oncely dlq release --consumer payment-service --key-hex 00ff41")]
 pub(crate) enum DlqCmd {
     /// Dead letters, oldest first.
     List {
@@ -71,14 +73,30 @@ pub(crate) enum DlqCmd {
         limit: i64,
     },
     /// Release a key held behind a dead-lettered event (dead-key policy `hold`).
+    #[command(group(clap::ArgGroup::new("which_key").required(true).args(["key", "key_hex"])))]
     Release {
         /// Consumer.
         #[arg(long)]
         consumer: String,
-        /// Entity key.
+        /// Entity key, as UTF-8 text.
         #[arg(long)]
-        key: String,
+        key: Option<String>,
+        /// Entity key as hex bytes (`00ff41`, `0x00ff41`), for keys that are not UTF-8.
+        #[arg(long, value_name = "HEX", value_parser = hex_key)]
+        key_hex: Option<HexKey>,
+        /// Typed confirmation on a protected environment: `RELEASE <ENV> <CONSUMER> <KEY>` (the key
+        /// escaped as `oncely dlq parked` shows it).
+        #[arg(long)]
+        confirm: Option<String>,
     },
+}
+
+/// A key given in hex (a newtype: clap would take a `Vec<u8>` for many values).
+#[derive(Debug, Clone)]
+pub(crate) struct HexKey(Vec<u8>);
+
+fn hex_key(s: &str) -> Result<HexKey, String> {
+    parse_hex(s).map(HexKey)
 }
 
 fn text(b: &Option<Vec<u8>>) -> String {
@@ -149,67 +167,63 @@ pub(crate) async fn run(cli: &Cli, cmd: &DlqCmd) -> anyhow::Result<ExitCode> {
             }
         }
         DlqCmd::Redrive { ids, all, consumer, rate, execute, confirm } => {
-            let letters = if *all {
-                store::list_dead_letters(pool, consumer.as_deref(), true, i64::MAX).await?
+            let selection = if *all {
+                RedriveSelection::All { consumer: consumer.clone() }
             } else if ids.is_empty() {
                 return Err(common::refused("name dead letters with --id, or pass --all"));
             } else {
-                let found = store::get_dead_letters(pool, ids).await?;
-                if let Some(missing) = ids.iter().find(|i| !found.iter().any(|f| f.id == **i)) {
-                    return Err(common::refused(format!("dead letter {missing} does not exist")));
-                }
-                found
+                RedriveSelection::Ids(ids.clone())
             };
-            let plan: Vec<_> = letters
-                .iter()
-                .map(|l| json!({"id": l.id, "topic": l.record.topic, "key": l.record.key_str(), "event_id": l.event_id, "reason": l.reason, "redriven_before": l.redrive_count}))
-                .collect();
+            let req = RedriveRequest { selection, rate_per_s: *rate };
+            let p = session.preview_redrive(&req, Origin::cli()).await?;
             if !execute {
+                if !p.refusals().is_empty() {
+                    return Err(common::refused(p.refusals().join("; ")));
+                }
                 if common::json(cli) {
-                    common::print_json(&json!({"dry_run": true, "would_redrive": plan}))?;
+                    common::print_json(&json!({"dry_run": true, "would_redrive": p.dead_letters}))?;
                 } else {
                     println!(
                         "Dry run: {} dead letter(s) would be published back to their topics at {rate}/s:",
-                        letters.len()
+                        p.dead_letters.len()
                     );
-                    for p in &plan {
-                        println!("  {p}");
+                    for d in &p.dead_letters {
+                        println!("  {}", serde_json::to_string(d)?);
                     }
                     println!("Each keeps its identity: an event already applied is skipped as a duplicate. Add --execute to do it.");
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            let env = session.env();
-            let entry = AuditEntry::new(&env.name, "dlq.redrive")
-                .cluster_id(session.cluster_id())
-                .details(json!({"dead_letters": letters.iter().map(|l| l.id).collect::<Vec<_>>(), "rate": rate}));
-            if env.config.protected {
-                let expected = format!("REDRIVE {}", env.name);
-                if let Some(reason) = common::confirm(&env.name, &expected, confirm.as_deref())? {
-                    audit::record_refused(pool, &entry, &reason).await?;
-                    return Err(common::refused(reason));
+            if p.dead_letters.is_empty() && p.refusals().is_empty() {
+                if common::json(cli) {
+                    common::print_json(&json!({"dry_run": false, "redriven": []}))?;
+                } else {
+                    println!("Nothing to redrive.");
                 }
+                return Ok(ExitCode::SUCCESS);
             }
-            let audit_id = audit::record_start(pool, &entry).await?;
-            let publisher = oncely::Publisher::new(env.config.connection(), "/oncely/redrive")?;
-            let total = letters.len();
-            let (done, result) = redrive::redrive(pool, &publisher, &letters, *rate, |r| {
-                eprintln!("redriven {} → {}[{}]@{}", r.id, r.topic, r.partition, r.offset);
-            })
-            .await;
-            let after = json!({"redriven": done});
-            match &result {
-                Ok(()) => audit::record_result(pool, audit_id, &AuditOutcome::succeeded(Some(after.clone()))).await?,
-                Err(e) => {
-                    audit::record_result(pool, audit_id, &AuditOutcome::failed(e.to_string()).after(after.clone()))
-                        .await?
+            let total = p.dead_letters.len();
+            let typed = common::typed_confirmation(p.environment(), p.asks_for(), confirm.as_deref())?;
+            let confirmed = p.confirm(&session, typed.as_deref()).await?;
+            // Each record as it goes out: a slow redrive shows where it is.
+            let mut progress = p.progress();
+            let printer = tokio::spawn(async move {
+                let mut shown = 0;
+                while progress.changed().await.is_ok() {
+                    for r in progress.borrow_and_update().iter().skip(shown) {
+                        eprintln!("redriven {} → {}[{}]@{}", r.id, r.topic, r.partition, r.offset);
+                        shown += 1;
+                    }
                 }
-            }
-            result?;
+            });
+            let done = confirmed.execute(&session).await;
+            drop(p);
+            let _ = printer.await;
+            let done = done?;
             if common::json(cli) {
-                common::print_json(&json!({"dry_run": false, "audit_id": audit_id, "redriven": done}))?;
+                common::print_json(&json!({"dry_run": false, "audit_id": done.audit_id, "redriven": done.redriven}))?;
             } else {
-                println!("Redrove {} of {total} dead letter(s) (audit record {audit_id}).", done.len());
+                println!("Redrove {} of {total} dead letter(s) (audit record {}).", done.redriven.len(), done.audit_id);
             }
         }
         DlqCmd::Parked { consumer, limit } => {
@@ -251,16 +265,26 @@ pub(crate) async fn run(cli: &Cli, cmd: &DlqCmd) -> anyhow::Result<ExitCode> {
                 println!("{} parked event(s)", rows.len());
             }
         }
-        DlqCmd::Release { consumer, key } => {
-            let entry =
-                AuditEntry::new(&session.env().name, "dlq.release").group(consumer).details(json!({"key": key}));
-            let audit_id = audit::record_start(pool, &entry).await?;
-            let n = store::release_key(pool, consumer, key.as_bytes()).await?;
-            audit::record_result(pool, audit_id, &AuditOutcome::succeeded(Some(json!({"released": n})))).await?;
-            if n == 0 {
-                return Err(common::refused(format!("no held events for key {key} of consumer {consumer}")));
+        DlqCmd::Release { consumer, key, key_hex, confirm } => {
+            let key: Vec<u8> = match (key, key_hex) {
+                (Some(k), _) => k.clone().into_bytes(),
+                (None, Some(h)) => h.0.clone(),
+                (None, None) => return Err(common::refused("name the key with --key or --key-hex")),
+            };
+            let p = session.preview_release(consumer, &key, Origin::cli()).await?;
+            if p.refusals().is_empty() {
+                eprintln!("{}", p.meaning);
             }
-            println!("Released {n} held event(s) of key {key}; the consumer retries them now.");
+            let typed = common::typed_confirmation(p.environment(), p.asks_for(), confirm.as_deref())?;
+            let done = p.confirm(&session, typed.as_deref()).await?.execute(&session).await?;
+            if common::json(cli) {
+                common::print_json(&done)?;
+            } else {
+                println!(
+                    "Released {} held event(s) of key {}; the consumer retries them now (audit record {}).",
+                    done.released, done.key, done.audit_id
+                );
+            }
         }
     }
     Ok(ExitCode::SUCCESS)

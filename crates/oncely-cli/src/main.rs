@@ -34,6 +34,7 @@ pub(crate) enum Output {
 }
 
 mod common;
+mod console;
 mod demo;
 mod dlq;
 mod effects;
@@ -60,6 +61,8 @@ enum Command {
     /// Dead letters: list, inspect, redrive.
     #[command(subcommand)]
     Dlq(dlq::DlqCmd),
+    /// The operator console: the same views and guarded actions as a web page (loopback by default).
+    Console(console::ConsoleArgs),
     /// Apply oncely's database migrations (schema `oncely`).
     Migrate,
     /// Show the environment this invocation would act on.
@@ -225,6 +228,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Effects(c) => return effects::run(&cli, c).await,
         Command::Dlq(c) => return dlq::run(&cli, c).await,
         Command::Demo(a) => return demo::run(a).await,
+        Command::Console(a) => return console::run(&cli, a).await,
     }
     Ok(ExitCode::SUCCESS)
 }

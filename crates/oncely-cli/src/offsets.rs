@@ -287,7 +287,7 @@ pub(crate) struct AuditArgs {
     limit: i64,
 }
 
-fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
+pub(crate) fn parse_since(s: &str) -> Result<DateTime<Utc>, String> {
     match parse_datetime(s) {
         Ok(t) => Ok(t),
         Err(time_err) => match parse_duration(s) {
@@ -668,7 +668,7 @@ async fn list_snapshots(cli: &Cli, group: Option<&str>, limit: i64) -> anyhow::R
 }
 
 /// Resolves on Ctrl-C or SIGTERM (or never, if they cannot be listened to).
-async fn interrupted() {
+pub(crate) async fn interrupted() {
     let term = async {
         #[cfg(unix)]
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {

@@ -176,3 +176,107 @@ async fn effect_decisions_on_a_protected_environment_need_the_typed_confirmation
     assert!(rows.iter().all(|r| r.1.as_deref() == Some("pay") && !r.2.is_empty()), "{rows:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_held_binary_key_is_released_by_hex_and_a_key_not_held_is_a_refusal_that_is_audited() -> Result<()> {
+    let db = kit::TestDb::new().await?;
+    // Key `\xff\x00k` (not UTF-8, with a NUL) held behind its dead-lettered event.
+    let key: &[u8] = b"\xff\x00k";
+    for (offset, status) in [(1i64, "dead"), (2, "held"), (3, "held")] {
+        sqlx::query(
+            r#"INSERT INTO oncely.parked (consumer, topic, partition, "offset", entity_key, key, status)
+               VALUES ('pay', 'orders', 0, $1, $2, $2, $3)"#,
+        )
+        .bind(offset)
+        .bind(key)
+        .bind(status)
+        .execute(&db.pool)
+        .await?;
+    }
+    let statuses = || async {
+        let s: Vec<String> =
+            sqlx::query_scalar(r#"SELECT status FROM oncely.parked ORDER BY "offset""#).fetch_all(&db.pool).await?;
+        anyhow::Ok(s)
+    };
+
+    // A key that is not held: refused (exit 2), nothing changes.
+    let r = oncely(&db, &["dlq", "release", "--consumer", "pay", "--key-hex", "ff00"])?;
+    let stderr = String::from_utf8_lossy(&r.stderr).into_owned();
+    assert_eq!(r.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("no held events for key \\xff\\u{0} of consumer pay"), "{stderr}");
+    assert_eq!(statuses().await?, ["dead", "held", "held"]);
+    // Not hex: a usage error.
+    let r = oncely(&db, &["dlq", "release", "--consumer", "pay", "--key-hex", "zz"])?;
+    assert_eq!(r.status.code(), Some(2), "{r:?}");
+
+    let r = oncely(&db, &["dlq", "release", "--consumer", "pay", "--key-hex", "0xff006b"])?;
+    assert!(r.status.success(), "{r:?}");
+    assert!(stdout(&r).contains("Released 3 held event(s) of key \\xff\\u{0}k"), "{}", stdout(&r));
+    assert_eq!(statuses().await?, ["waiting", "waiting"], "the marker is gone, the held events are due");
+
+    // Released already: a refusal, not "released 0".
+    let r = oncely(&db, &["dlq", "release", "--consumer", "pay", "--key-hex", "ff006b"])?;
+    assert_eq!(r.status.code(), Some(2), "{r:?}");
+
+    let rows: Vec<(String, Option<String>, serde_json::Value)> = sqlx::query_as(
+        "SELECT result, group_id, details FROM oncely.audit_log WHERE action = 'dlq.release' ORDER BY id",
+    )
+    .fetch_all(&db.pool)
+    .await?;
+    let results: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(results, ["refused", "succeeded", "refused"]);
+    assert!(rows.iter().all(|r| r.1.as_deref() == Some("pay")), "{rows:?}");
+    assert_eq!(rows[1].2["key_hex"], "ff006b", "{:?}", rows[1].2);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redrive_on_a_protected_environment_needs_the_typed_confirmation_and_unknown_ids_are_refused() -> Result<()> {
+    let db = kit::TestDb::new().await?;
+    let cluster = oncely::admin::KafkaAdmin::new(kit::connection(), &[])?.describe_cluster().await?.cluster_id;
+    let topic = kit::unique("orders");
+    kit::create_topic(&topic, 1).await?;
+    let id: i64 = sqlx::query_scalar(
+        r#"INSERT INTO oncely.dead_letters (consumer, topic, partition, "offset", key, payload, reason, error, error_class, attempts)
+           VALUES ('pay', $1, 0, 5, 'k', '{}', 'rejected', 'boom', 'test', 1) RETURNING id"#,
+    )
+    .bind(&topic)
+    .fetch_one(&db.pool)
+    .await?;
+    let prod = |args: &[&str]| -> Result<Output> {
+        Ok(std::process::Command::new(env!("CARGO_BIN_EXE_oncely"))
+            .args(args)
+            .env_remove("ONCELY_CONFIG")
+            .env("ONCELY_ENV", "prod")
+            .env("ONCELY_PROTECTED", "true")
+            .env("ONCELY_CLUSTER_ID", &cluster)
+            .env("ONCELY_BOOTSTRAP_SERVERS", kit::bootstrap())
+            .env("ONCELY_DATABASE_URL", &db.url)
+            .current_dir(std::env::temp_dir())
+            .output()?)
+    };
+    let id_s = id.to_string();
+    let missing = (id + 1000).to_string();
+    let r = prod(&["dlq", "redrive", "--id", &id_s, "--id", &missing])?;
+    let stderr = String::from_utf8_lossy(&r.stderr).into_owned();
+    assert_eq!(r.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains(&format!("dead letter {missing} does not exist")), "{stderr}");
+
+    let r = prod(&["dlq", "redrive", "--id", &id_s, "--execute"])?;
+    let stderr = String::from_utf8_lossy(&r.stderr).into_owned();
+    assert_eq!(r.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("REDRIVE prod"), "{stderr}");
+    let r = prod(&["dlq", "redrive", "--id", &id_s, "--execute", "--confirm", "REDRIVE prod"])?;
+    assert!(r.status.success(), "{r:?}");
+    let count: i32 = sqlx::query_scalar("SELECT redrive_count FROM oncely.dead_letters WHERE id = $1")
+        .bind(id)
+        .fetch_one(&db.pool)
+        .await?;
+    assert_eq!(count, 1);
+    let results: Vec<String> =
+        sqlx::query_scalar("SELECT result FROM oncely.audit_log WHERE action = 'dlq.redrive' ORDER BY id")
+            .fetch_all(&db.pool)
+            .await?;
+    assert_eq!(results, ["refused", "succeeded"]);
+    Ok(())
+}

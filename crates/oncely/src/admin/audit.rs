@@ -8,7 +8,7 @@
 //! so a crash in between still leaves a `started` row naming who did what.
 //! Refusals of an attempted change are recorded too ([`record_refused`]).
 //! The operations of [`crate::admin::ops`] do all of this themselves; these
-//! functions are for actions that have not moved to that shape yet.
+//! functions are what they are built on.
 //!
 //! ```no_run
 //! # async fn run(pool: sqlx::PgPool) -> oncely::Result<()> {

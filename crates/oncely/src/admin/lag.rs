@@ -33,6 +33,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use chrono::Utc;
+use futures::StreamExt as _;
 use serde::Serialize;
 
 use crate::admin::records::first_record_timestamps;
@@ -179,6 +180,9 @@ pub fn evaluate(w: &PartitionWindow) -> Evaluation {
     eval(Status::Ok, format!("lag {lag}, decreasing"), true)
 }
 
+/// How many groups [`Session::lag`] evaluates at once.
+const LAG_CONCURRENCY: usize = 16;
+
 /// How `oncely lag` builds its window.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct LagOptions {
@@ -266,9 +270,24 @@ impl Session {
             Some(g) => (g.to_vec(), true),
             None => (self.admin().list_consumer_groups().await?.into_iter().map(|g| g.group_id).collect(), false),
         };
+        // Groups are evaluated a few at a time (a cluster may have hundreds;
+        // each takes several round trips), in their listed order. The
+        // history is only touched between awaits, under the lock.
+        let shared = std::sync::Mutex::new(history);
+        let results: Vec<(String, Result<Option<GroupLag>>)> = futures::stream::iter(names)
+            .map(|g| {
+                let shared = &shared;
+                async move {
+                    let r = self.group_lag(&g, opts, shared).await;
+                    (g, r)
+                }
+            })
+            .buffered(LAG_CONCURRENCY)
+            .collect()
+            .await;
         let mut out = Vec::new();
-        for g in names {
-            match self.group_lag(&g, opts, history).await {
+        for (g, r) in results {
+            match r {
                 Ok(Some(l)) => out.push(l),
                 Ok(None) => {}
                 Err(e) if !named => tracing::warn!(group = %g, error = %e, "Could not evaluate the group's lag."),
@@ -278,7 +297,12 @@ impl Session {
         Ok(out)
     }
 
-    async fn group_lag(&self, group: &str, opts: LagOptions, history: &mut LagHistory) -> Result<Option<GroupLag>> {
+    async fn group_lag(
+        &self,
+        group: &str,
+        opts: LagOptions,
+        history: &std::sync::Mutex<&mut LagHistory>,
+    ) -> Result<Option<GroupLag>> {
         let now = Utc::now();
         let desc = self.describe_group(group).await?;
         let live = self.current_offsets(group).await?;
@@ -291,51 +315,56 @@ impl Session {
             store::admin::window_snapshots(self.pool(), self.cluster_id(), group, since, opts.samples as i64).await?;
         let owners = owners(&desc.members);
         let mut parts = Vec::new();
-        for o in &live {
-            let Some(committed) = o.offset else { continue };
-            let key = (o.topic.clone(), o.partition);
-            let mut samples: Vec<Sample> = snaps
-                .iter()
-                .filter_map(|s| {
-                    s.offsets.iter().find(|x| x.topic == o.topic && x.partition == o.partition).and_then(|x| {
-                        x.offset.map(|c| Sample {
-                            at_ms: s.taken_at.timestamp_millis(),
-                            committed: c,
-                            log_end: x.log_end,
+        // A poisoned lock only means another group's evaluation panicked: its
+        // samples are still samples.
+        {
+            let mut guard = history.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+            for o in &live {
+                let Some(committed) = o.offset else { continue };
+                let key = (o.topic.clone(), o.partition);
+                let mut samples: Vec<Sample> = snaps
+                    .iter()
+                    .filter_map(|s| {
+                        s.offsets.iter().find(|x| x.topic == o.topic && x.partition == o.partition).and_then(|x| {
+                            x.offset.map(|c| Sample {
+                                at_ms: s.taken_at.timestamp_millis(),
+                                committed: c,
+                                log_end: x.log_end,
+                            })
                         })
                     })
-                })
-                .collect();
-            let remembered = history.samples.entry((group.to_owned(), o.topic.clone(), o.partition)).or_default();
-            let horizon = since.timestamp_millis();
-            remembered.retain(|(s, _)| s.at_ms >= horizon);
-            samples.extend(remembered.iter().map(|(s, _)| *s));
-            samples.sort_by_key(|s| s.at_ms);
-            let cut = samples.len().saturating_sub(opts.samples);
-            samples.drain(..cut);
-            let live_sample = Sample { at_ms: now.timestamp_millis(), committed, log_end: o.log_end };
-            samples.push(live_sample);
-            remembered.push((live_sample, o.metadata.clone()));
-            let w = PartitionWindow {
-                db_offset: oncely.db_offsets.get(&key).copied(),
-                metadata: o.metadata.clone(),
-                owned: owners.contains_key(&key),
-                samples,
-            };
-            let evaluation = evaluate(&w);
-            parts.push(PartitionLag {
-                topic: o.topic.clone(),
-                partition: o.partition,
-                committed,
-                log_end: o.log_end,
-                lag: live_sample.lag(),
-                time_lag_ms: (live_sample.lag() == 0).then_some(0),
-                db_offset: w.db_offset,
-                metadata: o.metadata.clone(),
-                owner: owners.get(&key).cloned(),
-                window: w.samples.len(),
-                evaluation,
-            });
+                    .collect();
+                let remembered = guard.samples.entry((group.to_owned(), o.topic.clone(), o.partition)).or_default();
+                let horizon = since.timestamp_millis();
+                remembered.retain(|(s, _)| s.at_ms >= horizon);
+                samples.extend(remembered.iter().map(|(s, _)| *s));
+                samples.sort_by_key(|s| s.at_ms);
+                let cut = samples.len().saturating_sub(opts.samples);
+                samples.drain(..cut);
+                let live_sample = Sample { at_ms: now.timestamp_millis(), committed, log_end: o.log_end };
+                samples.push(live_sample);
+                remembered.push((live_sample, o.metadata.clone()));
+                let w = PartitionWindow {
+                    db_offset: oncely.db_offsets.get(&key).copied(),
+                    metadata: o.metadata.clone(),
+                    owned: owners.contains_key(&key),
+                    samples,
+                };
+                let evaluation = evaluate(&w);
+                parts.push(PartitionLag {
+                    topic: o.topic.clone(),
+                    partition: o.partition,
+                    committed,
+                    log_end: o.log_end,
+                    lag: live_sample.lag(),
+                    time_lag_ms: (live_sample.lag() == 0).then_some(0),
+                    db_offset: w.db_offset,
+                    metadata: o.metadata.clone(),
+                    owner: owners.get(&key).cloned(),
+                    window: w.samples.len(),
+                    evaluation,
+                });
+            }
         }
         // Time lag: the age of the next record to read, from the record.
         let lagging: Vec<(String, i32, i64)> =

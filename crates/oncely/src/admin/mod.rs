@@ -2,11 +2,12 @@
 //! ([`kafka`]), offset-reset plans ([`plan`]), operator actions as typed
 //! operations, preview → confirm → execute ([`ops`]; offsets resets,
 //! restores and undo in [`reset`], decisions on side-effect intents in
-//! [`effects`]), snapshots, the audit log, and lag with Burrow's statuses
-//! ([`lag`]), all run through a [`session::Session`] that checks the live
-//! cluster id first.
+//! [`effects`], dead-letter redrive and held-key release in [`dlq`]),
+//! snapshots, the audit log, and lag with Burrow's statuses ([`lag`]), all
+//! run through a [`session::Session`] that checks the live cluster id first.
 
 pub mod audit;
+pub mod dlq;
 pub mod effects;
 pub mod kafka;
 pub mod lag;

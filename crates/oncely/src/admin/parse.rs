@@ -227,9 +227,41 @@ pub fn format_duration(d: Duration) -> String {
     }
 }
 
+/// Parses bytes written in hex (`00ff41`, optionally `0x00ff41`; case and
+/// spaces between pairs do not matter): how an operator names a Kafka key
+/// that is not UTF-8.
+pub fn parse_hex(s: &str) -> Result<Vec<u8>, String> {
+    let t = s.trim();
+    let t = t.strip_prefix("0x").or_else(|| t.strip_prefix("0X")).unwrap_or(t);
+    let digits: Vec<u8> = t.bytes().filter(|b| !b.is_ascii_whitespace()).collect();
+    if digits.len() % 2 != 0 {
+        return Err(format!("`{s}` is not hex: it has an odd number of digits"));
+    }
+    digits
+        .chunks(2)
+        .map(|pair| {
+            let hi = (pair[0] as char).to_digit(16);
+            let lo = (pair[1] as char).to_digit(16);
+            match (hi, lo) {
+                (Some(h), Some(l)) => Ok((h * 16 + l) as u8),
+                _ => Err(format!("`{s}` is not hex: `{}` is not a pair of hex digits", String::from_utf8_lossy(pair))),
+            }
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hex_keys_parse_with_or_without_prefix() {
+        assert_eq!(parse_hex("00ff41").expect("hex"), b"\x00\xffA".to_vec());
+        assert_eq!(parse_hex("0xFF 00").expect("hex"), vec![0xff, 0]);
+        assert_eq!(parse_hex("").expect("empty"), Vec::<u8>::new());
+        assert!(parse_hex("abc").expect_err("odd").contains("odd number"));
+        assert!(parse_hex("zz").expect_err("not hex").contains("`zz`"));
+    }
 
     #[test]
     fn datetimes_need_a_zone() {

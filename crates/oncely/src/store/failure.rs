@@ -8,6 +8,8 @@ use crate::error::Result;
 /// A parked event as stored.
 #[derive(Debug, Clone)]
 pub struct ParkedRow {
+    /// The consumer it is parked for.
+    pub consumer: String,
     /// The record as received.
     pub record: RawRecord,
     /// The entity key (the Kafka key's bytes; empty for a record without one).
@@ -172,7 +174,7 @@ pub async fn key_queue(
     entity_key: &[u8],
 ) -> Result<Vec<ParkedRow>> {
     let rows = sqlx::query(
-        r#"SELECT "offset", record_ts_ms, key, payload, header_keys, header_values, entity_key, event_id,
+        r#"SELECT consumer, "offset", record_ts_ms, key, payload, header_keys, header_values, entity_key, event_id,
                   status, attempts, next_attempt_at, last_error, parked_at
              FROM oncely.parked
             WHERE consumer = $1 AND topic = $2 AND partition = $3 AND entity_key = $4 AND status = 'waiting'
@@ -192,6 +194,7 @@ fn row_to_parked(r: &sqlx::postgres::PgRow, topic: &str, partition: i32) -> Resu
     let keys: Vec<Vec<u8>> = r.try_get("header_keys")?;
     let values: Vec<Option<Vec<u8>>> = r.try_get("header_values")?;
     Ok(ParkedRow {
+        consumer: r.try_get("consumer")?,
         record: RawRecord {
             topic: topic.to_owned(),
             partition,
@@ -301,10 +304,24 @@ pub async fn release_key(pool: &PgPool, consumer: &str, entity_key: &[u8]) -> Re
     Ok(markers + n)
 }
 
+/// How a key of a consumer is held: its dead-lettered markers and its held
+/// events (both 0: the key is not held).
+pub async fn key_hold(pool: &PgPool, consumer: &str, entity_key: &[u8]) -> Result<(i64, i64)> {
+    let row = sqlx::query(
+        "SELECT count(*) FILTER (WHERE status = 'dead'), count(*) FILTER (WHERE status = 'held')
+           FROM oncely.parked WHERE consumer = $1 AND entity_key = $2",
+    )
+    .bind(consumer)
+    .bind(entity_key)
+    .fetch_one(pool)
+    .await?;
+    Ok((row.try_get(0)?, row.try_get(1)?))
+}
+
 /// Parked events of a consumer (all consumers when `None`), heads first.
 pub async fn list_parked(pool: &PgPool, consumer: Option<&str>, limit: i64) -> Result<Vec<ParkedRow>> {
     let rows = sqlx::query(
-        r#"SELECT topic, partition, "offset", record_ts_ms, key, payload, header_keys, header_values, entity_key,
+        r#"SELECT consumer, topic, partition, "offset", record_ts_ms, key, payload, header_keys, header_values, entity_key,
                   event_id, status, attempts, next_attempt_at, last_error, parked_at
              FROM oncely.parked
             WHERE $1::text IS NULL OR consumer = $1
