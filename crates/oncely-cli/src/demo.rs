@@ -30,8 +30,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use oncely::admin::kafka::OffsetSpec;
 use oncely::admin::KafkaAdmin;
+use oncely::kafka::admin::OffsetSpec;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};

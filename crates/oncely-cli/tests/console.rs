@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use fantoccini::{Client, ClientBuilder, Locator};
-use oncely::admin::kafka::KafkaAdmin;
+use oncely::kafka::admin::KafkaAdmin;
 use oncely_testkit as kit;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};

@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use chrono::{DateTime, FixedOffset, Utc};
-use oncely::admin::kafka::KafkaAdmin;
 use oncely::consumer::events;
+use oncely::kafka::admin::KafkaAdmin;
 use oncely_testkit::{self as kit, app};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};

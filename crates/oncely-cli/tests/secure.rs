@@ -6,7 +6,7 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use oncely::admin::kafka::KafkaAdmin;
+use oncely::kafka::admin::KafkaAdmin;
 use oncely_testkit as kit;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};

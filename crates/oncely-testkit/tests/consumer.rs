@@ -86,7 +86,7 @@ async fn rebalances_during_load_keep_exactly_once_and_per_key_order() -> Result<
     wait_rows(&db, 100).await?;
     // B joins while A is busy: partitions move from A to B.
     let b = spawn_process(&db, &group, &topic, &[slow[0], slow[1], ("TAG", "b")]).await?;
-    let admin = oncely::admin::kafka::KafkaAdmin::new(kit::bootstrap(), &[])?;
+    let admin = oncely::kafka::admin::KafkaAdmin::new(kit::bootstrap(), &[])?;
     kit::wait_until(WAIT, "both members to own partitions", || async {
         let g = admin.describe_consumer_groups(&[group.as_str()]).await?;
         Ok(g.first().is_some_and(|g| g.members.len() == 2 && g.members.iter().all(|m| !m.assignment.is_empty())))

@@ -224,7 +224,7 @@ async fn a_rolling_restart_of_three_instances_under_load_keeps_exactly_once_and_
     for id in ids {
         running.push(TestProcessor::spawn(exe(), &name, &input, &[&out], id, &[]).await?);
     }
-    let admin = oncely::admin::kafka::KafkaAdmin::new(kit::bootstrap(), &[])?;
+    let admin = oncely::kafka::admin::KafkaAdmin::new(kit::bootstrap(), &[])?;
     let all_members = || async {
         let g = admin.describe_consumer_groups(&[name.as_str()]).await?;
         Ok(g.first().is_some_and(|g| g.members.len() == 3 && g.members.iter().all(|m| !m.assignment.is_empty())))

@@ -6,7 +6,7 @@
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use oncely::admin::kafka::KafkaAdmin;
+use oncely::kafka::admin::KafkaAdmin;
 use oncely::outbox::Relay;
 use oncely::Publisher;
 use oncely_testkit::run::{self, wait_count, wait_offsets};

@@ -17,7 +17,7 @@ async fn spawn_process(db: &kit::TestDb, group: &str, topic: &str, envs: &[(&str
 /// The member ids of `group` the coordinator lists (a member dropped and
 /// rejoined gets a new id).
 async fn member_ids(group: &str) -> Result<Vec<String>> {
-    let admin = oncely::admin::kafka::KafkaAdmin::new(kit::bootstrap(), &[])?;
+    let admin = oncely::kafka::admin::KafkaAdmin::new(kit::bootstrap(), &[])?;
     Ok(admin
         .describe_consumer_groups(&[group])
         .await?

@@ -18,10 +18,10 @@ pub enum Error {
     #[error("kafka error: {0}")]
     Kafka(rdkafka::error::KafkaError),
     /// A Kafka Admin API request failed or was refused
-    /// ([`AdminError::GroupActive`](crate::admin::kafka::AdminError::GroupActive):
+    /// ([`AdminError::GroupActive`](crate::kafka::admin::AdminError::GroupActive):
     /// the group has active members).
     #[error(transparent)]
-    Admin(#[from] crate::admin::kafka::AdminError),
+    Admin(#[from] crate::kafka::admin::AdminError),
     /// The configuration is invalid (file, environment or builder).
     #[error("configuration error: {0}")]
     Config(String),

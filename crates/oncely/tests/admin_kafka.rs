@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
-use oncely::admin::kafka::{AdminError, GroupDescription, KafkaAdmin, ListedPosition, OffsetSpec};
+use oncely::kafka::admin::{AdminError, GroupDescription, KafkaAdmin, ListedPosition, OffsetSpec};
 use oncely_testkit as kit;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};

@@ -38,8 +38,8 @@ use serde::Serialize;
 
 use crate::admin::records::first_record_timestamps;
 use crate::admin::session::{moved_by, owners, Session};
-use crate::consumer::COMMIT_METADATA;
 use crate::error::Result;
+use crate::kafka::COMMIT_METADATA;
 use crate::store;
 
 /// A partition's status. Ordered by severity: a group's status is its

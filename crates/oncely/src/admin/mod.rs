@@ -1,5 +1,5 @@
-//! Operator tools over the Kafka Admin API: the safe Admin API wrapper
-//! ([`kafka`]), offset-reset plans ([`plan`]), operator actions as typed
+//! Operator tools over the Kafka Admin API (whose safe wrapper,
+//! [`crate::kafka::admin`], is on the Kafka floor): offset-reset plans ([`plan`]), operator actions as typed
 //! operations, preview → confirm → execute ([`ops`]; offsets resets,
 //! restores and undo in [`reset`], decisions on side-effect intents in
 //! [`effects`], dead-letter redrive and held-key release in [`dlq`]),
@@ -9,7 +9,6 @@
 pub mod audit;
 pub mod dlq;
 pub mod effects;
-pub mod kafka;
 pub mod lag;
 pub mod ops;
 pub mod parse;
@@ -19,4 +18,4 @@ pub mod reset;
 pub mod session;
 pub mod snapshots;
 
-pub use kafka::KafkaAdmin;
+pub use crate::kafka::admin::{AdminError, KafkaAdmin};

@@ -37,15 +37,15 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
 use crate::admin::audit::{AuditEntry, AuditOutcome, AuditRecord, AuditResult};
-use crate::admin::kafka::{AdminError, ErrorCode, GroupDescription, GroupOffset, OffsetSpec};
 use crate::admin::ops::{Operation, Origin, Preview, Trail};
 use crate::admin::parse::{format_duration, FileOffset, TopicSelection};
 use crate::admin::plan::{plan, PartitionState, Plan, PlanOptions, Requested};
 use crate::admin::records::first_record_timestamps;
 use crate::admin::session::{MemberInfo, Session};
 use crate::admin::snapshots::{self, NewSnapshot, PartitionOffset, Snapshot, SnapshotReason};
-use crate::consumer::RESET_METADATA_PREFIX;
 use crate::error::{Error, Result};
+use crate::kafka::admin::{AdminError, ErrorCode, GroupDescription, GroupOffset, OffsetSpec};
+use crate::kafka::RESET_METADATA_PREFIX;
 use crate::store;
 
 /// Where to move the group's offsets.
@@ -943,7 +943,7 @@ impl Operation for OffsetChange {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::admin::kafka::Member;
+    use crate::kafka::admin::Member;
 
     #[test]
     fn a_past_change_is_judged_by_what_it_wrote_and_what_it_found() {

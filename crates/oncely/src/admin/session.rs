@@ -7,10 +7,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::Serialize;
 use sqlx::PgPool;
 
-use crate::admin::kafka::{ClusterInfo, GroupDescription, KafkaAdmin, Member, OffsetSpec};
 use crate::config::Environment;
-use crate::consumer::{COMMIT_METADATA, RESET_METADATA_PREFIX};
 use crate::error::{Error, Result};
+use crate::kafka::admin::{ClusterInfo, GroupDescription, KafkaAdmin, Member, OffsetSpec};
+use crate::kafka::{COMMIT_METADATA, RESET_METADATA_PREFIX};
 use crate::store;
 
 /// An environment with its live cluster checked and its database connected.
@@ -96,7 +96,7 @@ impl Session {
     /// Describes one group (`Dead` with no members when unknown).
     pub async fn describe_group(&self, group: &str) -> Result<GroupDescription> {
         self.admin.describe_consumer_groups(&[group]).await?.into_iter().next().ok_or_else(|| {
-            Error::Admin(crate::admin::kafka::AdminError::UnexpectedResult {
+            Error::Admin(crate::kafka::admin::AdminError::UnexpectedResult {
                 op: "DescribeConsumerGroups",
                 detail: format!("no description of {group}"),
             })

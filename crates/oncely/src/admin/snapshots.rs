@@ -9,9 +9,9 @@ use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
 use sqlx::PgPool;
 
-use crate::admin::kafka::{GroupOffset, OffsetSpec};
 use crate::admin::session::Session;
 use crate::error::{Error, Result};
+use crate::kafka::admin::{GroupOffset, OffsetSpec};
 use crate::store;
 
 /// One partition's committed offset, as snapshots and the audit log keep it.

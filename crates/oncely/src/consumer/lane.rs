@@ -1291,7 +1291,7 @@ impl Lane {
                 if let Err(err) = c.commit(&tpl, CommitMode::Async) {
                     tracing::debug!(error = %err, "Async Kafka commit failed (the database offset is authoritative).");
                 }
-                if let Some((_, high)) = crate::admin::kafka::cached_watermarks(c.client(), &self.topic, self.partition)
+                if let Some((_, high)) = crate::kafka::admin::cached_watermarks(c.client(), &self.topic, self.partition)
                 {
                     let partition = self.partition.to_string();
                     let labels = [("consumer", &*self.shared.name), ("topic", &self.topic), ("partition", &partition)];

@@ -48,11 +48,7 @@ pub use handler::{
     StatefulBatchHandlerFn, StatefulHandlerFn, Unrouted, WithState, WithoutState,
 };
 
-/// Commit metadata oncely's consumers write with their Kafka commits; an
-/// offset committed with any other metadata was moved by someone else.
-pub const COMMIT_METADATA: &str = "oncely:consumer";
-/// Prefix of the commit metadata written by `oncely offsets reset`.
-pub const RESET_METADATA_PREFIX: &str = "oncely:reset:";
+pub use crate::kafka::{COMMIT_METADATA, RESET_METADATA_PREFIX};
 
 /// What a lane does when Kafka's committed offset and the database's differ at
 /// assignment (someone moved the group's offsets behind oncely's back).
@@ -1185,7 +1181,7 @@ fn ensure_dlt_topics<'a>(
     Box::pin(async move {
         use rdkafka::admin::{NewTopic, TopicReplication};
         use rdkafka::types::RDKafkaErrorCode;
-        let admin = crate::admin::kafka::KafkaAdmin::new(connection, &[])?;
+        let admin = crate::kafka::admin::KafkaAdmin::new(connection, &[])?;
         let client: AdminClient<DefaultClientContext> = connection.client_config()?.create()?;
         for topic in topics {
             let partitions = admin.topic_partitions(topic).await?.len() as i32;

@@ -1,6 +1,7 @@
 //! The Kafka floor: how oncely connects to a cluster ([`KafkaConnection`],
-//! applied to every client it creates), and how it reads records from and
-//! writes headers to librdkafka, byte for byte.
+//! applied to every client it creates), the Admin API calls rdkafka does not
+//! wrap ([`admin`]), the commit-metadata markers every part agrees on, and how
+//! records and headers are read from and written to librdkafka, byte for byte.
 //!
 //! Kafka does not require header names, header values or keys to be UTF-8,
 //! and rdkafka's own header iterator (`BorrowedHeaders::try_get`) panics on a
@@ -11,8 +12,16 @@ use std::ffi::{c_char, c_void, CStr};
 
 use rdkafka::message::BorrowedHeaders;
 
+pub mod admin;
 mod connection;
+pub use admin::KafkaAdmin;
 pub use connection::{is_secret, KafkaConnection, PropertyValue};
+
+/// Commit metadata oncely's consumers write with their Kafka commits; an
+/// offset committed with any other metadata was moved by someone else.
+pub const COMMIT_METADATA: &str = "oncely:consumer";
+/// Prefix of the commit metadata written by `oncely offsets reset`.
+pub const RESET_METADATA_PREFIX: &str = "oncely:reset:";
 
 use rdkafka::message::{BorrowedMessage, OwnedHeaders};
 

@@ -16,8 +16,8 @@
 //! members: that refusal is [`AdminError::GroupActive`], never worked around.
 //!
 //! ```no_run
-//! # async fn run() -> Result<(), oncely::admin::kafka::AdminError> {
-//! use oncely::admin::kafka::{KafkaAdmin, OffsetSpec};
+//! # async fn run() -> Result<(), oncely::kafka::admin::AdminError> {
+//! use oncely::kafka::admin::{KafkaAdmin, OffsetSpec};
 //!
 //! let admin = KafkaAdmin::new("127.0.0.1:9092", &[])?;
 //! let cluster = admin.describe_cluster().await?;
