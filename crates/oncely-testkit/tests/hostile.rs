@@ -243,3 +243,50 @@ async fn an_effect_that_is_not_registered_stops_the_consumer_instead_of_dead_let
     assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM oncely.parked").await?, 0, "nothing parked");
     Ok(())
 }
+
+/// Stores each raw payload as it came.
+async fn keep_raw(
+    ev: oncely::Event<oncely::envelope::RawPayload>,
+    cx: &mut oncely::Cx,
+) -> Result<(), oncely::HandlerError> {
+    sqlx::query("INSERT INTO raw_seen (off, data) VALUES ($1, $2)")
+        .bind(ev.offset())
+        .bind(&ev.data.0)
+        .execute(cx.db())
+        .await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_raw_payload_handler_gets_any_bytes_as_they_are() -> Result<()> {
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    sqlx::query("CREATE TABLE raw_seen (off bigint PRIMARY KEY, data bytea NOT NULL)").execute(&db.pool).await?;
+    let (topic, group) = (kit::unique("raw"), kit::unique("g"));
+    kit::create_topic(&topic, 1).await?;
+    let p = Publisher::new(kit::bootstrap(), "/tests/hostile")?;
+    let sent: [Option<&[u8]>; 3] = [Some(b"\xff\x00not json"), Some(b""), None];
+    for body in sent {
+        p.publish_raw(&topic, Some(b"k"), body, &headers(&[])).await?;
+    }
+    let c = run::start(
+        oncely::Consumer::builder(group.clone())
+            .bootstrap_servers(kit::bootstrap())
+            .pool(db.pool.clone())
+            .topic(topic.clone())
+            .handler(keep_raw)
+            .handle_sigterm(false)
+            .force_inbox_retention(true),
+    );
+    wait_offsets(&db.pool, &group, 3).await?;
+    c.stop().await?;
+    let rows: Vec<(i64, Vec<u8>)> =
+        sqlx::query_as("SELECT off, data FROM raw_seen ORDER BY off").fetch_all(&db.pool).await?;
+    assert_eq!(
+        rows,
+        [(0, b"\xff\x00not json".to_vec()), (1, vec![]), (2, vec![])],
+        "no dead letter: raw takes anything"
+    );
+    assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM oncely.dead_letters").await?, 0);
+    Ok(())
+}

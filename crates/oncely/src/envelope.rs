@@ -599,6 +599,13 @@ impl RawPayload {
     }
 }
 
+impl DecodePayload for RawPayload {
+    /// Never fails: any bytes (and no payload, as empty) are a raw payload.
+    fn decode(payload: Option<&[u8]>) -> Result<Self, DecodeError> {
+        Ok(RawPayload::from_payload(payload))
+    }
+}
+
 /// Decodes `record` into an [`Event<T>`] with the identity already extracted.
 pub fn decode_event<T: DecodePayload>(id: EventId, record: Arc<RawRecord>) -> Result<Event<T>, DecodeError> {
     let attrs = CloudEventAttrs::from_record(&record)?;
@@ -718,6 +725,13 @@ impl Publisher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_raw_payload_decodes_any_bytes() {
+        assert_eq!(RawPayload::decode(Some(b"\xff\x00not json")).ok(), Some(RawPayload(b"\xff\x00not json".to_vec())));
+        assert_eq!(RawPayload::decode(None).ok(), Some(RawPayload(Vec::new())));
+        assert!(<serde_json::Value as DecodePayload>::decode(Some(b"\xff")).is_err());
+    }
     use proptest::prelude::*;
 
     fn record(headers: Vec<(String, Vec<u8>)>, payload: &[u8]) -> RawRecord {

@@ -17,7 +17,7 @@ use super::out::Out;
 use super::runtime::{self, Settings, Shared};
 use crate::consumer::HandlerError;
 use crate::envelope::{
-    decode_event, CloudEventAttrs, DecodeError, DecodePayload, Event, EventId, IdentitySource, RawPayload, RawRecord,
+    decode_event, DecodeError, DecodePayload, Event, EventId, IdentitySource, RawPayload, RawRecord,
 };
 use crate::error::{Error, Result};
 
@@ -114,30 +114,6 @@ where
 
     fn call<'a>(&'a self, ev: Box<dyn Any + Send>, out: &'a mut Out) -> BoxFuture<'a, Result<(), HandlerError>> {
         match ev.downcast::<Event<T>>() {
-            Ok(ev) => Box::pin(self.handler.call(*ev, out)),
-            Err(_) => Box::pin(async { Err(HandlerError::reject("internal: event type mismatch")) }),
-        }
-    }
-}
-
-/// A handler of raw payloads: the event's data is the payload's bytes,
-/// whatever they are (Avro, Protobuf, bytes that are not UTF-8).
-struct TypedRaw<H> {
-    handler: H,
-}
-
-impl<H> ErasedProcess for TypedRaw<H>
-where
-    H: for<'a> ProcessFn<'a, RawPayload>,
-{
-    fn decode(&self, id: EventId, record: Arc<RawRecord>) -> Result<Box<dyn Any + Send>, DecodeError> {
-        let attrs = CloudEventAttrs::from_record(&record)?;
-        let data = RawPayload::from_payload(record.payload.as_deref());
-        Ok(Box::new(Event { id, attrs, data, record }))
-    }
-
-    fn call<'a>(&'a self, ev: Box<dyn Any + Send>, out: &'a mut Out) -> BoxFuture<'a, Result<(), HandlerError>> {
-        match ev.downcast::<Event<RawPayload>>() {
             Ok(ev) => Box::pin(self.handler.call(*ev, out)),
             Err(_) => Box::pin(async { Err(HandlerError::reject("internal: event type mismatch")) }),
         }
@@ -295,13 +271,12 @@ impl ProcessorBuilder {
     /// Result<(), HandlerError>` gets the payload's bytes as they are (an
     /// absent payload is empty), for payloads that are not JSON. The
     /// identity and the CloudEvents headers are read as for
-    /// [`handler`](Self::handler).
-    pub fn raw_handler<H>(mut self, handler: H) -> Self
+    /// [`handler`](Self::handler). The same as `handler::<RawPayload, _>`.
+    pub fn raw_handler<H>(self, handler: H) -> Self
     where
         H: for<'a> ProcessFn<'a, RawPayload>,
     {
-        self.handler = Some(Arc::new(TypedRaw { handler }));
-        self
+        self.handler::<RawPayload, H>(handler)
     }
 
     /// State the handler reaches with [`Out::state`]. Default: none.
