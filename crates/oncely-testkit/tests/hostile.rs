@@ -290,3 +290,76 @@ async fn a_raw_payload_handler_gets_any_bytes_as_they_are() -> Result<()> {
     assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM oncely.dead_letters").await?, 0);
     Ok(())
 }
+
+/// Fails key `r` (retry) and key `x` (reject) with messages holding NUL;
+/// records every other event.
+async fn fail_with_nul(ev: oncely::Event<app::SeqEvent>, cx: &mut oncely::Cx) -> Result<(), oncely::HandlerError> {
+    match ev.data.key.as_str() {
+        "r" => Err(oncely::HandlerError::retry(format!("transient\0{}", ev.data.seq))),
+        "x" => Err(oncely::HandlerError::reject("rejected\0here")),
+        _ => {
+            sqlx::query("INSERT INTO seen (off) VALUES ($1)").bind(ev.offset()).execute(cx.db()).await?;
+            Ok(())
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nul_bytes_on_the_failure_path_neither_block_the_partition_nor_get_lost() -> Result<()> {
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    sqlx::query("CREATE TABLE seen (off bigint PRIMARY KEY)").execute(&db.pool).await?;
+    let (topic, group) = (kit::unique("orders"), kit::unique("g"));
+    kit::create_topic(&topic, 1).await?;
+    let p = Publisher::new(kit::bootstrap(), "/tests/hostile")?;
+    // 0: NUL in ce_id and a payload that is not JSON: dead-lettered, and its
+    //    dead-letter copy goes through the outbox with that ce_id header.
+    let mut h = headers(&[]);
+    for (k, v) in h.iter_mut() {
+        if k.as_slice() == H_ID.as_bytes() {
+            v.extend_from_slice(b"\0tail");
+        }
+    }
+    p.publish_raw(&topic, Some(b"n"), Some(b"\xff not json"), &h).await?;
+    // 1: rejected with a message holding NUL; 2: retried with one, parked, then dead.
+    p.publish_raw(&topic, Some(b"x"), Some(&payload("x", 1)), &headers(&[])).await?;
+    p.publish_raw(&topic, Some(b"r"), Some(&payload("r", 1)), &headers(&[])).await?;
+    // 3: an ordinary event behind them.
+    p.publish_raw(&topic, Some(b"k"), Some(&payload("k", 1)), &headers(&[])).await?;
+    let c = run::start(
+        oncely::Consumer::builder(group.clone())
+            .bootstrap_servers(kit::bootstrap())
+            .pool(db.pool.clone())
+            .topic(topic.clone())
+            .handler(fail_with_nul)
+            .max_attempts(2)
+            .retry_backoff(Duration::from_millis(50), Duration::from_millis(100))
+            .handle_sigterm(false)
+            .force_inbox_retention(true),
+    );
+    wait_count(&db.pool, "SELECT count(*) FROM oncely.dead_letters", 3).await?;
+    wait_offsets(&db.pool, &group, 4).await?;
+    wait_count(&db.pool, "SELECT count(*) FROM oncely.parked", 0).await?;
+    c.stop().await?;
+    assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM seen WHERE off = 3").await?, 1, "the event behind them");
+    let dead: Vec<(i64, String, String)> =
+        sqlx::query_as(r#"SELECT "offset", reason, error FROM oncely.dead_letters ORDER BY "offset""#)
+            .fetch_all(&db.pool)
+            .await?;
+    assert_eq!(dead.iter().map(|d| (d.0, d.1.as_str())).collect::<Vec<_>>()[0], (0, "undecodable-payload"));
+    assert_eq!(dead[1].0, 1);
+    assert!(dead[1].2.contains(r"rejected\0here"), "NUL shown escaped: {}", dead[1].2);
+    assert_eq!(dead[2].0, 2);
+    assert!(dead[2].2.contains(r"transient\0"), "{}", dead[2].2);
+    // The dead-letter copies are in the outbox, the NUL-bearing ce_id kept in
+    // the headers (bytes) but not as the row's text ce_id.
+    let copies: Vec<(Option<String>, Vec<Vec<u8>>, Vec<Option<Vec<u8>>>)> =
+        sqlx::query_as("SELECT ce_id, header_keys, header_values FROM oncely.outbox ORDER BY id")
+            .fetch_all(&db.pool)
+            .await?;
+    assert_eq!(copies.len(), 3);
+    assert_eq!(copies[0].0, None);
+    let i = copies[0].1.iter().position(|k| k.as_slice() == H_ID.as_bytes()).expect("ce_id header");
+    assert!(copies[0].2[i].as_deref().is_some_and(|v| v.ends_with(b"\0tail")));
+    Ok(())
+}

@@ -155,7 +155,7 @@ pub async fn finish(
     .bind(attempt)
     .bind(status)
     .bind(result)
-    .bind(error)
+    .bind(error.map(super::pg_text))
     .execute(pool)
     .await?
     .rows_affected();
@@ -173,7 +173,7 @@ pub async fn retry_later(pool: &PgPool, key: &str, attempt: i32, retry_in: Durat
     .bind(key)
     .bind(attempt)
     .bind(retry_in.as_secs_f64())
-    .bind(error)
+    .bind(super::pg_text(error))
     .execute(pool)
     .await?
     .rows_affected();

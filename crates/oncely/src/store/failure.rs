@@ -92,7 +92,7 @@ pub async fn park(conn: &mut PgConnection, rows: &[NewParked<'_>]) -> Result<()>
                 .push_bind(p.record.partition)
                 .push_bind(p.record.offset)
                 .push_bind(p.entity_key)
-                .push_bind(p.event_id.as_deref())
+                .push_bind(p.event_id.as_deref().map(super::pg_text))
                 .push_bind(p.record.timestamp_ms)
                 .push_bind(p.record.key.as_deref())
                 .push_bind(p.record.payload.as_deref())
@@ -103,8 +103,8 @@ pub async fn park(conn: &mut PgConnection, rows: &[NewParked<'_>]) -> Result<()>
                 .push("now() + make_interval(secs => ")
                 .push_bind_unseparated(p.retry_in.map(|d| d.as_secs_f64()))
                 .push_unseparated("::float8)")
-                .push_bind(p.error.as_deref())
-                .push_bind(p.error_class.as_deref());
+                .push_bind(p.error.as_deref().map(super::pg_text))
+                .push_bind(p.error_class.as_deref().map(super::pg_text));
         });
         q.push(" ON CONFLICT DO NOTHING");
         q.build().execute(&mut *conn).await?;
@@ -250,8 +250,8 @@ pub async fn reschedule(
     .bind(offset)
     .bind(attempts)
     .bind(retry_in.as_secs_f64())
-    .bind(error)
-    .bind(error_class)
+    .bind(super::pg_text(error))
+    .bind(super::pg_text(error_class))
     .execute(&mut *conn)
     .await?;
     Ok(())

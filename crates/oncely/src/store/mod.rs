@@ -127,14 +127,14 @@ pub async fn insert_dead_letter(conn: &mut PgConnection, dl: &NewDeadLetter<'_>)
     .bind(dl.record.partition)
     .bind(dl.record.offset)
     .bind(dl.record.timestamp_ms)
-    .bind(dl.event_id)
+    .bind(dl.event_id.map(pg_text))
     .bind(dl.record.key.as_deref())
     .bind(dl.record.payload.as_deref())
     .bind(&keys)
     .bind(&values)
-    .bind(dl.reason)
-    .bind(dl.error)
-    .bind(dl.error_class)
+    .bind(pg_text(dl.reason))
+    .bind(pg_text(dl.error))
+    .bind(pg_text(dl.error_class))
     .bind(dl.attempts)
     .fetch_one(&mut *conn)
     .await?;
@@ -196,6 +196,19 @@ pub async fn trim_inbox(pool: &PgPool) -> Result<inbox::Trimmed> {
     match longest {
         Some(days) => inbox::trim(pool, days).await,
         None => Ok(inbox::Trimmed::default()),
+    }
+}
+
+/// `s` as PostgreSQL `text` can hold it: NUL (which `text` refuses with
+/// SQLSTATE 22021, failing the whole transaction) written as `\0`. For the
+/// text columns that may receive what a record or a handler carries (error
+/// messages, reasons, identities shown to people); the bytes themselves are
+/// kept in `bytea` columns.
+pub fn pg_text(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.contains('\0') {
+        std::borrow::Cow::Owned(s.replace('\0', "\\0"))
+    } else {
+        std::borrow::Cow::Borrowed(s)
     }
 }
 

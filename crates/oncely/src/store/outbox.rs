@@ -30,7 +30,8 @@ pub struct NewOutboxRow<'a> {
     pub payload: Option<&'a [u8]>,
     /// Headers, in order, as bytes.
     pub headers: &'a [HeaderRef<'a>],
-    /// The `ce_id`, when the record has one.
+    /// The `ce_id`, when the record has one (not recorded if it holds NUL,
+    /// which `text` cannot: the row's headers keep it).
     pub ce_id: Option<&'a str>,
 }
 
@@ -68,7 +69,14 @@ pub async fn insert(conn: &mut PgConnection, rows: &[NewOutboxRow<'_>]) -> Resul
         for r in chunk {
             let keys: Vec<&[u8]> = r.headers.iter().map(|(k, _)| *k).collect();
             let values: Vec<Option<&[u8]>> = r.headers.iter().map(|(_, v)| *v).collect();
-            q = q.bind(r.lane).bind(r.topic).bind(r.key).bind(r.payload).bind(keys).bind(values).bind(r.ce_id);
+            q = q
+                .bind(r.lane)
+                .bind(r.topic)
+                .bind(r.key)
+                .bind(r.payload)
+                .bind(keys)
+                .bind(values)
+                .bind(r.ce_id.filter(|id| !id.contains('\0')));
         }
         let mut chunk_ids: Vec<i64> = q
             .fetch_all(&mut *conn)
