@@ -17,7 +17,21 @@
 //!   --to-earliest --execute`, start them again (they run with
 //!   `--set rewind_policy=replay`: they follow the rewind and re-read everything,
 //!   the inbox drops the duplicates);
-//! - `restart-kafka`, `restart-postgres`: `scripts/services restart-…`.
+//! - `restart-kafka`, `restart-postgres`: `scripts/services restart-…`;
+//! - `freeze-payment-service`, `freeze-webhook-dispatcher`: a zombie. With a
+//!   second member of the group running (started if need be), the first is
+//!   frozen with SIGSTOP for longer than its session timeout (its partitions
+//!   move to the other member, possibly while its batch transaction is still
+//!   open in PostgreSQL), then resumed with SIGCONT;
+//! - `hostile-records`: records no handler can take, published into the
+//!   orders topic (a header name that is not UTF-8, a NUL byte in `ce_id`, no
+//!   `ce_id`, no payload, 600 kB that are not JSON; keys `hostile-…`, one with
+//!   bytes that are not UTF-8): each must be dead-lettered with its reason,
+//!   none may stop a partition;
+//! - `resend-other-partition`: copies of already processed orders events (the
+//!   same `ce_source` and `ce_id`) produced into another partition of the
+//!   topic, as a producer that re-sends to a different partition would: the
+//!   inbox must recognise them there.
 //!
 //! A process that exits on its own (e.g. when the database goes away) is
 //! started again, as a supervisor would, and counted. Then the injector stops,
@@ -25,7 +39,8 @@
 //! the outbox drained, every effect done, nothing parked) and checks: one
 //! payment row and one distinct charge per order, one merchant webhook (in
 //! outcome: distinct keys) per payment, per-key order in `payments.history`,
-//! nothing lost (orders = payments + dead letters, dead letters 0).
+//! nothing lost (orders = payments + dead letters, dead letters 0 apart from
+//! the hostile records, every one of which is dead-lettered once with a reason).
 //!
 //! Everything is fresh (database `oncely_torture_<id>`, topics and groups
 //! `oncely-torture-<id>-*`) and removed at the end; logs are kept on failure.
@@ -51,6 +66,12 @@ const PARTITIONS: i32 = 4;
 const CLIENTS: usize = 16;
 /// How long one order may take to be accepted (retries included).
 const REQUEST_DEADLINE: Duration = Duration::from_secs(300);
+/// How long a frozen member stays frozen (its session timeout is 6 s).
+const FREEZE: Duration = Duration::from_secs(10);
+/// At most this many events of a partition are copied into another one.
+const RESEND: i64 = 50;
+/// The key prefix of the hostile records.
+const HOSTILE_PREFIX: &[u8] = b"hostile-";
 /// How long a crashed or killed service may take to come back.
 const RESTART_DEADLINE: Duration = Duration::from_secs(180);
 
@@ -122,10 +143,14 @@ enum Fault {
     RewindPaymentService,
     RestartKafka,
     RestartPostgres,
+    FreezePaymentService,
+    FreezeWebhookDispatcher,
+    HostileRecords,
+    ResendOtherPartition,
 }
 
 impl Fault {
-    const ALL: [Fault; 9] = [
+    const ALL: [Fault; 13] = [
         Fault::KillPaymentService,
         Fault::KillWebhookDispatcher,
         Fault::KillRelay,
@@ -135,6 +160,10 @@ impl Fault {
         Fault::RewindPaymentService,
         Fault::RestartKafka,
         Fault::RestartPostgres,
+        Fault::FreezePaymentService,
+        Fault::FreezeWebhookDispatcher,
+        Fault::HostileRecords,
+        Fault::ResendOtherPartition,
     ];
 
     fn name(self) -> &'static str {
@@ -148,6 +177,10 @@ impl Fault {
             Fault::RewindPaymentService => "rewind-payment-service",
             Fault::RestartKafka => "restart-kafka",
             Fault::RestartPostgres => "restart-postgres",
+            Fault::FreezePaymentService => "freeze-payment-service",
+            Fault::FreezeWebhookDispatcher => "freeze-webhook-dispatcher",
+            Fault::HostileRecords => "hostile-records",
+            Fault::ResendOtherPartition => "resend-other-partition",
         }
     }
 }
@@ -184,6 +217,10 @@ struct Report {
     webhook_intents: u64,
     order_violations: u64,
     dead_letters: u64,
+    hostile_records: u64,
+    hostile_dead_letters: u64,
+    hostile_without_reason: u64,
+    resent_copies: u64,
     lost: u64,
     faults: BTreeMap<String, u64>,
     faults_total: u64,
@@ -209,14 +246,19 @@ struct Snapshot {
     outbox_pending: i64,
     effects_open: i64,
     parked: i64,
+    /// Dead letters apart from the hostile records'.
     dead_letters: i64,
+    hostile_dead_letters: i64,
     gw: Stats,
 }
 
 impl Snapshot {
     /// What is still missing for quiescence (empty: quiet).
-    fn missing(&self, posted: u64) -> Vec<String> {
+    fn missing(&self, posted: u64, hostile: u64) -> Vec<String> {
         let mut m = Vec::new();
+        if self.hostile_dead_letters < hostile as i64 {
+            m.push(format!("hostile records dead-lettered {}/{hostile}", self.hostile_dead_letters));
+        }
         if self.orders < posted as i64 {
             m.push(format!("orders {}/{posted}", self.orders));
         }
@@ -301,6 +343,10 @@ struct Torture {
     fault_errors: u64,
     unexpected_exits: BTreeMap<String, u64>,
     touched_services: bool,
+    /// Hostile records published (each must end as one dead letter).
+    hostile_sent: u64,
+    /// Copies produced into another partition.
+    resent: u64,
 }
 
 /// Progress lines on stdout, flushed (also with `--json`, whose object is the last line).
@@ -447,6 +493,8 @@ impl Torture {
             fault_errors: 0,
             unexpected_exits: BTreeMap::new(),
             touched_services: false,
+            hostile_sent: 0,
+            resent: 0,
         };
         if let Err(e) = t.start_app().await {
             t.teardown(true).await;
@@ -576,6 +624,10 @@ impl Torture {
                     None => kinds[self.rng.usize(..kinds.len())],
                 };
                 let done = self.inject(fault).await;
+                if done.is_none() && fault == Fault::ResendOtherPartition {
+                    // Too early (nothing applied yet to copy): again later.
+                    required.insert(0, fault);
+                }
                 if fault == Fault::RemoveMember && done == Some(Fault::AddMember) {
                     // There was no member to remove: one was added; remove it next time.
                     if required.len() < kinds.len() * self.args.faults_min as usize {
@@ -609,7 +661,7 @@ impl Torture {
             self.supervise().await?;
             match self.snapshot().await {
                 Ok(s) => {
-                    let missing = s.missing(posted);
+                    let missing = s.missing(posted, self.hostile_sent);
                     last = s;
                     if missing.is_empty() {
                         report.quiesced = true;
@@ -623,7 +675,7 @@ impl Torture {
                 Err(e) => tracing::debug!(error = %e, "Reading the progress failed."),
             }
             if Instant::now() > deadline {
-                let missing = last.missing(posted);
+                let missing = last.missing(posted, self.hostile_sent);
                 report.problems.push(format!(
                     "not quiet after {} s: {}{}",
                     self.args.quiesce_timeout_s,
@@ -719,6 +771,10 @@ impl Torture {
             }
             Fault::RestartKafka => self.services_cmd("restart-kafka").await,
             Fault::RestartPostgres => self.services_cmd("restart-postgres").await,
+            Fault::FreezePaymentService => self.freeze("payment-service").await,
+            Fault::FreezeWebhookDispatcher => self.freeze("webhook-dispatcher").await,
+            Fault::HostileRecords => self.hostile().await,
+            Fault::ResendOtherPartition => self.resend().await,
         };
         let n = self.faults.values().sum::<u64>() + u64::from(r.is_ok());
         match r {
@@ -739,6 +795,78 @@ impl Torture {
         let args = self.procs.kill(name).await?;
         self.start_retry(name, &args).await?;
         Ok(format!("{name} killed (SIGKILL) and started again"))
+    }
+
+    /// A zombie: `service` frozen past its session timeout while another
+    /// member of its group runs, then resumed.
+    async fn freeze(&mut self, service: &str) -> Result<String> {
+        let other = format!("{service}+");
+        let mut started = "";
+        if !self.procs.is_running(&other) {
+            let args = self.consumer_args(service);
+            self.start_retry(&other, &args).await?;
+            started = ", started to take over,";
+        }
+        self.procs.signal(service, "STOP")?;
+        // The fault's length, not a wait for something: the member must stay
+        // frozen past its session timeout (6 s) for the group to move on.
+        tokio::time::sleep(FREEZE).await;
+        self.procs.signal(service, "CONT")?;
+        Ok(format!("{service} frozen (SIGSTOP) for {} s while {other}{started} ran; SIGCONT", FREEZE.as_secs()))
+    }
+
+    /// Publishes records no handler can take into the orders topic.
+    async fn hostile(&mut self) -> Result<String> {
+        let publisher = oncely::Publisher::new(self.args.bootstrap_servers.as_str(), "/torture/hostile")?;
+        let records = hostile_records(self.hostile_sent);
+        for (key, payload, headers) in &records {
+            publisher.publish_raw(&self.names.orders, Some(key), payload.as_deref(), headers).await?;
+            self.hostile_sent += 1;
+        }
+        Ok(format!(
+            "{} records published (header name not UTF-8, NUL in ce_id, no ce_id, no payload, 600 kB not JSON)",
+            records.len()
+        ))
+    }
+
+    /// Copies already processed orders events into another partition.
+    async fn resend(&mut self) -> Result<String> {
+        let from = self.rng.i32(0..PARTITIONS);
+        let to = (from + 1 + self.rng.i32(0..PARTITIONS - 1)) % PARTITIONS;
+        let topic = self.names.orders.clone();
+        // Only what the payment-service has applied: a copy of an event its
+        // original has not reached yet would be the first delivery.
+        let applied: Option<i64> = sqlx::query_scalar(
+            "SELECT next_offset FROM oncely.offsets WHERE consumer = $1 AND topic = $2 AND partition = $3",
+        )
+        .bind(&self.names.payment_group)
+        .bind(&topic)
+        .bind(from)
+        .fetch_optional(&self.pool)
+        .await?
+        .flatten();
+        let upto = applied.unwrap_or(0).min(RESEND);
+        if upto == 0 {
+            bail!("nothing applied yet in partition {from}: no copies (tried again later)");
+        }
+        let records = read_partition(&self.args.bootstrap_servers, &topic, from, upto).await?;
+        let producer: rdkafka::producer::FutureProducer =
+            oncely::kafka::KafkaConnection::new(self.args.bootstrap_servers.as_str()).client_config()?.create()?;
+        let mut copies = 0u64;
+        for r in records.iter().filter(|r| r.key.as_deref().is_some_and(|k| !k.starts_with(HOSTILE_PREFIX))) {
+            let headers = oncely::kafka::headers_with_nulls(&r.headers)?;
+            let mut rec = rdkafka::producer::FutureRecord::<[u8], [u8]>::to(&topic).partition(to).headers(headers);
+            if let Some(k) = &r.key {
+                rec = rec.key(k.as_slice());
+            }
+            if let Some(p) = &r.payload {
+                rec = rec.payload(p.as_slice());
+            }
+            producer.send(rec, Duration::from_secs(30)).await.map_err(|(e, _)| e)?;
+            copies += 1;
+        }
+        self.resent += copies;
+        Ok(format!("{copies} events of partition {from} (offsets 0..{upto}) produced again into partition {to}"))
     }
 
     /// Stops every member of `group`, rewinds it with Kafka's tool, starts them again.
@@ -810,16 +938,19 @@ impl Torture {
     }
 
     async fn snapshot(&self) -> Result<Snapshot> {
-        let row: (i64, i64, i64, i64, i64, i64, i64, i64) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM public.orders),
+        let row: (i64, i64, i64, i64, i64, i64, i64, i64, i64) = sqlx::query_as(
+            "WITH dead AS (SELECT coalesce(substring(key FROM 1 FOR 8) = $1, false) AS hostile FROM oncely.dead_letters)
+             SELECT (SELECT count(*) FROM public.orders),
                     (SELECT count(*) FROM public.orders WHERE status = 'confirmed'),
                     (SELECT count(*) FROM public.payments),
                     (SELECT count(*) FROM public.payments WHERE order_status = 'confirmed'),
                     (SELECT count(*) FROM oncely.outbox WHERE published_at IS NULL),
                     (SELECT count(*) FROM oncely.effects WHERE status <> 'done'),
                     (SELECT count(*) FROM oncely.parked),
-                    (SELECT count(*) FROM oncely.dead_letters)",
+                    (SELECT count(*) FILTER (WHERE NOT hostile) FROM dead),
+                    (SELECT count(*) FILTER (WHERE hostile) FROM dead)",
         )
+        .bind(HOSTILE_PREFIX)
         .fetch_one(&self.pool)
         .await?;
         let gw = self.stats().await?;
@@ -832,6 +963,7 @@ impl Torture {
             effects_open: row.5,
             parked: row.6,
             dead_letters: row.7,
+            hostile_dead_letters: row.8,
             gw,
         })
     }
@@ -899,7 +1031,19 @@ impl Torture {
         let webhook_orders =
             one("SELECT count(DISTINCT payload->>'orderId') FROM oncely.effects WHERE effect = 'merchant-webhook'")
                 .await?;
-        r.dead_letters = one("SELECT count(*) FROM oncely.dead_letters").await?;
+        let dead: (i64, i64, i64) = sqlx::query_as(
+            "SELECT count(*) FILTER (WHERE NOT hostile), count(*) FILTER (WHERE hostile),
+                    count(*) FILTER (WHERE hostile AND (reason = '' OR error = ''))
+             FROM (SELECT *, coalesce(substring(key FROM 1 FOR 8) = $1, false) AS hostile FROM oncely.dead_letters) d",
+        )
+        .bind(HOSTILE_PREFIX)
+        .fetch_one(&self.pool)
+        .await?;
+        r.dead_letters = dead.0.max(0) as u64;
+        r.hostile_dead_letters = dead.1.max(0) as u64;
+        r.hostile_without_reason = dead.2.max(0) as u64;
+        r.hostile_records = self.hostile_sent;
+        r.resent_copies = self.resent;
         let s = self.stats().await?;
         r.gateway_calls = s.charge_calls;
         r.distinct_charges = s.distinct_charges;
@@ -936,7 +1080,12 @@ impl Torture {
             format!("{} webhook intents for {webhook_orders} orders, {} payments", r.webhook_intents, r.payments),
         );
         p(r.order_violations == 0, format!("{} payments whose history is out of order", r.order_violations));
-        p(r.dead_letters == 0, format!("{} dead letters", r.dead_letters));
+        p(r.dead_letters == 0, format!("{} dead letters of events that are not hostile", r.dead_letters));
+        p(
+            r.hostile_dead_letters == r.hostile_records,
+            format!("{} dead letters for {} hostile records", r.hostile_dead_letters, r.hostile_records),
+        );
+        p(r.hostile_without_reason == 0, format!("{} hostile dead letters without a reason", r.hostile_without_reason));
         p(r.lost == 0, format!("{} orders lost (neither paid nor dead-lettered)", r.lost));
         Ok(())
     }
@@ -1054,6 +1203,71 @@ async fn post_until(
     }
 }
 
+/// Key, payload and headers of records the payment-service must dead-letter
+/// (`n`: how many were published before, for unique keys).
+type Hostile = (Vec<u8>, Option<Vec<u8>>, Headers);
+type Headers = Vec<(Vec<u8>, Vec<u8>)>;
+fn hostile_records(n: u64) -> Vec<Hostile> {
+    let headers = |mutate: &dyn Fn(&mut Headers)| {
+        let mut h: Headers =
+            oncely::envelope::CloudEventAttrs::new_now("/torture/hostile", payments::events::ORDER_CREATED)
+                .to_headers()
+                .into_iter()
+                .map(|(k, v)| (k.into_bytes(), v))
+                .collect();
+        mutate(&mut h);
+        h
+    };
+    let key = |i: u64, tail: &[u8]| [HOSTILE_PREFIX, format!("{}-", n + i).as_bytes(), tail].concat();
+    let id = oncely::envelope::H_ID.as_bytes();
+    vec![
+        (
+            key(0, b""),
+            Some(b"\xff\0 not json".to_vec()),
+            headers(&|h| h.push((vec![0xff, 0xfe, b'x'], b"\0\xff".to_vec()))),
+        ),
+        (
+            key(1, b""),
+            Some(Vec::new()),
+            headers(&|h| h.iter_mut().filter(|(k, _)| k == id).for_each(|(_, v)| v.extend_from_slice(b"\0tail"))),
+        ),
+        (key(2, &[0xff, 0x00]), Some(b"{}".to_vec()), headers(&|h| h.retain(|(k, _)| k != id))),
+        (key(3, b""), None, headers(&|_| ())),
+        (key(4, b""), Some(vec![b'x'; 600 * 1024]), headers(&|_| ())),
+    ]
+}
+
+/// Records `0..upto` of one partition, read with a consumer of no group.
+async fn read_partition(
+    bootstrap: &str,
+    topic: &str,
+    partition: i32,
+    upto: i64,
+) -> Result<Vec<oncely::envelope::RawRecord>> {
+    use rdkafka::consumer::Consumer as _;
+    use rdkafka::Message as _;
+    let consumer: rdkafka::consumer::StreamConsumer = oncely::kafka::KafkaConnection::new(bootstrap)
+        .client_config()?
+        .set("group.id", "oncely-torture-reader")
+        .set("enable.auto.commit", "false")
+        .create()?;
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset(topic, partition, rdkafka::Offset::Beginning)?;
+    consumer.assign(&tpl)?;
+    let mut out = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while out.len() < upto as usize {
+        let m = tokio::time::timeout_at(deadline, consumer.recv())
+            .await
+            .with_context(|| format!("reading {topic}[{partition}]: {} of {upto} records in 60 s", out.len()))??;
+        if m.offset() >= upto {
+            break;
+        }
+        out.push(oncely::envelope::RawRecord::from_message(&m));
+    }
+    Ok(out)
+}
+
 fn print_table(r: &Report) {
     let mut t = String::new();
     let _ = writeln!(t, "\nResults (run {}, seed {}, {:.0} s)", r.run_id, r.seed, r.seconds);
@@ -1073,7 +1287,14 @@ fn print_table(r: &Report) {
     row(&mut t, "merchant calls (raw, same-key retries included)", r.merchant_calls.to_string());
     row(&mut t, "  keys called more than once", r.webhook_keys_called_more_than_once.to_string());
     row(&mut t, "per-key order violations (payments.history)", r.order_violations.to_string());
-    row(&mut t, "dead letters", r.dead_letters.to_string());
+    row(&mut t, "dead letters (events that are not hostile)", r.dead_letters.to_string());
+    row(&mut t, "hostile records published", r.hostile_records.to_string());
+    row(
+        &mut t,
+        "  dead-lettered with a reason",
+        (r.hostile_dead_letters - r.hostile_without_reason.min(r.hostile_dead_letters)).to_string(),
+    );
+    row(&mut t, "copies produced into another partition", r.resent_copies.to_string());
     row(&mut t, "lost (orders - payments - dead letters)", r.lost.to_string());
     row(&mut t, "client retries (POST /orders, /confirm)", r.client_retries.to_string());
     row(&mut t, "load / quiescence (s)", format!("{:.0} / {:.0}", r.load_seconds, r.quiesce_seconds));
@@ -1123,8 +1344,10 @@ mod tests {
             gw: Stats { distinct_charges: 10, distinct_webhooks: 10, ..Stats::default() },
             ..Snapshot::default()
         };
-        assert!(s.missing(10).is_empty());
+        assert!(s.missing(10, 0).is_empty());
         let busy = Snapshot { outbox_pending: 3, payments: 9, ..s };
-        assert_eq!(busy.missing(10).len(), 2);
+        assert_eq!(busy.missing(10, 0).len(), 2);
+        assert_eq!(s.missing(10, 5).len(), 1, "hostile records not dead-lettered yet");
+        assert!(Snapshot { hostile_dead_letters: 5, ..s }.missing(10, 5).is_empty());
     }
 }

@@ -1,7 +1,8 @@
 //! The short torture run of CI: `oncely-bench torture` with a few thousand
 //! orders and every kind of fault at least once (SIGKILLs, group members
 //! added and removed, rewinds with Kafka's own tool, a broker restart and a
-//! PostgreSQL restart), then its invariants.
+//! PostgreSQL restart, members frozen with SIGSTOP past their session timeout,
+//! hostile records, events copied into another partition), then its invariants.
 //!
 //! It restarts the shared broker and database server, so it must not run
 //! beside other tests: it is ignored in the normal run and run alone, last,
@@ -51,6 +52,10 @@ fn the_pipeline_survives_every_kind_of_fault() {
     }
     assert_eq!(report["orders"], report["payments"], "{report}");
     assert_eq!(report["orders"], report["distinct_charges"], "{report}");
+    assert!(report["hostile_records"].as_u64().unwrap_or(0) >= 5, "{report}");
+    assert_eq!(report["hostile_dead_letters"], report["hostile_records"], "{report}");
+    assert_eq!(report["hostile_without_reason"], 0, "{report}");
+    assert!(report["resent_copies"].as_u64().unwrap_or(0) >= 1, "no event copied into another partition: {report}");
     let faults = report["faults"].as_object().cloned().unwrap_or_default();
     for kind in [
         "kill-payment-service",
@@ -62,6 +67,10 @@ fn the_pipeline_survives_every_kind_of_fault() {
         "rewind-payment-service",
         "restart-kafka",
         "restart-postgres",
+        "freeze-payment-service",
+        "freeze-webhook-dispatcher",
+        "hostile-records",
+        "resend-other-partition",
     ] {
         assert!(faults.get(kind).and_then(|v| v.as_u64()).unwrap_or(0) >= 1, "no {kind} fault in {report}");
     }

@@ -164,6 +164,13 @@ impl Procs {
         Ok(p.args)
     }
 
+    /// Sends `SIG<sig>` (`STOP`, `CONT`, …) to `name`, which keeps running
+    /// as far as the supervisor is concerned.
+    pub fn signal(&self, name: &str, sig: &str) -> Result<()> {
+        let p = self.running.get(name).with_context(|| format!("{name} is not running"))?;
+        signal(&p.child, sig)
+    }
+
     /// The processes that exited on their own since the last call (they are
     /// forgotten: start them again with their arguments).
     pub fn reap(&mut self) -> Vec<Exited> {
