@@ -44,6 +44,8 @@
 //! [`processor`] (Kafka → Kafka in Kafka transactions, for pipelines with no
 //! database in them).
 
+#![warn(missing_docs)]
+
 pub mod admin;
 pub mod backoff;
 pub mod config;

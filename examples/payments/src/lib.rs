@@ -57,6 +57,24 @@ pub struct Common {
     /// Topic of the payment events.
     #[arg(long, env = "PAYMENTS_PAYMENTS_TOPIC", default_value = "payments", global = true)]
     pub payments_topic: String,
+    /// A librdkafka client property for every Kafka client, `name=value`
+    /// (repeatable): e.g. `--kafka security.protocol=SASL_SSL
+    /// --kafka sasl.mechanism=SCRAM-SHA-512 --kafka ssl.ca.location=ca.pem`.
+    #[arg(long = "kafka", value_name = "NAME=VALUE", global = true)]
+    pub kafka: Vec<String>,
+}
+
+impl Common {
+    /// The Kafka connection every client of the app is built from: the
+    /// bootstrap servers and the `--kafka` properties.
+    pub fn connection(&self) -> Result<oncely::kafka::KafkaConnection> {
+        let mut c = oncely::kafka::KafkaConnection::new(&self.bootstrap_servers);
+        for p in &self.kafka {
+            let (k, v) = p.split_once('=').with_context(|| format!("--kafka {p:?}: expected NAME=VALUE"))?;
+            c = c.property(k.trim(), v.trim());
+        }
+        Ok(c)
+    }
 }
 
 /// Settings shared by the two oncely consumers. The consumer's own settings
@@ -211,8 +229,8 @@ pub fn listening(url: &str) {
 
 /// Fails unless every topic exists (the services do not create topics:
 /// `auto.create.topics.enable=false`).
-pub async fn check_topics(bootstrap: &str, topics: &[&str]) -> Result<()> {
-    let consumer: BaseConsumer = oncely::kafka::KafkaConnection::new(bootstrap)
+pub async fn check_topics(connection: &oncely::kafka::KafkaConnection, topics: &[&str]) -> Result<()> {
+    let consumer: BaseConsumer = connection
         .client_config()?
         .set("allow.auto.create.topics", "false")
         .create()
@@ -233,4 +251,37 @@ pub async fn check_topics(bootstrap: &str, topics: &[&str]) -> Result<()> {
     })
     .await
     .context("the metadata task")?
+}
+
+/// The README's "adding oncely to an axum + sqlx service" example, compiled as
+/// a doc test (this crate has every dependency it uses).
+#[cfg(doctest)]
+#[doc = include_str!("../../../README.md")]
+pub struct ReadmeDoctests;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn common(kafka: &[&str]) -> Common {
+        Common {
+            bootstrap_servers: "b:9092".into(),
+            database_url: String::new(),
+            orders_topic: String::new(),
+            payments_topic: String::new(),
+            kafka: kafka.iter().map(|s| (*s).to_owned()).collect(),
+        }
+    }
+
+    #[test]
+    fn kafka_properties_reach_every_client() -> Result<()> {
+        let cfg =
+            common(&["security.protocol=SASL_SSL", "sasl.mechanism = SCRAM-SHA-512"]).connection()?.client_config()?;
+        assert_eq!(cfg.get("bootstrap.servers"), Some("b:9092"));
+        assert_eq!(cfg.get("security.protocol"), Some("SASL_SSL"));
+        assert_eq!(cfg.get("sasl.mechanism"), Some("SCRAM-SHA-512"));
+        let err = common(&["no-value"]).connection().err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(err.contains("expected NAME=VALUE"), "{err}");
+        Ok(())
+    }
 }

@@ -196,7 +196,7 @@ async fn run(cli: Cli) -> Result<()> {
 async fn prepare(common: &Common, topics: &[&str]) -> Result<sqlx::PgPool> {
     let pool = schema::connect(&common.database_url, 16).await?;
     schema::migrate(&pool).await?;
-    payments::check_topics(&common.bootstrap_servers, topics).await?;
+    payments::check_topics(&common.connection()?, topics).await?;
     Ok(pool)
 }
 

@@ -41,7 +41,8 @@ pub struct NaiveConfig {
 pub async fn run(common: &crate::Common, cfg: &NaiveConfig, pool: PgPool, shutdown: CancellationToken) -> Result<()> {
     let merchant = GatewayClient::new(&cfg.merchant_url, cfg.call_timeout)?;
     let session = cfg.session_timeout_ms.max(1000);
-    let consumer: StreamConsumer = oncely::kafka::KafkaConnection::new(&common.bootstrap_servers)
+    let consumer: StreamConsumer = common
+        .connection()?
         .client_config()?
         .set("group.id", &cfg.group)
         .set("enable.auto.commit", "false")

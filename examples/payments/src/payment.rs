@@ -47,7 +47,7 @@ pub fn consumer(
         async move { gateway.charge(&call.key, &call.payload).await }
     };
     let b = Consumer::builder(group)
-        .bootstrap_servers(&common.bootstrap_servers)
+        .connection(common.connection()?)
         .pool(pool)
         .topic(&common.orders_topic)
         .state(Deps { payments_topic: common.payments_topic.clone() })

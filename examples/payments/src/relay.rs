@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 /// Runs a relay named `name` until `shutdown`; prints `READY` once it starts.
 pub async fn run(common: &crate::Common, name: Option<&str>, pool: PgPool, shutdown: CancellationToken) -> Result<()> {
-    let mut b = oncely::outbox::Relay::builder(pool, &common.bootstrap_servers);
+    let mut b = oncely::outbox::Relay::builder(pool, common.connection()?);
     if let Some(n) = name {
         b = b.name(n);
     }

@@ -8,7 +8,6 @@ use anyhow::Result;
 use oncely::effects::{EffectCall, EffectOptions};
 use oncely::{Consumer, ConsumerBuilder, Cx, Event, HandlerError};
 use oncely_testkit::gateway::GatewayClient;
-use serde_json::Value;
 use sqlx::PgPool;
 
 use crate::events::{PaymentSucceeded, WebhookBody, PAYMENT_SUCCEEDED};
@@ -33,21 +32,20 @@ pub fn consumer(
         async move { merchant.webhook(&call.key, &call.payload).await }
     };
     let b = Consumer::builder(group)
-        .bootstrap_servers(&common.bootstrap_servers)
+        .connection(common.connection()?)
         .pool(pool)
         .topic(&common.payments_topic)
-        .handler(on_payment_event)
+        // Other types on the topic are counted and skipped (the default
+        // `Unrouted::Skip`); a `PaymentSucceeded` that does not decode is
+        // dead-lettered `undecodable-payload`.
+        .route(PAYMENT_SUCCEEDED, on_payment_succeeded)
         .effect_executor(MERCHANT_WEBHOOK, send, EffectOptions::default());
     Ok(opts.apply(b, &settings))
 }
 
 /// The handler: one webhook intent per `PaymentSucceeded`.
-pub async fn on_payment_event(ev: Event<Value>, cx: &mut Cx) -> Result<(), HandlerError> {
-    if ev.attrs.ty != PAYMENT_SUCCEEDED {
-        tracing::debug!(event_id = %ev.id, ce_type = %ev.attrs.ty, "Ignored an event of another type.");
-        return Ok(());
-    }
-    let p: PaymentSucceeded = serde_json::from_value(ev.data).map_err(HandlerError::reject)?;
+pub async fn on_payment_succeeded(ev: Event<PaymentSucceeded>, cx: &mut Cx) -> Result<(), HandlerError> {
+    let p = ev.data;
     let body = WebhookBody {
         kind: "payment.succeeded".into(),
         order_id: p.order_id,

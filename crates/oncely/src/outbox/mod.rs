@@ -1,5 +1,5 @@
 //! The transactional outbox: write an event in the same PostgreSQL
-//! transaction as the state it describes, and let a [relay](relay) publish it.
+//! transaction as the state it describes, and let a [relay] publish it.
 //!
 //! A service must never write its database and publish to Kafka as two steps
 //! (an order row without its `OrderCreated`, or the event without the row).

@@ -43,7 +43,7 @@
 //! - **Transient failures.** A batch that did not fully publish because of a
 //!   transient error (broker unreachable, not enough replicas, ...) is
 //!   retried from its first unpublished row with exponential backoff
-//!   ([`Backoff`](crate::backoff::Backoff), up to `max_backoff`). By default
+//!   ([`Backoff`], up to `max_backoff`). By default
 //!   records never time out in the producer (`message.timeout.ms=0`): while
 //!   the broker is down the batch waits and librdkafka reconnects with its own
 //!   backoff; a timeout could let a later record overtake an earlier one of the
