@@ -353,7 +353,8 @@ async fn nul_bytes_on_the_failure_path_neither_block_the_partition_nor_get_lost(
     assert!(dead[2].2.contains(r"transient\0"), "{}", dead[2].2);
     // The dead-letter copies are in the outbox, the NUL-bearing ce_id kept in
     // the headers (bytes) but not as the row's text ce_id.
-    let copies: Vec<(Option<String>, Vec<Vec<u8>>, Vec<Option<Vec<u8>>>)> =
+    type OutboxCopy = (Option<String>, Vec<Vec<u8>>, Vec<Option<Vec<u8>>>);
+    let copies: Vec<OutboxCopy> =
         sqlx::query_as("SELECT ce_id, header_keys, header_values FROM oncely.outbox ORDER BY id")
             .fetch_all(&db.pool)
             .await?;
