@@ -628,6 +628,12 @@ impl Torture {
                     // Too early (nothing applied yet to copy): again later.
                     required.insert(0, fault);
                 }
+                if fault == Fault::AddMember && done == Some(Fault::RemoveMember) {
+                    // Both extra members were running: one was removed; add one next time.
+                    if required.len() < kinds.len() * self.args.faults_min as usize {
+                        required.push(Fault::AddMember);
+                    }
+                }
                 if fault == Fault::RemoveMember && done == Some(Fault::AddMember) {
                     // There was no member to remove: one was added; remove it next time.
                     if required.len() < kinds.len() * self.args.faults_min as usize {
@@ -812,6 +818,11 @@ impl Torture {
         // frozen past its session timeout (6 s) for the group to move on.
         tokio::time::sleep(FREEZE).await;
         self.procs.signal(service, "CONT")?;
+        if !started.is_empty() {
+            // Leave the group's membership as it was (the member faults count on it).
+            self.procs.stop(&other, Duration::from_secs(30)).await?;
+            started = ", started to take over and stopped after,";
+        }
         Ok(format!("{service} frozen (SIGSTOP) for {} s while {other}{started} ran; SIGCONT", FREEZE.as_secs()))
     }
 
