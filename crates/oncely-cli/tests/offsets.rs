@@ -459,6 +459,31 @@ async fn to_datetime_lands_on_the_first_offset_at_or_after_the_time() -> Result<
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_replay_older_than_the_inbox_retention_is_not_promised_to_run_once() -> Result<()> {
+    let w = World::new("retention", 1).await?;
+    let (g, t) = (w.group.as_str(), w.topic.as_str());
+    // An oncely consumer whose inbox keeps identities 8 days; records 10 and 2 days old.
+    sqlx::query("INSERT INTO oncely.consumers (name, inbox_retention_days) VALUES ($1, 8)")
+        .bind(g)
+        .execute(&w.db.pool)
+        .await?;
+    let day = 86_400_000;
+    let now = Utc::now().timestamp_millis();
+    w.produce(0, &[now - 10 * day, now - 10 * day + 1000, now - 2 * day, now - 2 * day + 1000]).await?;
+    w.commit(&[(0, 4)]).await?;
+    let meaning = |v: &Value| v["oncely"]["meaning"].as_str().unwrap_or_default().to_owned();
+    let v = w.oncely(&["-o", "json", "offsets", "reset", "-g", g, "-t", t, "--to-earliest"]).await?.ok()?.json()?;
+    assert_eq!(v["oncely"]["consumer"], true);
+    let m = meaning(&v);
+    ensure!(m.contains("WOULD BE APPLIED AGAIN") && !m.contains("no handler runs twice"), "{m}");
+    // Back only to the records the inbox still remembers: the usual promise.
+    let v = w.oncely(&["-o", "json", "offsets", "reset", "-g", g, "-t", t, "--to-offset", "2"]).await?.ok()?.json()?;
+    let m = meaning(&v);
+    ensure!(m.contains("no handler runs twice") && !m.contains("WOULD BE APPLIED AGAIN"), "{m}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn watch_snapshots_then_restore_to_a_past_snapshot() -> Result<()> {
     let w = World::new("watch", 2).await?;
     let g = w.group.as_str();

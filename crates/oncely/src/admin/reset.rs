@@ -272,14 +272,35 @@ fn describe_target(t: &Target, snapshot: Option<&Snapshot>) -> String {
     }
 }
 
-fn oncely_meaning(consumer: bool, group: &str, plan: &Plan) -> String {
+/// What the change means for `group`. `retention_days`: how long the inbox
+/// keeps an identity; a replay reaching further back re-applies what it
+/// forgot, and the meaning says so instead of promising that nothing runs twice.
+fn oncely_meaning(consumer: bool, group: &str, plan: &Plan, retention_days: Option<i32>, now_ms: i64) -> String {
     let (replay, skip) = (plan.totals.redelivered, plan.totals.skipped);
     let skipped = if skip > 0 {
         format!(" The {skip} skipped record(s) will never be processed by this group.")
     } else {
         String::new()
     };
-    if consumer {
+    let forgotten = match (plan.oldest_replayed_ms(), retention_days) {
+        (Some(oldest), Some(days)) if replay > 0 && oldest < now_ms - i64::from(days) * 86_400_000 => Some((
+            chrono::DateTime::from_timestamp_millis(oldest).map(|t| t.to_rfc3339()).unwrap_or_default(),
+            days,
+            chrono::DateTime::from_timestamp_millis(now_ms - i64::from(days) * 86_400_000)
+                .map(|t| t.to_rfc3339())
+                .unwrap_or_default(),
+        )),
+        _ => None,
+    };
+    if let (true, Some((oldest, days, cutoff))) = (consumer, &forgotten) {
+        format!(
+            "{group} is an oncely consumer in this environment's database, but this change re-delivers records \
+             older than its inbox keeps identities ({days} days): the oldest is from {oldest}. Events from before \
+             {cutoff} may have had their inbox rows removed and WOULD BE APPLIED AGAIN, side effects included; \
+             the newer ones are dropped as duplicates. To stay within what the inbox remembers, reset to a time \
+             after {cutoff} (--to-datetime).{skipped}"
+        )
+    } else if consumer {
         format!(
             "{group} is an oncely consumer in this environment's database. Its inbox suppresses every event it \
              already applied, so the {replay} re-delivered record(s) are dropped as duplicates: no handler runs \
@@ -584,7 +605,13 @@ impl Session {
             oldest_replayed_ms: plan.oldest_replayed_ms(),
             oncely: OncelyInfo {
                 consumer: oncely.consumer,
-                meaning: oncely_meaning(oncely.consumer, group, &plan),
+                meaning: oncely_meaning(
+                    oncely.consumer,
+                    group,
+                    &plan,
+                    oncely.inbox_retention_days,
+                    chrono::Utc::now().timestamp_millis(),
+                ),
                 db_offsets,
             },
             plan,
@@ -1041,7 +1068,31 @@ mod tests {
             PlanOptions::default(),
         )
         .expect("plan");
-        assert!(oncely_meaning(true, "g", &p).contains("9 re-delivered record(s) are dropped as duplicates"));
-        assert!(oncely_meaning(false, "g", &p).contains("NOT an oncely consumer"));
+        let now = 1_800_000_000_000;
+        assert!(
+            oncely_meaning(true, "g", &p, Some(8), now).contains("9 re-delivered record(s) are dropped as duplicates")
+        );
+        assert!(oncely_meaning(false, "g", &p, Some(8), now).contains("NOT an oncely consumer"));
+    }
+
+    #[test]
+    fn a_replay_older_than_the_inbox_retention_does_not_promise_that_nothing_runs_twice() {
+        let mut p = plan(
+            &[(
+                PartitionState { topic: "t".into(), partition: 0, current: Some(9), log_start: 0, log_end: 9 },
+                Requested::Earliest,
+            )],
+            PlanOptions::default(),
+        )
+        .expect("plan");
+        let now = 1_800_000_000_000;
+        let day = 86_400_000;
+        p.partitions[0].first_replayed_ms = Some(now - 10 * day);
+        let m = oncely_meaning(true, "g", &p, Some(8), now);
+        assert!(m.contains("WOULD BE APPLIED AGAIN"), "{m}");
+        assert!(!m.contains("no handler runs twice"), "{m}");
+        p.partitions[0].first_replayed_ms = Some(now - 7 * day);
+        let m = oncely_meaning(true, "g", &p, Some(8), now);
+        assert!(m.contains("no handler runs twice"), "{m}");
     }
 }

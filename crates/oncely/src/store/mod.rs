@@ -188,12 +188,16 @@ pub async fn is_consumer(pool: &PgPool, name: &str) -> Result<bool> {
     Ok(sqlx::query("SELECT 1 FROM oncely.consumers WHERE name = $1").bind(name).fetch_optional(pool).await?.is_some())
 }
 
+/// The longest inbox retention of the registered consumers, in days: how
+/// long the shared inbox keeps a claimed identity (`None`: no consumer).
+pub async fn longest_inbox_retention_days(pool: &PgPool) -> Result<Option<i32>> {
+    Ok(sqlx::query_scalar("SELECT max(inbox_retention_days) FROM oncely.consumers").fetch_one(pool).await?)
+}
+
 /// Applies the inbox retention of every registered consumer (the longest
 /// wins: the inbox is shared): see [`inbox::trim`].
 pub async fn trim_inbox(pool: &PgPool) -> Result<inbox::Trimmed> {
-    let longest: Option<i32> =
-        sqlx::query_scalar("SELECT max(inbox_retention_days) FROM oncely.consumers").fetch_one(pool).await?;
-    match longest {
+    match longest_inbox_retention_days(pool).await? {
         Some(days) => inbox::trim(pool, days).await,
         None => Ok(inbox::Trimmed::default()),
     }
