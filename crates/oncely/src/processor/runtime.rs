@@ -1325,12 +1325,11 @@ fn is_fencing(code: RDKafkaErrorCode) -> bool {
     matches!(code, RDKafkaErrorCode::ProducerFenced | RDKafkaErrorCode::InvalidProducerEpoch | RDKafkaErrorCode::Fenced)
 }
 
-/// `base * 2^attempt`, capped at `max`, with full jitter (never below a
-/// tenth of the step).
+/// The wait before retry `attempt`: the one [`crate::backoff::Backoff`] of
+/// lanes, effects and the relay (`base * 2^attempt`, capped at `max`, full
+/// jitter above a tenth of the step).
 fn backoff(s: &Settings, attempt: u32) -> Duration {
-    let exp = s.backoff_base.saturating_mul(1u32 << attempt.min(20)).min(s.backoff_max);
-    let ms = exp.as_millis() as u64;
-    Duration::from_millis(ms / 10 + fastrand::u64(0..=ms - ms / 10))
+    crate::backoff::Backoff::new(s.backoff_base, s.backoff_max).delay(attempt)
 }
 
 #[cfg(test)]
