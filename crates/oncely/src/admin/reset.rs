@@ -1058,16 +1058,21 @@ mod tests {
         assert_eq!(Action::Undo.as_str(), "offsets.undo");
     }
 
-    #[test]
-    fn the_meaning_says_whether_duplicates_are_suppressed() {
-        let p = plan(
+    /// Partition `t`/0 from committed offset 9 back to the earliest, 0.
+    fn rewind_of_nine() -> Plan {
+        plan(
             &[(
                 PartitionState { topic: "t".into(), partition: 0, current: Some(9), log_start: 0, log_end: 9 },
                 Requested::Earliest,
             )],
             PlanOptions::default(),
         )
-        .expect("plan");
+        .expect("plan")
+    }
+
+    #[test]
+    fn the_meaning_says_whether_duplicates_are_suppressed() {
+        let p = rewind_of_nine();
         let now = 1_800_000_000_000;
         assert!(
             oncely_meaning(true, "g", &p, Some(8), now).contains("9 re-delivered record(s) are dropped as duplicates")
@@ -1077,14 +1082,7 @@ mod tests {
 
     #[test]
     fn a_replay_older_than_the_inbox_retention_does_not_promise_that_nothing_runs_twice() {
-        let mut p = plan(
-            &[(
-                PartitionState { topic: "t".into(), partition: 0, current: Some(9), log_start: 0, log_end: 9 },
-                Requested::Earliest,
-            )],
-            PlanOptions::default(),
-        )
-        .expect("plan");
+        let mut p = rewind_of_nine();
         let now = 1_800_000_000_000;
         let day = 86_400_000;
         p.partitions[0].first_replayed_ms = Some(now - 10 * day);
