@@ -553,7 +553,15 @@ impl Lane {
             if rec.offset < n {
                 // Fetched before a seek and popped in the same instant (a race
                 // librdkafka's version barrier leaves open): a leftover.
+                // Counted, so that a steady stream of them (which no seek
+                // explains) shows on the dashboard instead of in debug logs.
                 tracing::debug!(offset = rec.offset, expected = n, "Dropped a record below the lane's position.");
+                crate::metrics::inc(
+                    "oncely_records_below_position_total",
+                    "Records dropped because they were below the lane's position (leftovers of a seek).",
+                    &[("consumer", &self.shared.name), ("topic", &self.topic)],
+                    1,
+                );
                 return;
             }
         }
