@@ -38,11 +38,25 @@
 //! # Ok(()) }
 //! ```
 //!
-//! Modules: [`envelope`] (identity and CloudEvents headers), [`consumer`] (the
-//! runtime), [`store`] (every SQL statement and the migrations), [`config`]
-//! (`oncely.toml`), [`admin`] (offset tools over the Kafka Admin API),
-//! [`processor`] (Kafka → Kafka in Kafka transactions, for pipelines with no
-//! database in them).
+//! Modules, from the bottom floor up:
+//!
+//! - [`kafka`]: the one [`kafka::KafkaConnection`] every client is built from,
+//!   the forced settings and commit-metadata markers, the Admin API wrapper,
+//!   header reading and writing as bytes;
+//! - [`store`]: every SQL statement and the migrations;
+//! - [`envelope`]: identity and CloudEvents headers, typed decoding,
+//!   [`Publisher`];
+//! - [`consumer`]: the runtime (builder, lanes, the batch decisions), with
+//!   [`failure`] (parking, dead letters, redrive), [`effects`] (side-effect
+//!   intents and their executor) and [`backoff`] (the one retry schedule);
+//! - [`outbox`]: the transactional outbox and its relay;
+//! - [`processor`]: Kafka → Kafka in Kafka transactions, for pipelines with
+//!   no database in them;
+//! - [`admin`]: operator operations (offset resets with preview, audit and
+//!   undo; lag; dead letters; effects) for the CLI and the console;
+//! - [`config`]: `oncely.toml` and `ONCELY_*` variables;
+//! - [`metrics`] (Prometheus/OpenMetrics) and [`telemetry`] (spans after
+//!   OpenTelemetry's messaging conventions, W3C trace context).
 
 #![warn(missing_docs)]
 
