@@ -36,6 +36,50 @@ async fn oncely(config: &std::path::Path, args: &[&str]) -> Result<(i32, String,
     ))
 }
 
+/// Writes an `oncely.toml` with one environment, `secure`, on the SASL_SSL
+/// listener: `password` is the TOML value of `sasl.password`, `ca` the CA file.
+fn write_config(config: &std::path::Path, db_url: &str, cluster: &str, password: &str, ca: &str) -> Result<()> {
+    std::fs::write(
+        config,
+        format!(
+            "[env.secure]\nbootstrap_servers = \"{}\"\ndatabase_url = \"{db_url}\"\ncluster_id = \"{cluster}\"\nprotected = false\n\n\
+             [env.secure.kafka]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanisms\" = \"SCRAM-SHA-512\"\n\
+             \"sasl.username\" = \"{}\"\n\"sasl.password\" = {password}\n\"ssl.ca.location\" = \"{ca}\"\n",
+            var("ONCELY_KAFKA_SECURE_BOOTSTRAP")?,
+            var("ONCELY_KAFKA_SECURE_USER")?,
+        ),
+    )?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_wrong_password_or_an_untrusted_certificate_fails_the_cli_in_seconds_and_names_the_cause() -> Result<()> {
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    let cluster = KafkaAdmin::new(kit::secure_connection()?, &[])?.describe_cluster().await?.cluster_id;
+    let dir = std::env::temp_dir().join(kit::unique("oncely-secure-cli-bad"));
+    std::fs::create_dir_all(&dir)?;
+    let cases = [
+        ("\"not-the-password\"", var("ONCELY_KAFKA_SECURE_CA")?, "authentication"),
+        ("{ env = \"ONCELY_TEST_KAFKA_PASSWORD\" }", var("ONCELY_KAFKA_UNTRUSTED_CA")?, "certificate"),
+    ];
+    for (i, (password, ca, cause)) in cases.iter().enumerate() {
+        let config = dir.join(format!("oncely-{i}.toml"));
+        write_config(&config, &db.url, &cluster, password, ca)?;
+        let started = std::time::Instant::now();
+        let (code, out, err) =
+            tokio::time::timeout(Duration::from_secs(60), oncely(&config, &["offsets", "show", "-g", "any-group"]))
+                .await
+                .with_context(|| format!("the CLI hung with a bad {cause}"))??;
+        ensure!(code != 0, "a bad {cause} must fail: {out}\n{err}");
+        ensure!(err.to_lowercase().contains(cause), "stderr names the {cause}: {err}");
+        ensure!(started.elapsed() < Duration::from_secs(30), "failed after {:?}", started.elapsed());
+        ensure!(!err.contains("not-the-password"), "the password appeared: {err}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn offsets_and_lag_work_over_sasl_ssl_and_never_show_the_password() -> Result<()> {
     kit::init_tracing();
@@ -78,17 +122,12 @@ async fn offsets_and_lag_work_over_sasl_ssl_and_never_show_the_password() -> Res
     let dir = std::env::temp_dir().join(kit::unique("oncely-secure-cli"));
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("oncely.toml");
-    std::fs::write(
+    write_config(
         &config,
-        format!(
-            "[env.secure]\nbootstrap_servers = \"{}\"\ndatabase_url = \"{}\"\ncluster_id = \"{cluster}\"\nprotected = false\n\n\
-             [env.secure.kafka]\n\"security.protocol\" = \"SASL_SSL\"\n\"sasl.mechanisms\" = \"SCRAM-SHA-512\"\n\
-             \"sasl.username\" = \"{}\"\n\"sasl.password\" = {{ env = \"ONCELY_TEST_KAFKA_PASSWORD\" }}\n\"ssl.ca.location\" = \"{}\"\n",
-            var("ONCELY_KAFKA_SECURE_BOOTSTRAP")?,
-            db.url,
-            var("ONCELY_KAFKA_SECURE_USER")?,
-            var("ONCELY_KAFKA_SECURE_CA")?,
-        ),
+        &db.url,
+        &cluster,
+        "{ env = \"ONCELY_TEST_KAFKA_PASSWORD\" }",
+        &var("ONCELY_KAFKA_SECURE_CA")?,
     )?;
 
     let mut all = String::new();
