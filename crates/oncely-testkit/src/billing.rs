@@ -120,8 +120,10 @@ pub fn consumer(
         let client = client.clone();
         async move { client.charge(&call.key, &call.payload).await }
     };
-    let mut opts = oncely::effects::EffectOptions::default();
-    opts.backoff = (Duration::from_millis(50), Duration::from_millis(500));
+    let opts = oncely::effects::EffectOptions {
+        backoff: (Duration::from_millis(50), Duration::from_millis(500)),
+        ..Default::default()
+    };
     Ok(Consumer::builder(group)
         .shared_state(Arc::new(billing))
         .bootstrap_servers(crate::bootstrap())

@@ -131,10 +131,7 @@ pub fn prepare(pool: PgPool, new: NewRebuild) -> futures::future::BoxFuture<'sta
 async fn prepare_inner(pool: &PgPool, new: &NewRebuild) -> Result<(RebuildRow, bool)> {
     let mut tx = pool.begin().await?;
     // Two processes starting the same rebuild at once: one creates it.
-    sqlx::query("SELECT pg_advisory_xact_lock(7310582039163002, hashtext($1))")
-        .bind(&new.target)
-        .execute(&mut *tx)
-        .await?;
+    sqlx::query("SELECT pg_advisory_xact_lock(731058203, hashtext($1))").bind(&new.target).execute(&mut *tx).await?;
     let existing = sqlx::query(&format!("SELECT {COLUMNS} FROM oncely.projection_rebuilds WHERE target = $1"))
         .bind(&new.target)
         .fetch_optional(&mut *tx)
