@@ -121,14 +121,22 @@ async fn the_tax_bug_is_rebuilt_with_zero_side_effects_and_swapped_in_under_load
     let live =
         run::start(billing::consumer(&group, &topic, pool.clone(), code(TAX_PERCENT, "v2", &invoiced), &gw.url())?);
     // New orders keep arriving during the whole rebuild and the swap.
+    // A burst on request, so that the swap meets a live consumer ahead of
+    // the rebuild.
     let load_stop = CancellationToken::new();
+    let burst = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let burst_done = std::sync::Arc::new(tokio::sync::Notify::new());
     let load = {
-        let (topic, stop) = (topic.clone(), load_stop.clone());
+        let (topic, stop, burst, burst_done) = (topic.clone(), load_stop.clone(), burst.clone(), burst_done.clone());
         tokio::spawn(async move {
             let mut next = N;
             while !stop.is_cancelled() {
-                billing::publish_orders(&topic, next, next + 10).await?;
-                next += 10;
+                let k = if burst.swap(false, std::sync::atomic::Ordering::SeqCst) { 300 } else { 10 };
+                billing::publish_orders(&topic, next, next + k).await?;
+                next += k;
+                if k > 10 {
+                    burst_done.notify_one();
+                }
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
             anyhow::Ok(next)
@@ -161,8 +169,10 @@ async fn the_tax_bug_is_rebuilt_with_zero_side_effects_and_swapped_in_under_load
         assert_eq!(tax, billing::tax(amount, BUGGY_TAX_PERCENT), "a sampled live row is a buggy one: {row}");
     }
 
-    // Swap under load.
+    // Swap under load, right after a burst the live consumer is applying.
     let s = session(&db).await?;
+    burst.store(true, std::sync::atomic::Ordering::SeqCst);
+    burst_done.notified().await;
     let preview = preview_swap(&s, &SwapRequest::new(target), Origin::cli()).await?;
     assert!(preview.refusals().is_empty(), "{:?}", preview.refusals());
     let done = preview.confirm(&s, None).await?.execute(&s).await?;
