@@ -295,8 +295,11 @@ async fn a_lagging_rebuild_is_refused_and_swap_back_restores_the_projection_and_
         .await
         .context("the swapped rebuild did not stop")???;
     billing::check_corrected(&pool, "public", 400).await?;
+    // The live consumer goes on after the swap.
+    billing::publish_orders(&topic, 400, 450).await?;
+    run::wait_count(&pool, "SELECT count(*) FROM public.invoice_log", 450).await?;
 
-    // Swap back: the old projection and the old position, exactly.
+    // Swap back: the old projection and the position at the swap, exactly.
     live.stop().await?;
     let back = preview_swap_back(&s, "billing", Origin::cli()).await?;
     assert!(back.refusals().is_empty(), "{:?}", back.refusals());
@@ -308,6 +311,15 @@ async fn a_lagging_rebuild_is_refused_and_swap_back_restores_the_projection_and_
             .fetch_all(&pool)
             .await?;
     assert_eq!(live_after, live_before, "the old position is back");
+    // Restarted, the live consumer applies what came after the swap to the
+    // old projection, once.
+    let live =
+        run::start(billing::consumer(&group, &topic, pool.clone(), code(TAX_PERCENT, "v2", &invoiced), &gw.url())?);
+    run::wait_count(&pool, "SELECT count(*) FROM public.invoice_log", 450).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    live.stop().await?;
+    assert_eq!(count(&pool, "SELECT count(*) FROM public.invoice_log").await?, 450);
+    assert_eq!(count(&pool, "SELECT count(DISTINCT order_id) FROM public.invoice_log").await?, 450);
     // And a second swap-back is refused: nothing is swapped in.
     assert!(preview_swap_back(&s, "billing", Origin::cli()).await.is_err());
     assert_eq!(
