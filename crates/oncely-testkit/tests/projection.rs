@@ -332,3 +332,64 @@ async fn a_lagging_rebuild_is_refused_and_swap_back_restores_the_projection_and_
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_killed_with_sigkill_midway_resumes_to_the_same_result_as_an_uninterrupted_one() -> Result<()> {
+    oncely_testkit::init_tracing();
+    let db = TestDb::new().await?;
+    let pool = db.pool.clone();
+    billing::setup(&pool).await?;
+    let topic = unique("orders");
+    let invoiced = unique("invoiced");
+    oncely_testkit::create_topic(&topic, 2).await?;
+    let group = unique("billing");
+    let gw = FakeGateway::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    const N: usize = 600;
+    billing::publish_orders(&topic, 0, N).await?;
+    let live = run::start(billing::consumer(
+        &group,
+        &topic,
+        pool.clone(),
+        code(BUGGY_TAX_PERCENT, "v1", &invoiced),
+        &gw.url(),
+    )?);
+    run::wait_count(&pool, "SELECT count(*) FROM public.invoice_log", N as i64).await?;
+    live.stop().await?;
+
+    // The rebuild in a process of its own, killed with SIGKILL midway.
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_test-rebuild"));
+    let envs = [("TARGET", "billing_k"), ("MAX_BATCH", "5")];
+    let first = oncely_testkit::process::TestConsumer::spawn(exe, &db.url, &group, &topic, &envs).await?;
+    wait_until(WAIT, "the rebuild to be midway", || async {
+        Ok(count(&pool, "SELECT count(*) FROM billing_k.invoice_log").await.unwrap_or(0) >= 100)
+    })
+    .await?;
+    first.kill9().await?;
+    let at_kill = count(&pool, "SELECT count(*) FROM billing_k.invoice_log").await?;
+    assert!(at_kill < N as i64, "killed midway ({at_kill} of {N} applied)");
+    // Restarted, it resumes.
+    let second = oncely_testkit::process::TestConsumer::spawn(exe, &db.url, &group, &topic, &envs).await?;
+    wait_lag_at_most(&pool, "billing_k", 0).await?;
+    second.terminate(Duration::from_secs(30)).await?;
+
+    // The same rebuild, uninterrupted, in this process.
+    let whole = RunningRebuild::start(billing::projection().rebuild(
+        billing::consumer(&group, &topic, pool.clone(), code(TAX_PERCENT, "rebuild", &invoiced), &gw.url())?,
+        "billing_u",
+    ));
+    wait_lag_at_most(&pool, "billing_u", 0).await?;
+    whole.stop().await?;
+
+    billing::check_corrected(&pool, "billing_k", N).await?;
+    billing::check_corrected(&pool, "billing_u", N).await?;
+    assert_eq!(billing::invoices(&pool, "billing_k").await?, billing::invoices(&pool, "billing_u").await?);
+    let not_suppressed = count(
+        &pool,
+        &format!(
+            "SELECT count(*) FROM oncely.effects WHERE consumer LIKE '{group}.rebuild.%' AND status <> 'suppressed'"
+        ),
+    )
+    .await?;
+    assert_eq!(not_suppressed, 0, "a rebuild's effects are all suppressed");
+    Ok(())
+}
