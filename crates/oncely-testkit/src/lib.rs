@@ -14,6 +14,7 @@ use rdkafka::consumer::{BaseConsumer, Consumer};
 use sqlx::{Connection, PgConnection, PgPool};
 
 pub mod app;
+pub mod billing;
 pub mod gateway;
 pub mod process;
 pub mod processor;

@@ -72,6 +72,7 @@ pub mod kafka;
 pub mod metrics;
 pub mod outbox;
 pub mod processor;
+pub mod projection;
 pub mod store;
 pub mod telemetry;
 

@@ -122,6 +122,8 @@ pub struct Cx {
     pub(crate) consumer: Arc<str>,
     pub(crate) event_id: Option<EventId>,
     pub(crate) replay: bool,
+    /// `cx.publish` writes nothing (a projection rebuild).
+    pub(crate) suppress_publish: bool,
     pub(crate) effects: Vec<crate::store::effects::NewIntent>,
     pub(crate) registry: Arc<crate::effects::Registry>,
     /// The record being handled (per-event handlers), for `traceparent`.
@@ -259,7 +261,7 @@ impl Cx {
             // Carries the incoming event's W3C trace context, if it had one.
             ev = ev.caused_by(rec);
         }
-        crate::outbox::enqueue(&mut self.tx, topic, key, &ev).await
+        self.publish_event(topic, key, &ev).await
     }
 
     /// [`publish`](Self::publish) of an event built by the caller.
@@ -269,7 +271,29 @@ impl Cx {
         key: &str,
         event: &crate::outbox::OutgoingEvent,
     ) -> crate::Result<crate::outbox::Enqueued> {
+        if self.suppress_publish {
+            // A projection rebuild: the events were published when the live
+            // consumer handled these records; publishing them again would be
+            // a side effect. Nothing is written (id 0).
+            tracing::debug!(
+                consumer = &*self.consumer,
+                topic,
+                ce_id = event.ce_id(),
+                "Publish suppressed (projection rebuild)."
+            );
+            return Ok(crate::outbox::Enqueued {
+                id: 0,
+                ce_id: event.ce_id().to_owned(),
+                lane: crate::outbox::lane_of(Some(key.as_bytes())),
+            });
+        }
         crate::outbox::enqueue(&mut self.tx, topic, key, event).await
+    }
+
+    /// Whether [`publish`](Self::publish) is suppressed (a projection
+    /// rebuild): it returns without writing to the outbox.
+    pub fn is_publish_suppressed(&self) -> bool {
+        self.suppress_publish
     }
 }
 

@@ -63,6 +63,10 @@ pub(crate) struct Assigned {
     pub fetch_from: Offset,
 }
 
+/// How often a projection rebuild that caught up with the live consumer
+/// looks at the live position again.
+const FOLLOW_POLL: Duration = Duration::from_millis(100);
+
 /// How often a lane with held keys looks for keys an operator released.
 const HELD_KEY_CHECK: Duration = Duration::from_secs(2);
 
@@ -411,7 +415,14 @@ impl Lane {
 
     /// Runs one batch from `pending`. Returns false if the lane must stop.
     async fn run_batch(&mut self) -> bool {
-        let n = self.batch_len();
+        let mut n = self.batch_len();
+        if let Some(live) = self.shared.settings.follow.clone() {
+            match self.follow_cap(&live, n).await {
+                Some(0) => return self.sleep(FOLLOW_POLL).await,
+                Some(c) => n = c,
+                None => return true,
+            }
+        }
         if let Some(bucket) = &self.shared.bucket {
             bucket.take(n).await;
         }
@@ -472,6 +483,27 @@ impl Lane {
                 tracing::warn!(error = %e, retry_in = ?d, "Batch failed and rolled back; retrying.");
                 self.retry_at = Some(Instant::now() + d);
                 true
+            }
+        }
+    }
+
+    /// A projection rebuild stays behind the live consumer it rebuilds for:
+    /// it takes only records the live consumer has committed, so that a
+    /// swap never moves the live position forward past events whose side
+    /// effects the live consumer has not recorded yet (the rebuild's are
+    /// suppressed). How many of the first `n` pending records the next
+    /// batch may take; `None` when the live position could not be read (the
+    /// lane retries later).
+    async fn follow_cap(&mut self, live: &str, n: usize) -> Option<usize> {
+        match offsets::read(&self.shared.pool, live, &self.topic, self.partition).await {
+            Ok(row) => {
+                let cap = row.and_then(|r| r.next_offset).unwrap_or(0);
+                Some(self.pending.iter().take(n).take_while(|r| r.offset < cap).count())
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "Cannot read the live consumer's position; retrying.");
+                self.retry_at = Some(Instant::now() + Duration::from_secs(1));
+                None
             }
         }
     }
@@ -707,11 +739,19 @@ impl Lane {
     /// Opens a transaction and the handler context around it.
     async fn begin(&self) -> Result<Cx> {
         let s = &self.shared;
+        let mut tx = s.pool.begin().await?;
+        if let Some(path) = &s.settings.search_path {
+            // A projection rebuild: the handler's unqualified SQL lands in the
+            // shadow schema, for this transaction only (oncely's own SQL is
+            // schema-qualified).
+            store::set_local_search_path(&mut tx, path).await?;
+        }
         Ok(Cx {
-            tx: s.pool.begin().await?,
+            tx,
             consumer: s.name.clone(),
             event_id: None,
             replay: s.settings.replay,
+            suppress_publish: s.settings.suppress_publish,
             effects: Vec::new(),
             registry: s.registry.clone(),
             record: None,

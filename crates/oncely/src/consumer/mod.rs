@@ -90,6 +90,14 @@ pub(crate) struct Settings {
     pub backoff_max: Duration,
     pub max_record_bytes: usize,
     pub replay: bool,
+    /// `search_path` set in every batch transaction (a projection rebuild's
+    /// shadow schema).
+    pub search_path: Option<String>,
+    /// `cx.publish` writes nothing (a projection rebuild).
+    pub suppress_publish: bool,
+    /// The consumer whose database position this one never passes (a
+    /// projection rebuild follows its live consumer).
+    pub follow: Option<Arc<str>>,
     pub dead_key_policy: crate::failure::DeadKeyPolicy,
     /// Where a partition with no position at all starts (`auto.offset.reset`).
     pub initial: Offset,
@@ -255,44 +263,8 @@ impl Ctx {
                 tracing::warn!(consumer = &*s.name, error = %e, "Could not read Kafka's committed offsets; rewinds cannot be detected for this assignment.")
             }
         }
-        let Some(consumer) = s.consumer.get().and_then(Weak::upgrade) else {
-            tracing::error!(consumer = &*s.name, "The consumer is gone; not assigning.");
+        if !spawn_lanes(s, &parts, tpl, &kafka) {
             return;
-        };
-        for key in &parts {
-            let queue = {
-                let Ok(mut queues) = s.queues.lock() else { return };
-                match queues.get(key) {
-                    Some(q) => q.clone(),
-                    None => match consumer.split_partition_queue(&key.0, key.1) {
-                        Some(q) => {
-                            let q = Arc::new(q);
-                            queues.insert(key.clone(), q.clone());
-                            q
-                        }
-                        None => {
-                            tracing::error!(consumer = &*s.name, topic = %key.0, partition = key.1, "Cannot split the partition's queue; not assigning it.");
-                            continue;
-                        }
-                    },
-                }
-            };
-            // Start fetching where Kafka's commit says (usually where the
-            // database is too); the lane seeks if it decides otherwise.
-            let kafka_pos = kafka.get(key).cloned();
-            let fetch_from = kafka_pos.as_ref().map_or(s.settings.initial, |(o, _)| Offset::Offset(*o));
-            if let Some(mut e) = tpl.find_partition(&key.0, key.1) {
-                if let Err(err) = e.set_offset(fetch_from) {
-                    tracing::error!(error = %err, "Cannot set the start offset.");
-                }
-            }
-            let assigned = lane::Assigned { kafka: kafka_pos, fetch_from };
-            let handle = lane::spawn(self.0.clone(), key.0.clone(), key.1, queue, assigned);
-            if let Ok(mut lanes) = s.lanes.lock() {
-                if let Some(old) = lanes.insert(key.clone(), handle) {
-                    old.stop.cancel();
-                }
-            }
         }
         let res = if matches!(base.rebalance_protocol(), rdkafka::consumer::RebalanceProtocol::Cooperative) {
             base.incremental_assign(tpl)
@@ -329,6 +301,59 @@ impl Ctx {
             tracing::error!(consumer = &*s.name, error = %e, "Unassigning partitions failed.");
         }
     }
+}
+
+/// Splits the queues of `parts` (before they are assigned: librdkafka decides
+/// where a partition's records go when it starts fetching), sets where each
+/// starts fetching in `tpl`, and spawns a lane per partition. Used by the
+/// rebalance callback and by a manually assigned consumer (a projection
+/// rebuild, which never joins the group).
+fn spawn_lanes(
+    s: &Arc<Shared>,
+    parts: &[PartitionKey],
+    tpl: &mut TopicPartitionList,
+    kafka: &HashMap<PartitionKey, (i64, String)>,
+) -> bool {
+    let Some(consumer) = s.consumer.get().and_then(Weak::upgrade) else {
+        tracing::error!(consumer = &*s.name, "The consumer is gone; not assigning.");
+        return false;
+    };
+    for key in parts {
+        let queue = {
+            let Ok(mut queues) = s.queues.lock() else { return false };
+            match queues.get(key) {
+                Some(q) => q.clone(),
+                None => match consumer.split_partition_queue(&key.0, key.1) {
+                    Some(q) => {
+                        let q = Arc::new(q);
+                        queues.insert(key.clone(), q.clone());
+                        q
+                    }
+                    None => {
+                        tracing::error!(consumer = &*s.name, topic = %key.0, partition = key.1, "Cannot split the partition's queue; not assigning it.");
+                        continue;
+                    }
+                },
+            }
+        };
+        // Start fetching where Kafka's commit says (usually where the
+        // database is too); the lane seeks if it decides otherwise.
+        let kafka_pos = kafka.get(key).cloned();
+        let fetch_from = kafka_pos.as_ref().map_or(s.settings.initial, |(o, _)| Offset::Offset(*o));
+        if let Some(mut e) = tpl.find_partition(&key.0, key.1) {
+            if let Err(err) = e.set_offset(fetch_from) {
+                tracing::error!(error = %err, "Cannot set the start offset.");
+            }
+        }
+        let assigned = lane::Assigned { kafka: kafka_pos, fetch_from };
+        let handle = lane::spawn(s.clone(), key.0.clone(), key.1, queue, assigned);
+        if let Ok(mut lanes) = s.lanes.lock() {
+            if let Some(old) = lanes.insert(key.clone(), handle) {
+                old.stop.cancel();
+            }
+        }
+    }
+    true
 }
 
 /// Stops lanes, waits for each to finish its batch within the drain timeout
@@ -420,6 +445,12 @@ pub struct Parts {
     registry: crate::effects::Registry,
     effect_lease: Duration,
     create_dlt_topics: bool,
+    /// Assign every partition of the topics instead of joining the group
+    /// (a projection rebuild: the live group must not rebalance).
+    manual_assignment: bool,
+    /// Run the in-process effect executor (not in a projection rebuild:
+    /// it would run the live consumer's intents).
+    run_effect_executor: bool,
 }
 
 impl std::fmt::Debug for Parts {
@@ -482,6 +513,9 @@ impl Parts {
                 backoff_max: Duration::from_secs(60),
                 max_record_bytes: 8 * 1024 * 1024,
                 replay: false,
+                search_path: None,
+                suppress_publish: false,
+                follow: None,
                 dead_key_policy: crate::failure::DeadKeyPolicy::Continue,
                 initial: Offset::Beginning,
             },
@@ -496,6 +530,8 @@ impl Parts {
             registry: crate::effects::Registry::default(),
             effect_lease: Duration::from_secs(60),
             create_dlt_topics: true,
+            manual_assignment: false,
+            run_effect_executor: true,
         }
     }
 }
@@ -916,6 +952,50 @@ impl<S: Send + Sync + 'static> ConsumerBuilder<S> {
 }
 
 impl Parts {
+    /// The consumer's name.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Its pool, or a new one from its URL.
+    pub(crate) async fn resolve_pool(&mut self) -> Result<PgPool> {
+        if let Some(p) = &self.pool {
+            return Ok(p.clone());
+        }
+        let url =
+            self.database_url.as_deref().ok_or_else(|| Error::Config("a pool or a database_url is required".into()))?;
+        let pool = store::connect(url, 20).await?;
+        self.pool = Some(pool.clone());
+        Ok(pool)
+    }
+
+    /// The topics it consumes.
+    pub(crate) fn topics(&self) -> &[String] {
+        &self.topics
+    }
+
+    /// The Kafka connection.
+    pub(crate) fn kafka_connection(&self) -> Option<&KafkaConnection> {
+        self.connection.as_ref()
+    }
+
+    /// Turns the live consumer's configuration into a projection rebuild's:
+    /// the same handler and settings under another name (its own inbox,
+    /// offsets, versions and dead letters), the handler's SQL in the shadow
+    /// schema `search_path`, never past the live consumer's position,
+    /// effects recorded as suppressed, `cx.publish` writing nothing, every partition assigned without joining the group,
+    /// and no effect executor.
+    pub(crate) fn make_rebuild(&mut self, name: String, search_path: String) {
+        self.settings.follow = Some(Arc::from(self.name.as_str()));
+        self.name = name;
+        self.settings.replay = true;
+        self.settings.suppress_publish = true;
+        self.settings.search_path = Some(search_path);
+        self.manual_assignment = true;
+        self.run_effect_executor = false;
+        self.metrics_addr = None;
+    }
+
     async fn run_inner(self, shutdown: CancellationToken) -> Result<()> {
         let connection =
             self.connection.ok_or_else(|| Error::Config("bootstrap_servers (or a connection) is required".into()))?;
@@ -993,7 +1073,19 @@ impl Parts {
 
         let executor = crate::effects::Executor::new(pool.clone(), self.registry.clone()).lease(self.effect_lease);
         let effects_wake = executor.waker();
-        let executor_task = tokio::spawn(executor.run(shutdown.clone()));
+        let executor_task = self.run_effect_executor.then(|| tokio::spawn(executor.run(shutdown.clone())));
+        // A manually assigned consumer takes every partition of its topics.
+        let mut manual: Option<Vec<PartitionKey>> = None;
+        if self.manual_assignment {
+            let admin = crate::kafka::admin::KafkaAdmin::new(&connection, &[])?;
+            let mut parts = Vec::new();
+            for t in &self.topics {
+                for p in admin.topic_partitions(t).await? {
+                    parts.push((t.clone(), p));
+                }
+            }
+            manual = Some(parts);
+        }
         let shared = Arc::new(Shared {
             name: Arc::from(self.name.as_str()),
             consumer_id,
@@ -1016,8 +1108,10 @@ impl Parts {
         });
         let consumer: Arc<KafkaConsumer> = Arc::new(cfg.create_with_context(Ctx(shared.clone()))?);
         let _ = shared.consumer.set(Arc::downgrade(&consumer));
-        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
-        consumer.subscribe(&topics)?;
+        if manual.is_none() {
+            let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+            consumer.subscribe(&topics)?;
+        }
 
         if self.handle_sigterm {
             let token = shutdown.clone();
@@ -1047,7 +1141,7 @@ impl Parts {
         std::thread::Builder::new()
             .name(format!("oncely-{}", self.name))
             .spawn(move || {
-                let r = kafka_thread(thread_shared, thread_consumer);
+                let r = kafka_thread(thread_shared, thread_consumer, manual);
                 let _ = done_tx.send(r);
             })
             .map_err(Error::Io)?;
@@ -1056,8 +1150,10 @@ impl Parts {
             result = Err(e);
         }
         maintenance.abort();
-        if let Ok(Err(e)) = executor_task.await {
-            tracing::warn!(error = %e, "The effect executor stopped with an error.");
+        if let Some(task) = executor_task {
+            if let Ok(Err(e)) = task.await {
+                tracing::warn!(error = %e, "The effect executor stopped with an error.");
+            }
         }
         tracing::info!(consumer = %self.name, "Consumer stopped.");
         result
@@ -1068,9 +1164,12 @@ impl Parts {
 /// rebalances (their callbacks run here) and errors; records go to the lanes'
 /// own partition queues. A record arriving here means its partition's queue
 /// was not split in time: its lane is told to read it again from its queue.
-fn kafka_thread(shared: Arc<Shared>, consumer: Arc<KafkaConsumer>) -> Result<()> {
+fn kafka_thread(shared: Arc<Shared>, consumer: Arc<KafkaConsumer>, manual: Option<Vec<PartitionKey>>) -> Result<()> {
     use futures::future::{select, Either};
     let token = shared.shutdown.clone();
+    if let Some(parts) = manual {
+        assign_manually(&shared, &consumer, &parts)?;
+    }
     futures::executor::block_on(async {
         loop {
             let recv = consumer.recv();
@@ -1121,6 +1220,36 @@ fn kafka_thread(shared: Arc<Shared>, consumer: Arc<KafkaConsumer>) -> Result<()>
         q.clear();
     }
     drop(consumer);
+    Ok(())
+}
+
+/// Assigns `parts` without joining the group (a projection rebuild): the
+/// lanes start as after a rebalance, from the database position or, for a
+/// partition without one, where the consumer's own committed offset or
+/// `auto.offset.reset` says.
+fn assign_manually(shared: &Arc<Shared>, consumer: &KafkaConsumer, parts: &[PartitionKey]) -> Result<()> {
+    let mut tpl = TopicPartitionList::new();
+    for (t, p) in parts {
+        tpl.add_partition(t, *p);
+    }
+    let mut kafka: HashMap<PartitionKey, (i64, String)> = HashMap::new();
+    match consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
+        Ok(c) => {
+            for e in c.elements() {
+                if let Offset::Offset(o) = e.offset() {
+                    kafka.insert((e.topic().to_owned(), e.partition()), (o, e.metadata().to_owned()));
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(consumer = &*shared.name, error = %e, "Could not read Kafka's committed offsets; starting from the database positions.")
+        }
+    }
+    tracing::info!(consumer = &*shared.name, partitions = ?parts, "Assigning partitions manually (no group membership).");
+    if !spawn_lanes(shared, parts, &mut tpl, &kafka) {
+        return Err(Error::Config("the consumer is gone before its partitions were assigned".into()));
+    }
+    consumer.assign(&tpl)?;
     Ok(())
 }
 

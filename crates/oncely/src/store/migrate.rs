@@ -15,6 +15,7 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (5, "failure", include_str!("migrations/0005_failure.sql")),
     (6, "outbox_bytes", include_str!("migrations/0006_outbox_bytes.sql")),
     (7, "bytes and inbox keys", include_str!("migrations/0007_bytes_and_inbox_keys.sql")),
+    (8, "projections", include_str!("migrations/0008_projections.sql")),
 ];
 
 /// Key of the advisory lock held while migrating (`hashtext('oncely.migrate')` is

@@ -16,6 +16,7 @@ pub mod inbox;
 mod migrate;
 pub mod offsets;
 pub mod outbox;
+pub mod projection;
 pub use migrate::{migrate, migrate_up_to, MIGRATIONS};
 
 /// `url` (a `postgres://` URL) with its database replaced by `db`.
@@ -164,6 +165,14 @@ pub enum Savepoint {
     Rollback,
 }
 
+/// Sets `search_path` for the rest of the transaction (`set_config(...,
+/// true)`, the function form of `SET LOCAL`, so the value is a bound
+/// parameter, never SQL text).
+pub async fn set_local_search_path(conn: &mut sqlx::PgConnection, path: &str) -> Result<()> {
+    sqlx::query("SELECT set_config('search_path', $1, true)").bind(path).execute(&mut *conn).await?;
+    Ok(())
+}
+
 /// Registers (or updates) a consumer and its inbox retention; returns the
 /// consumer's number (its inbox rows carry it instead of the name).
 pub async fn register_consumer(pool: &PgPool, name: &str, inbox_retention_days: i32) -> Result<i32> {
@@ -181,6 +190,14 @@ pub async fn register_consumer(pool: &PgPool, name: &str, inbox_retention_days: 
 /// The number of a registered consumer.
 pub async fn consumer_id(pool: &PgPool, name: &str) -> Result<Option<i32>> {
     Ok(sqlx::query_scalar("SELECT id FROM oncely.consumers WHERE name = $1").bind(name).fetch_optional(pool).await?)
+}
+
+/// [`consumer_id`] inside a transaction.
+pub async fn consumer_id_in(conn: &mut sqlx::PgConnection, name: &str) -> Result<Option<i32>> {
+    Ok(sqlx::query_scalar("SELECT id FROM oncely.consumers WHERE name = $1")
+        .bind(name)
+        .fetch_optional(&mut *conn)
+        .await?)
 }
 
 /// Whether `name` is a consumer registered in this database (an oncely group).

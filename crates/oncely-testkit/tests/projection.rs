@@ -1,0 +1,395 @@
+//! Projection rebuilds against the real broker and database: the tax bug of
+//! the write-up, fixed by a rebuild with zero side effects, swapped in under
+//! load; a swap refused while the rebuild lags; swap-back.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use oncely::admin::ops::Origin;
+use oncely::admin::session::Session;
+use oncely::config::{EnvConfig, Environment};
+use oncely::projection::ops::{preview_swap, preview_swap_back, SwapRequest};
+use oncely::projection::{self, rebuild_consumer_name};
+use oncely_testkit::billing::{self, Billing, BUGGY_TAX_PERCENT, TAX_PERCENT};
+use oncely_testkit::gateway::FakeGateway;
+use oncely_testkit::{run, unique, wait_until, TestDb};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+const WAIT: Duration = Duration::from_secs(120);
+
+async fn session(db: &TestDb) -> Result<Session> {
+    let env = Environment {
+        name: "test".into(),
+        config: EnvConfig {
+            bootstrap_servers: oncely_testkit::bootstrap(),
+            database_url: db.url.clone(),
+            cluster_id: None,
+            protected: false,
+            kafka: Default::default(),
+        },
+        source: None,
+    };
+    Ok(Session::open(env).await?)
+}
+
+fn code(tax_percent: i64, tag: &str, invoiced: &str) -> Billing {
+    Billing { tax_percent, tag: tag.into(), invoiced_topic: invoiced.into() }
+}
+
+async fn count(pool: &PgPool, sql: &str) -> Result<i64> {
+    oncely_testkit::count(pool, sql).await
+}
+
+/// Effects of `consumer` in `status`.
+async fn effects(pool: &PgPool, consumer: &str, status: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM oncely.effects WHERE consumer = $1 AND status = $2")
+        .bind(consumer)
+        .bind(status)
+        .fetch_one(pool)
+        .await?)
+}
+
+/// Runs a rebuild in this process until stopped.
+struct RunningRebuild {
+    token: CancellationToken,
+    join: tokio::task::JoinHandle<oncely::Result<()>>,
+}
+
+impl RunningRebuild {
+    fn start(r: projection::Rebuild<Billing>) -> Self {
+        let token = CancellationToken::new();
+        let run = r.run(token.clone());
+        let join = tokio::spawn(async move {
+            let r = run.await;
+            if let Err(e) = &r {
+                eprintln!("the rebuild stopped with an error: {e}");
+            }
+            r
+        });
+        RunningRebuild { token, join }
+    }
+
+    async fn stop(self) -> Result<()> {
+        self.token.cancel();
+        tokio::time::timeout(Duration::from_secs(60), self.join).await.context("rebuild did not stop")???;
+        Ok(())
+    }
+}
+
+async fn wait_lag_at_most(pool: &PgPool, target: &str, lag: i64) -> Result<()> {
+    wait_until(WAIT, &format!("rebuild {target} within {lag} of live"), || async {
+        // Not registered yet: the rebuild is starting.
+        let Ok(s) = projection::status(pool, target).await else { return Ok(false) };
+        Ok(s.lag.behind <= lag && s.lag.missing.is_empty())
+    })
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_tax_bug_is_rebuilt_with_zero_side_effects_and_swapped_in_under_load_exactly_once() -> Result<()> {
+    oncely_testkit::init_tracing();
+    let db = TestDb::new().await?;
+    let pool = db.pool.clone();
+    billing::setup(&pool).await?;
+    let topic = unique("orders");
+    let invoiced = unique("invoiced");
+    oncely_testkit::create_topic(&topic, 3).await?;
+    let group = unique("billing");
+    let gw = FakeGateway::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+
+    // Two weeks with the bug.
+    const N: usize = 300;
+    billing::publish_orders(&topic, 0, N).await?;
+    let buggy = run::start(billing::consumer(
+        &group,
+        &topic,
+        pool.clone(),
+        code(BUGGY_TAX_PERCENT, "v1", &invoiced),
+        &gw.url(),
+    )?);
+    run::wait_count(&pool, "SELECT count(*) FROM public.invoice_log", N as i64).await?;
+    wait_until(WAIT, "the buggy charges", || async { Ok(effects(&pool, &group, "done").await? >= N as i64) }).await?;
+    buggy.stop().await?;
+    let wrong =
+        count(&pool, &format!("SELECT count(*) FROM invoices WHERE tax = (amount * {BUGGY_TAX_PERCENT} / 100)"))
+            .await?;
+    assert_eq!(wrong, N as i64, "the bug taxed every order wrongly");
+
+    // The fix is deployed: the live consumer runs the fixed code from now on.
+    let live =
+        run::start(billing::consumer(&group, &topic, pool.clone(), code(TAX_PERCENT, "v2", &invoiced), &gw.url())?);
+    // New orders keep arriving during the whole rebuild and the swap.
+    // A burst on request, so that the swap meets a live consumer ahead of
+    // the rebuild.
+    let load_stop = CancellationToken::new();
+    let burst = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let burst_done = std::sync::Arc::new(tokio::sync::Notify::new());
+    let load = {
+        let (topic, stop, burst, burst_done) = (topic.clone(), load_stop.clone(), burst.clone(), burst_done.clone());
+        tokio::spawn(async move {
+            let mut next = N;
+            while !stop.is_cancelled() {
+                let k = if burst.swap(false, std::sync::atomic::Ordering::SeqCst) { 300 } else { 10 };
+                billing::publish_orders(&topic, next, next + k).await?;
+                next += k;
+                if k > 10 {
+                    burst_done.notify_one();
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            anyhow::Ok(next)
+        })
+    };
+
+    let target = "billing_v2";
+    let rebuild_name = rebuild_consumer_name(&group, target);
+    let rebuild = RunningRebuild::start(billing::projection().rebuild(
+        billing::consumer(&group, &topic, pool.clone(), code(TAX_PERCENT, "rebuild", &invoiced), &gw.url())?,
+        target,
+    ));
+    wait_until(WAIT, "the rebuild to apply the history", || async {
+        Ok(count(&pool, "SELECT count(*) FROM billing_v2.invoice_log").await.unwrap_or(0) >= N as i64)
+    })
+    .await?;
+    wait_lag_at_most(&pool, target, 100).await?;
+
+    // Validate: the rebuilt projection has every historical order with the
+    // right tax; the live one still has the wrong ones.
+    let rebuilt = billing::invoices(&pool, target).await?;
+    for (order, amount, t) in rebuilt.iter().filter(|(o, _, _)| o[1..].parse::<usize>().is_ok_and(|n| n < N)) {
+        assert_eq!(*t, billing::tax(*amount, TAX_PERCENT), "rebuilt order {order}");
+    }
+    let report = projection::diff(&pool, target, 5).await?;
+    let inv = report.tables.iter().find(|t| t.table == "invoices").context("invoices in the diff")?;
+    assert!(!inv.equal && !inv.only_live.is_empty(), "the diff shows the wrong taxes: {inv:?}");
+    for row in &inv.only_live {
+        let (amount, tax) = (row["amount"].as_i64().unwrap_or(-1), row["tax"].as_i64().unwrap_or(-1));
+        assert_eq!(tax, billing::tax(amount, BUGGY_TAX_PERCENT), "a sampled live row is a buggy one: {row}");
+    }
+
+    // Swap under load, right after a burst the live consumer is applying.
+    let s = session(&db).await?;
+    burst.store(true, std::sync::atomic::Ordering::SeqCst);
+    burst_done.notified().await;
+    let preview = preview_swap(&s, &SwapRequest::new(target), Origin::cli()).await?;
+    assert!(preview.refusals().is_empty(), "{:?}", preview.refusals());
+    let done = preview.confirm(&s, None).await?.execute(&s).await?;
+    assert!(done.exchanged.inbox_to_live >= N as u64);
+    // The rebuild stops by itself once swapped in.
+    tokio::time::timeout(Duration::from_secs(30), rebuild.join)
+        .await
+        .context("the swapped rebuild did not stop")???;
+
+    // More orders after the swap, then the load stops.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    load_stop.cancel();
+    let total = load.await??;
+    run::wait_count(&pool, "SELECT count(*) FROM public.invoice_log", total as i64).await?;
+    wait_until(WAIT, "every charge", || async { Ok(effects(&pool, &group, "done").await? >= total as i64) }).await?;
+    // Let anything that would be applied twice show.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    live.stop().await?;
+
+    // Every order exactly once, with the correct tax, in the live tables.
+    billing::check_corrected(&pool, "public", total).await?;
+    // The previous projection is kept for swap-back.
+    assert_eq!(count(&pool, "SELECT count(*) FROM billing_v2.invoices WHERE applied_by = 'v1'").await?, N as i64);
+    // Zero side effects from the rebuild: one charge call per order, all the
+    // live consumer's, and the rebuild's intents all suppressed.
+    let stats = gw.stats();
+    assert_eq!((stats.charge_calls, stats.distinct_charges), (total as u64, total as u64), "{stats:?}");
+    assert_eq!(effects(&pool, &group, "done").await?, total as i64);
+    let suppressed = effects(&pool, &rebuild_name, "suppressed").await?;
+    assert!(suppressed >= N as i64, "the rebuild recorded its effects as suppressed ({suppressed})");
+    assert_eq!(
+        count(
+            &pool,
+            &format!(
+                "SELECT count(*) FROM oncely.effects WHERE consumer = '{rebuild_name}' AND status <> 'suppressed'"
+            )
+        )
+        .await?,
+        0
+    );
+    // Nothing published by the rebuild: one invoiced event per application by the live consumer.
+    // (the buggy code published the first N, the fixed code each later one once).
+    assert_eq!(count(&pool, "SELECT count(*) FROM oncely.outbox").await?, total as i64);
+    // The swap is in the audit log.
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM oncely.audit_log WHERE action = 'projection.swap' AND result = 'succeeded'")
+            .await?,
+        1
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lagging_rebuild_is_refused_and_swap_back_restores_the_projection_and_position() -> Result<()> {
+    oncely_testkit::init_tracing();
+    let db = TestDb::new().await?;
+    let pool = db.pool.clone();
+    billing::setup(&pool).await?;
+    let topic = unique("orders");
+    let invoiced = unique("invoiced");
+    oncely_testkit::create_topic(&topic, 2).await?;
+    let group = unique("billing");
+    let gw = FakeGateway::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let target = "billing_v3";
+    let s = session(&db).await?;
+
+    billing::publish_orders(&topic, 0, 100).await?;
+    let live = run::start(billing::consumer(
+        &group,
+        &topic,
+        pool.clone(),
+        code(BUGGY_TAX_PERCENT, "v1", &invoiced),
+        &gw.url(),
+    )?);
+    run::wait_count(&pool, "SELECT count(*) FROM public.invoice_log", 100).await?;
+    let rebuild = RunningRebuild::start(billing::projection().rebuild(
+        billing::consumer(&group, &topic, pool.clone(), code(TAX_PERCENT, "rebuild", &invoiced), &gw.url())?,
+        target,
+    ));
+    wait_lag_at_most(&pool, target, 0).await?;
+    rebuild.stop().await?;
+
+    // The live consumer goes on; the stopped rebuild falls behind.
+    billing::publish_orders(&topic, 100, 400).await?;
+    run::wait_count(&pool, "SELECT count(*) FROM public.invoice_log", 400).await?;
+    projection::diff(&pool, target, 3).await?;
+    let req = SwapRequest { max_lag: 50, ..SwapRequest::new(target) };
+    let preview = preview_swap(&s, &req, Origin::cli()).await?;
+    assert!(preview.refusals().iter().any(|r| r.contains("lags 300 records")), "{:?}", preview.refusals());
+    let refused = preview.confirm(&s, None).await.expect_err("a lagging rebuild must not swap");
+    assert!(matches!(refused, oncely::Error::Refused(_)), "{refused}");
+    // Within the bound but not running: the paused live consumer waits for
+    // it, then the swap is refused, and nothing changed.
+    let req = SwapRequest { max_lag: 1000, catch_up_timeout: Duration::from_secs(2), ..SwapRequest::new(target) };
+    let preview = preview_swap(&s, &req, Origin::cli()).await?;
+    let err = preview.confirm(&s, None).await?.execute(&s).await.expect_err("refused after the catch-up timeout");
+    assert!(err.to_string().contains("did not catch up"), "{err}");
+    assert_eq!(count(&pool, "SELECT count(*) FROM public.invoices WHERE applied_by = 'v1'").await?, 400);
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM oncely.audit_log WHERE action = 'projection.swap' AND result = 'refused'")
+            .await?,
+        2
+    );
+
+    // Run it again: it resumes, catches up, and swaps.
+    let rebuild = RunningRebuild::start(billing::projection().rebuild(
+        billing::consumer(&group, &topic, pool.clone(), code(TAX_PERCENT, "rebuild", &invoiced), &gw.url())?,
+        target,
+    ));
+    wait_lag_at_most(&pool, target, 0).await?;
+    let live_before: Vec<(String, i32, i64)> =
+        sqlx::query_as("SELECT topic, partition, next_offset FROM oncely.offsets WHERE consumer = $1 ORDER BY 1, 2")
+            .bind(&group)
+            .fetch_all(&pool)
+            .await?;
+    let old = billing::invoices(&pool, "public").await?;
+    let preview = preview_swap(&s, &SwapRequest::new(target), Origin::cli()).await?;
+    preview.confirm(&s, None).await?.execute(&s).await?;
+    tokio::time::timeout(Duration::from_secs(30), rebuild.join)
+        .await
+        .context("the swapped rebuild did not stop")???;
+    billing::check_corrected(&pool, "public", 400).await?;
+    // The live consumer goes on after the swap.
+    billing::publish_orders(&topic, 400, 450).await?;
+    run::wait_count(&pool, "SELECT count(*) FROM public.invoice_log", 450).await?;
+
+    // Swap back: the old projection and the position at the swap, exactly.
+    live.stop().await?;
+    let back = preview_swap_back(&s, "billing", Origin::cli()).await?;
+    assert!(back.refusals().is_empty(), "{:?}", back.refusals());
+    back.confirm(&s, None).await?.execute(&s).await?;
+    assert_eq!(billing::invoices(&pool, "public").await?, old, "the old projection is back");
+    let live_after: Vec<(String, i32, i64)> =
+        sqlx::query_as("SELECT topic, partition, next_offset FROM oncely.offsets WHERE consumer = $1 ORDER BY 1, 2")
+            .bind(&group)
+            .fetch_all(&pool)
+            .await?;
+    assert_eq!(live_after, live_before, "the old position is back");
+    // Restarted, the live consumer applies what came after the swap to the
+    // old projection, once.
+    let live =
+        run::start(billing::consumer(&group, &topic, pool.clone(), code(TAX_PERCENT, "v2", &invoiced), &gw.url())?);
+    run::wait_count(&pool, "SELECT count(*) FROM public.invoice_log", 450).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    live.stop().await?;
+    assert_eq!(count(&pool, "SELECT count(*) FROM public.invoice_log").await?, 450);
+    assert_eq!(count(&pool, "SELECT count(DISTINCT order_id) FROM public.invoice_log").await?, 450);
+    // And a second swap-back is refused: nothing is swapped in.
+    assert!(preview_swap_back(&s, "billing", Origin::cli()).await.is_err());
+    assert_eq!(
+        count(
+            &pool,
+            "SELECT count(*) FROM oncely.audit_log WHERE action = 'projection.swap-back' AND result = 'succeeded'"
+        )
+        .await?,
+        1
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_killed_with_sigkill_midway_resumes_to_the_same_result_as_an_uninterrupted_one() -> Result<()> {
+    oncely_testkit::init_tracing();
+    let db = TestDb::new().await?;
+    let pool = db.pool.clone();
+    billing::setup(&pool).await?;
+    let topic = unique("orders");
+    let invoiced = unique("invoiced");
+    oncely_testkit::create_topic(&topic, 2).await?;
+    let group = unique("billing");
+    let gw = FakeGateway::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    const N: usize = 600;
+    billing::publish_orders(&topic, 0, N).await?;
+    let live = run::start(billing::consumer(
+        &group,
+        &topic,
+        pool.clone(),
+        code(BUGGY_TAX_PERCENT, "v1", &invoiced),
+        &gw.url(),
+    )?);
+    run::wait_count(&pool, "SELECT count(*) FROM public.invoice_log", N as i64).await?;
+    live.stop().await?;
+
+    // The rebuild in a process of its own, killed with SIGKILL midway.
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_test-rebuild"));
+    let envs = [("TARGET", "billing_k"), ("MAX_BATCH", "5")];
+    let first = oncely_testkit::process::TestConsumer::spawn(exe, &db.url, &group, &topic, &envs).await?;
+    wait_until(WAIT, "the rebuild to be midway", || async {
+        Ok(count(&pool, "SELECT count(*) FROM billing_k.invoice_log").await.unwrap_or(0) >= 100)
+    })
+    .await?;
+    first.kill9().await?;
+    let at_kill = count(&pool, "SELECT count(*) FROM billing_k.invoice_log").await?;
+    assert!(at_kill < N as i64, "killed midway ({at_kill} of {N} applied)");
+    // Restarted, it resumes.
+    let second = oncely_testkit::process::TestConsumer::spawn(exe, &db.url, &group, &topic, &envs).await?;
+    wait_lag_at_most(&pool, "billing_k", 0).await?;
+    second.terminate(Duration::from_secs(30)).await?;
+
+    // The same rebuild, uninterrupted, in this process.
+    let whole = RunningRebuild::start(billing::projection().rebuild(
+        billing::consumer(&group, &topic, pool.clone(), code(TAX_PERCENT, "rebuild", &invoiced), &gw.url())?,
+        "billing_u",
+    ));
+    wait_lag_at_most(&pool, "billing_u", 0).await?;
+    whole.stop().await?;
+
+    billing::check_corrected(&pool, "billing_k", N).await?;
+    billing::check_corrected(&pool, "billing_u", N).await?;
+    assert_eq!(billing::invoices(&pool, "billing_k").await?, billing::invoices(&pool, "billing_u").await?);
+    let not_suppressed = count(
+        &pool,
+        &format!(
+            "SELECT count(*) FROM oncely.effects WHERE consumer LIKE '{group}.rebuild.%' AND status <> 'suppressed'"
+        ),
+    )
+    .await?;
+    assert_eq!(not_suppressed, 0, "a rebuild's effects are all suppressed");
+    Ok(())
+}

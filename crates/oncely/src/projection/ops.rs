@@ -1,0 +1,478 @@
+//! Swap and swap-back as operator actions, in the shape of every other one
+//! ([`crate::admin::ops`]): a [`Preview`] of what will change, confirmed
+//! (typed text on a protected environment), then executed with the audit
+//! record written first.
+//!
+//! The refusals are decided by one pure function, [`swap_refusals`], once
+//! for the preview and again inside the swap's transaction, under the locks
+//! that fence both consumers: what the operator saw may have changed since.
+
+use chrono::{DateTime, Utc};
+use serde::Serialize;
+use serde_json::json;
+
+use super::{lag_of, Lag};
+use crate::admin::audit::{AuditEntry, AuditOutcome};
+use crate::admin::ops::{Operation, Origin, Preview, Trail};
+use crate::admin::session::Session;
+use crate::error::{Error, Result};
+use crate::store;
+use crate::store::projection::{PartitionPositions, RebuildRow};
+
+/// Swap a rebuild in, or swap the previous projection back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SwapKind {
+    /// The rebuilt projection replaces the live one.
+    Swap,
+    /// The previous projection (kept in the target schema) comes back.
+    SwapBack,
+}
+
+/// What the operator asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SwapRequest {
+    /// The rebuild target (schema).
+    pub target: String,
+    /// The most records the rebuild may lag behind the live consumer to
+    /// start a swap. The swap pauses the live consumer until the rebuild
+    /// has caught up exactly, so this bounds the pause. Default 1000.
+    pub max_lag: i64,
+    /// Swap even though diff has not been run since the last swap (recorded
+    /// in the audit log as an override).
+    pub allow_without_diff: bool,
+    /// How long swap-back stays possible, in days. Default 7.
+    pub keep_days: i32,
+    /// How long the swap waits for a lock (an open batch). Default 30 s.
+    pub lock_timeout: std::time::Duration,
+    /// How long the paused live consumer waits for the rebuild to reach
+    /// its position exactly. Default 20 s; the swap is refused after it.
+    /// Keep it below the consumer's `zombie_timeout` plus the session
+    /// timeout: a member taking a partition over meanwhile ends the swap's
+    /// session after its `zombie_timeout`, which rolls the swap back.
+    pub catch_up_timeout: std::time::Duration,
+}
+
+impl SwapRequest {
+    /// A request with the defaults.
+    pub fn new(target: impl Into<String>) -> Self {
+        SwapRequest {
+            target: target.into(),
+            max_lag: 1000,
+            allow_without_diff: false,
+            keep_days: 7,
+            lock_timeout: std::time::Duration::from_secs(30),
+            catch_up_timeout: std::time::Duration::from_secs(20),
+        }
+    }
+}
+
+/// Parked events of both sides.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct Parked {
+    /// The live consumer's.
+    pub live: i64,
+    /// The rebuild's.
+    pub rebuild: i64,
+}
+
+/// Why a swap (or swap-back) may not go ahead, and the overrides it goes
+/// ahead with. Pure: the preview and the transaction both call it.
+pub fn swap_refusals(
+    kind: SwapKind,
+    row: &RebuildRow,
+    lag: &Lag,
+    parked: Parked,
+    req: &SwapRequest,
+    now: DateTime<Utc>,
+) -> (Vec<String>, Vec<String>) {
+    let mut refusals = Vec::new();
+    let mut overrides = Vec::new();
+    match kind {
+        SwapKind::Swap => {
+            if row.state != "rebuilding" {
+                refusals.push(format!(
+                    "rebuild {} is swapped in already (its schema holds the previous projection; swap-back restores it)",
+                    row.target
+                ));
+            }
+            if row.diffed_at.is_none() {
+                if req.allow_without_diff {
+                    overrides.push("swapped without a diff since the last swap".to_owned());
+                } else {
+                    refusals.push(format!(
+                        "diff has not been run for {} (since the last swap): run `oncely projection diff {}`, or override",
+                        row.target, row.target
+                    ));
+                }
+            }
+            if !lag.missing.is_empty() {
+                refusals.push(format!(
+                    "the rebuild has no position on {} partition(s) the live consumer has ({:?}): it has not started there",
+                    lag.missing.len(),
+                    lag.missing
+                ));
+            }
+            if lag.behind > req.max_lag {
+                refusals.push(format!(
+                    "the rebuild lags {} records behind the live consumer (bound {}): wait for it to catch up",
+                    lag.behind, req.max_lag
+                ));
+            }
+            if lag.ahead > 0 {
+                refusals.push(format!(
+                    "the rebuild is {} records ahead of the live consumer (was the live consumer moved back?): \
+                     swapping would skip their side effects",
+                    lag.ahead
+                ));
+            }
+            if parked.rebuild > 0 {
+                refusals.push(format!(
+                    "the rebuild has {} parked event(s): they are not in the rebuilt projection yet",
+                    parked.rebuild
+                ));
+            }
+            if parked.live > 0 {
+                refusals.push(format!(
+                    "the live consumer has {} parked event(s): the rebuild applied them with effects suppressed, \
+                     so after a swap their effects would never run; let them drain or resolve them first",
+                    parked.live
+                ));
+            }
+        }
+        SwapKind::SwapBack => {
+            if row.state != "swapped" {
+                refusals.push(format!("rebuild {} is not swapped in: nothing to swap back", row.target));
+            }
+            if let Some(until) = row.keep_until {
+                if now > until {
+                    refusals.push(format!(
+                        "the previous projection was kept until {until}: swap-back is no longer allowed"
+                    ));
+                }
+            }
+        }
+    }
+    (refusals, overrides)
+}
+
+/// The preview of a swap or swap-back: what changes, and why it may not.
+#[derive(Debug, Clone, Serialize)]
+pub struct SwapPlan {
+    /// Swap or swap-back.
+    pub kind: SwapKind,
+    /// The rebuild.
+    pub rebuild: RebuildRow,
+    /// The positions now (the live consumer's and the rebuild's).
+    pub positions: Vec<PartitionPositions>,
+    /// The rebuild's lag behind live.
+    pub lag: Lag,
+    /// Parked events, live and rebuild.
+    pub parked: Parked,
+    /// Why it would be refused (empty: it may go ahead).
+    pub refusals: Vec<String>,
+    /// The overrides it goes ahead with (audited).
+    pub overrides: Vec<String>,
+    /// The lag bound.
+    pub max_lag: i64,
+    /// Days the previous projection is kept for swap-back.
+    pub keep_days: i32,
+    #[serde(skip)]
+    request: SwapRequest,
+}
+
+/// What an executed swap did.
+#[derive(Debug, Clone, Serialize)]
+pub struct SwapDone {
+    /// The audit record.
+    pub audit_id: i64,
+    /// The positions after (the live consumer's are the rebuild's from before).
+    pub positions: Vec<PartitionPositions>,
+    /// Inbox rows exchanged.
+    pub exchanged: store::projection::Exchanged,
+}
+
+async fn plan(session: &Session, kind: SwapKind, row: RebuildRow, req: SwapRequest) -> Result<SwapPlan> {
+    let pool = session.pool();
+    let positions = store::projection::positions(pool, &row.consumer, &row.rebuild_consumer).await?;
+    let lag = lag_of(&positions);
+    let mut conn = pool.acquire().await?;
+    let parked = Parked {
+        live: store::projection::parked_count(&mut conn, &row.consumer).await?,
+        rebuild: store::projection::parked_count(&mut conn, &row.rebuild_consumer).await?,
+    };
+    drop(conn);
+    let (refusals, overrides) = swap_refusals(kind, &row, &lag, parked, &req, Utc::now());
+    Ok(SwapPlan {
+        kind,
+        rebuild: row,
+        positions,
+        lag,
+        parked,
+        refusals,
+        overrides,
+        max_lag: req.max_lag,
+        keep_days: req.keep_days,
+        request: req,
+    })
+}
+
+/// Previews swapping rebuild `req.target` in.
+pub async fn preview_swap(session: &Session, req: &SwapRequest, origin: Origin) -> Result<Preview<SwapPlan>> {
+    session.require_operator_schema().await?;
+    let row = store::projection::get(session.pool(), &req.target)
+        .await?
+        .ok_or_else(|| Error::Refused(format!("no rebuild {}", req.target)))?;
+    let op = plan(session, SwapKind::Swap, row, req.clone()).await?;
+    Ok(Preview::new(session, op, origin))
+}
+
+/// Previews swapping back projection `projection` (its most recent swap).
+pub async fn preview_swap_back(session: &Session, projection: &str, origin: Origin) -> Result<Preview<SwapPlan>> {
+    session.require_operator_schema().await?;
+    let row = store::projection::last_swapped(session.pool(), projection)
+        .await?
+        .ok_or_else(|| Error::Refused(format!("projection {projection} has no swap to take back")))?;
+    let req = SwapRequest::new(row.target.clone());
+    let op = plan(session, SwapKind::SwapBack, row, req).await?;
+    Ok(Preview::new(session, op, origin))
+}
+
+fn positions_json(p: &[PartitionPositions]) -> serde_json::Value {
+    serde_json::to_value(p).unwrap_or_default()
+}
+
+impl Operation for SwapPlan {
+    type Output = SwapDone;
+
+    fn action(&self) -> &'static str {
+        match self.kind {
+            SwapKind::Swap => "projection.swap",
+            SwapKind::SwapBack => "projection.swap-back",
+        }
+    }
+
+    fn confirmation_text(&self, environment: &str) -> String {
+        match self.kind {
+            SwapKind::Swap => format!("SWAP {environment} {}", self.rebuild.target),
+            SwapKind::SwapBack => format!("SWAP-BACK {environment} {}", self.rebuild.projection),
+        }
+    }
+
+    fn refusals(&self) -> &[String] {
+        &self.refusals
+    }
+
+    fn audit_entry(&self, entry: AuditEntry) -> AuditEntry {
+        entry.group(&self.rebuild.consumer).before(positions_json(&self.positions)).details(json!({
+            "projection": self.rebuild.projection,
+            "target": self.rebuild.target,
+            "rebuild_consumer": self.rebuild.rebuild_consumer,
+            "live_schema": self.rebuild.live_schema,
+            "tables": self.rebuild.tables,
+            "lag": self.lag,
+            "max_lag": self.max_lag,
+            "diffed_at": self.rebuild.diffed_at,
+            "diff": self.rebuild.diff,
+            "overrides": self.overrides,
+        }))
+    }
+
+    async fn run(&self, session: &Session, trail: &mut Trail) -> Result<SwapDone> {
+        let audit_id = trail.start().await?;
+        let pool = session.pool();
+        let req = &self.request;
+        let (mut tx, row) = store::projection::begin_swap(pool, &self.rebuild.target, req.lock_timeout).await?;
+        // Pause the live consumer: its batches wait on their offsets rows
+        // until this transaction ends.
+        store::projection::lock_offsets(&mut tx, &row.consumer).await?;
+        if self.kind == SwapKind::Swap {
+            // The rebuild follows the live consumer's committed position,
+            // which stands still now: let it reach it exactly, so the live
+            // consumer goes on with nothing to apply again (no effect
+            // recorded again, nothing published twice).
+            let deadline = tokio::time::Instant::now() + req.catch_up_timeout;
+            loop {
+                let positions = store::projection::positions_in(&mut tx, &row.consumer, &row.rebuild_consumer).await?;
+                let lag = lag_of(&positions);
+                if lag.behind == 0 || tokio::time::Instant::now() >= deadline || lag.behind > req.max_lag {
+                    break;
+                }
+                tokio::time::sleep(CATCH_UP_POLL).await;
+            }
+        }
+        store::projection::lock_offsets(&mut tx, &row.rebuild_consumer).await?;
+        // Under the locks: what the preview saw may have changed.
+        let positions = store::projection::positions_in(&mut tx, &row.consumer, &row.rebuild_consumer).await?;
+        let lag = lag_of(&positions);
+        let parked = Parked {
+            live: store::projection::parked_count(&mut tx, &row.consumer).await?,
+            rebuild: store::projection::parked_count(&mut tx, &row.rebuild_consumer).await?,
+        };
+        let (mut refusals, _) = swap_refusals(self.kind, &row, &lag, parked, req, Utc::now());
+        if self.kind == SwapKind::Swap && lag.behind > 0 && refusals.is_empty() {
+            refusals.push(format!(
+                "the rebuild did not catch up with the paused live consumer within {:?} ({} records behind): is it running?",
+                req.catch_up_timeout, lag.behind
+            ));
+        }
+        if !refusals.is_empty() {
+            tx.rollback().await?;
+            return Err(trail.refuse(refusals.join("; ")).await);
+        }
+        let exchanged =
+            store::projection::exchange(&mut tx, &row, self.kind == SwapKind::Swap, self.keep_days, audit_id).await?;
+        tx.commit().await?;
+        let after = store::projection::positions(pool, &row.consumer, &row.rebuild_consumer).await?;
+        tracing::info!(
+            target = %row.target, projection = %row.projection, consumer = %row.consumer, kind = ?self.kind,
+            inbox_to_live = exchanged.inbox_to_live, audit_id, "Projection swapped."
+        );
+        trail
+            .finish_quietly(&AuditOutcome::succeeded(Some(positions_json(&after))).details(json!({
+                "positions_at_swap": positions_json(&positions),
+                "exchanged": exchanged,
+            })))
+            .await;
+        Ok(SwapDone { audit_id, positions: after, exchanged })
+    }
+}
+
+/// How often a swap looks whether the rebuild reached the paused live
+/// consumer.
+const CATCH_UP_POLL: std::time::Duration = std::time::Duration::from_millis(50);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(state: &str, diffed: bool) -> RebuildRow {
+        let now = Utc::now();
+        RebuildRow {
+            target: "billing_v2".into(),
+            projection: "billing".into(),
+            consumer: "billing".into(),
+            rebuild_consumer: "billing.rebuild.billing_v2".into(),
+            live_schema: "public".into(),
+            tables: vec!["invoices".into()],
+            diff_ignore: vec![],
+            from_spec: "earliest".into(),
+            state: state.into(),
+            created_at: now,
+            diffed_at: diffed.then_some(now),
+            diff: None,
+            swapped_at: None,
+            keep_until: (state == "swapped").then(|| now + chrono::Duration::days(7)),
+            swap_audit_id: None,
+            swaps: 0,
+        }
+    }
+
+    fn lag(behind: i64, ahead: i64) -> Lag {
+        Lag { behind, ahead, missing: vec![] }
+    }
+
+    #[test]
+    fn a_caught_up_diffed_rebuild_may_swap() {
+        let (r, o) = swap_refusals(
+            SwapKind::Swap,
+            &row("rebuilding", true),
+            &lag(3, 0),
+            Parked::default(),
+            &SwapRequest::new("x"),
+            Utc::now(),
+        );
+        assert!(r.is_empty() && o.is_empty(), "{r:?} {o:?}");
+    }
+
+    #[test]
+    fn a_lagging_rebuild_is_refused_until_the_bound_allows_it() {
+        let req = SwapRequest::new("x");
+        let (r, _) =
+            swap_refusals(SwapKind::Swap, &row("rebuilding", true), &lag(5000, 0), Parked::default(), &req, Utc::now());
+        assert!(r.len() == 1 && r[0].contains("lags 5000 records"), "{r:?}");
+        let wide = SwapRequest { max_lag: 10_000, ..req };
+        assert!(swap_refusals(
+            SwapKind::Swap,
+            &row("rebuilding", true),
+            &lag(5000, 0),
+            Parked::default(),
+            &wide,
+            Utc::now()
+        )
+        .0
+        .is_empty());
+    }
+
+    #[test]
+    fn without_a_diff_the_swap_is_refused_unless_overridden_and_the_override_is_kept() {
+        let req = SwapRequest::new("x");
+        let (r, _) =
+            swap_refusals(SwapKind::Swap, &row("rebuilding", false), &lag(0, 0), Parked::default(), &req, Utc::now());
+        assert!(r.len() == 1 && r[0].contains("diff has not been run"), "{r:?}");
+        let forced = SwapRequest { allow_without_diff: true, ..req };
+        let (r, o) = swap_refusals(
+            SwapKind::Swap,
+            &row("rebuilding", false),
+            &lag(0, 0),
+            Parked::default(),
+            &forced,
+            Utc::now(),
+        );
+        assert!(r.is_empty());
+        assert_eq!(o, vec!["swapped without a diff since the last swap".to_owned()]);
+    }
+
+    #[test]
+    fn ahead_missing_parked_and_swapped_rebuilds_are_refused() {
+        let req = SwapRequest::new("x");
+        let now = Utc::now();
+        assert!(swap_refusals(SwapKind::Swap, &row("rebuilding", true), &lag(0, 2), Parked::default(), &req, now).0[0]
+            .contains("ahead"));
+        assert!(swap_refusals(
+            SwapKind::Swap,
+            &row("rebuilding", true),
+            &lag(0, 0),
+            Parked { live: 0, rebuild: 1 },
+            &req,
+            now
+        )
+        .0[0]
+            .contains("rebuild has 1 parked"));
+        assert!(swap_refusals(SwapKind::Swap, &row("swapped", true), &lag(0, 0), Parked::default(), &req, now).0[0]
+            .contains("swapped in already"));
+        let missing = Lag { behind: 0, ahead: 0, missing: vec![("t".into(), 1)] };
+        assert!(swap_refusals(SwapKind::Swap, &row("rebuilding", true), &missing, Parked::default(), &req, now).0[0]
+            .contains("no position"));
+    }
+
+    #[test]
+    fn parked_live_events_refuse_the_swap_because_their_effects_would_never_run() {
+        let r = swap_refusals(
+            SwapKind::Swap,
+            &row("rebuilding", true),
+            &lag(0, 0),
+            Parked { live: 2, rebuild: 0 },
+            &SwapRequest::new("x"),
+            Utc::now(),
+        )
+        .0;
+        assert!(r.len() == 1 && r[0].contains("live consumer has 2 parked"), "{r:?}");
+    }
+
+    #[test]
+    fn swap_back_needs_a_swap_within_its_retention() {
+        let req = SwapRequest::new("x");
+        let now = Utc::now();
+        assert!(swap_refusals(SwapKind::SwapBack, &row("swapped", false), &lag(9999, 0), Parked::default(), &req, now)
+            .0
+            .is_empty());
+        assert!(!swap_refusals(SwapKind::SwapBack, &row("rebuilding", true), &lag(0, 0), Parked::default(), &req, now)
+            .0
+            .is_empty());
+        let late = now + chrono::Duration::days(8);
+        assert!(swap_refusals(SwapKind::SwapBack, &row("swapped", false), &lag(0, 0), Parked::default(), &req, late).0
+            [0]
+        .contains("no longer"));
+    }
+}

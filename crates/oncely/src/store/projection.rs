@@ -1,0 +1,527 @@
+//! SQL of projection rebuilds (`oncely.projection_rebuilds`): creating the
+//! shadow schema, the diff's counts, checksums and samples, and the swap's
+//! exchange of tables, positions, inbox and entity versions.
+//!
+//! Schema and table names are SQL identifiers that oncely checked
+//! ([`valid_identifier`]) and always quotes (`format('%I')` or
+//! [`quote_ident`]); the projection's own `CREATE` statements are the
+//! application's SQL, run with `search_path` set to the shadow schema.
+
+use chrono::{DateTime, Utc};
+use serde_json::Value;
+use sqlx::postgres::PgConnection;
+use sqlx::{PgPool, Row};
+
+use crate::error::{Error, Result};
+
+/// A rebuild's row.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct RebuildRow {
+    /// The shadow schema (and the rebuild's name).
+    pub target: String,
+    /// The projection's name.
+    pub projection: String,
+    /// The live consumer.
+    pub consumer: String,
+    /// The consumer name the rebuild runs as (its inbox and offsets).
+    pub rebuild_consumer: String,
+    /// The schema of the live tables.
+    pub live_schema: String,
+    /// The projection's tables.
+    pub tables: Vec<String>,
+    /// Columns the diff leaves out.
+    pub diff_ignore: Vec<String>,
+    /// `earliest` or an RFC 3339 time.
+    pub from_spec: String,
+    /// `rebuilding` or `swapped`.
+    pub state: String,
+    /// When the rebuild was created.
+    pub created_at: DateTime<Utc>,
+    /// When diff last ran.
+    pub diffed_at: Option<DateTime<Utc>>,
+    /// The last diff's summary.
+    pub diff: Option<Value>,
+    /// When the last swap (or swap-back) ran.
+    pub swapped_at: Option<DateTime<Utc>>,
+    /// Until when swap-back is allowed (state `swapped`).
+    pub keep_until: Option<DateTime<Utc>>,
+    /// The audit record of the last swap.
+    pub swap_audit_id: Option<i64>,
+    /// Swaps and swap-backs so far.
+    pub swaps: i32,
+}
+
+const COLUMNS: &str = "target, projection, consumer, rebuild_consumer, live_schema, tables, diff_ignore, from_spec, \
+                       state, created_at, diffed_at, diff, swapped_at, keep_until, swap_audit_id, swaps";
+
+fn row_of(r: &sqlx::postgres::PgRow) -> Result<RebuildRow> {
+    Ok(RebuildRow {
+        target: r.try_get(0)?,
+        projection: r.try_get(1)?,
+        consumer: r.try_get(2)?,
+        rebuild_consumer: r.try_get(3)?,
+        live_schema: r.try_get(4)?,
+        tables: r.try_get(5)?,
+        diff_ignore: r.try_get(6)?,
+        from_spec: r.try_get(7)?,
+        state: r.try_get(8)?,
+        created_at: r.try_get(9)?,
+        diffed_at: r.try_get(10)?,
+        diff: r.try_get(11)?,
+        swapped_at: r.try_get(12)?,
+        keep_until: r.try_get(13)?,
+        swap_audit_id: r.try_get(14)?,
+        swaps: r.try_get(15)?,
+    })
+}
+
+/// Whether `s` is an identifier oncely accepts for schemas and tables:
+/// lower-case ASCII letters, digits and `_`, starting with a letter or `_`,
+/// at most 48 bytes (PostgreSQL's limit is 63; the rest is kept for the
+/// names oncely derives from it).
+pub fn valid_identifier(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 48
+        && (b[0].is_ascii_lowercase() || b[0] == b'_')
+        && b.iter().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'_')
+}
+
+/// `"s"`, with inner quotes doubled.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// A rebuild to register.
+#[derive(Debug, Clone)]
+pub struct NewRebuild {
+    /// Shadow schema.
+    pub target: String,
+    /// Projection name.
+    pub projection: String,
+    /// Live consumer.
+    pub consumer: String,
+    /// Rebuild consumer name.
+    pub rebuild_consumer: String,
+    /// Schema of the live tables.
+    pub live_schema: String,
+    /// Tables.
+    pub tables: Vec<String>,
+    /// Columns the diff leaves out.
+    pub diff_ignore: Vec<String>,
+    /// `earliest` or an RFC 3339 time.
+    pub from_spec: String,
+    /// The statements that create the tables empty (unqualified names).
+    pub create_sql: String,
+}
+
+/// Registers a rebuild and creates its shadow schema and empty tables, in
+/// one transaction; or finds the existing one (a restarted rebuild resumes).
+/// Returns the row and whether it was created now. Refused when the target
+/// belongs to another consumer or projection, when it was swapped (its
+/// schema holds the previous live projection), when the schema exists
+/// already outside oncely, or when a declared table is missing (live or
+/// after the create statements).
+pub fn prepare(pool: PgPool, new: NewRebuild) -> futures::future::BoxFuture<'static, Result<(RebuildRow, bool)>> {
+    // Boxed, owning its arguments, so that callers can hold it in `Send`
+    // futures (see ConsumerBuilder::run).
+    Box::pin(async move { prepare_inner(&pool, &new).await })
+}
+
+async fn prepare_inner(pool: &PgPool, new: &NewRebuild) -> Result<(RebuildRow, bool)> {
+    let mut tx = pool.begin().await?;
+    // Two processes starting the same rebuild at once: one creates it.
+    sqlx::query("SELECT pg_advisory_xact_lock(731058203, hashtext($1))").bind(&new.target).execute(&mut *tx).await?;
+    let existing = sqlx::query(&format!("SELECT {COLUMNS} FROM oncely.projection_rebuilds WHERE target = $1"))
+        .bind(&new.target)
+        .fetch_optional(&mut *tx)
+        .await?;
+    if let Some(r) = existing {
+        let row = row_of(&r)?;
+        tx.commit().await?;
+        if row.consumer != new.consumer || row.projection != new.projection {
+            return Err(Error::Refused(format!(
+                "target {} is the rebuild of projection {} for consumer {}, not of {} for {}",
+                row.target, row.projection, row.consumer, new.projection, new.consumer
+            )));
+        }
+        if row.state != "rebuilding" {
+            return Err(Error::Refused(format!(
+                "target {} was swapped: its schema holds the previous live projection (for swap-back); rebuild into another target",
+                row.target
+            )));
+        }
+        return Ok((row, false));
+    }
+    let missing_live = missing_tables(&mut tx, &new.live_schema, &new.tables).await?;
+    if !missing_live.is_empty() {
+        return Err(Error::Refused(format!(
+            "the live schema {} has no table {} (declared in projection {})",
+            new.live_schema,
+            missing_live.join(", "),
+            new.projection
+        )));
+    }
+    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+        .bind(&new.target)
+        .fetch_one(&mut *tx)
+        .await?;
+    if exists {
+        return Err(Error::Refused(format!(
+            "schema {} exists already and is not a rebuild oncely knows: choose another target",
+            new.target
+        )));
+    }
+    sqlx::query(&format!("CREATE SCHEMA {}", quote_ident(&new.target))).execute(&mut *tx).await?;
+    super::set_local_search_path(&mut tx, &quote_ident(&new.target)).await?;
+    sqlx::Executor::execute(&mut *tx, new.create_sql.as_str())
+        .await
+        .map_err(|e| Error::Config(format!("the create statements of projection {} failed: {e}", new.projection)))?;
+    let missing = missing_tables(&mut tx, &new.target, &new.tables).await?;
+    if !missing.is_empty() {
+        return Err(Error::Config(format!(
+            "the create statements of projection {} did not create {} in schema {}",
+            new.projection,
+            missing.join(", "),
+            new.target
+        )));
+    }
+    let r = sqlx::query(&format!(
+        "INSERT INTO oncely.projection_rebuilds
+             (target, projection, consumer, rebuild_consumer, live_schema, tables, diff_ignore, from_spec)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING {COLUMNS}"
+    ))
+    .bind(&new.target)
+    .bind(&new.projection)
+    .bind(&new.consumer)
+    .bind(&new.rebuild_consumer)
+    .bind(&new.live_schema)
+    .bind(&new.tables)
+    .bind(&new.diff_ignore)
+    .bind(&new.from_spec)
+    .fetch_one(&mut *tx)
+    .await?;
+    let row = row_of(&r)?;
+    tx.commit().await?;
+    Ok((row, true))
+}
+
+async fn missing_tables(conn: &mut PgConnection, schema: &str, tables: &[String]) -> Result<Vec<String>> {
+    Ok(sqlx::query_scalar(
+        "SELECT t FROM unnest($2::text[]) AS x(t)
+          WHERE NOT EXISTS (SELECT 1 FROM pg_tables WHERE schemaname = $1 AND tablename = x.t)",
+    )
+    .bind(schema)
+    .bind(tables)
+    .fetch_all(&mut *conn)
+    .await?)
+}
+
+/// The rebuild `target`, if registered.
+pub async fn get(pool: &PgPool, target: &str) -> Result<Option<RebuildRow>> {
+    sqlx::query(&format!("SELECT {COLUMNS} FROM oncely.projection_rebuilds WHERE target = $1"))
+        .bind(target)
+        .fetch_optional(pool)
+        .await?
+        .as_ref()
+        .map(row_of)
+        .transpose()
+}
+
+/// Every rebuild, newest first.
+pub async fn list(pool: &PgPool) -> Result<Vec<RebuildRow>> {
+    sqlx::query(&format!("SELECT {COLUMNS} FROM oncely.projection_rebuilds ORDER BY created_at DESC"))
+        .fetch_all(pool)
+        .await?
+        .iter()
+        .map(row_of)
+        .collect()
+}
+
+/// The rebuild of projection `projection` whose target holds the previous
+/// live projection (state `swapped`), the most recent first.
+pub async fn last_swapped(pool: &PgPool, projection: &str) -> Result<Option<RebuildRow>> {
+    sqlx::query(&format!(
+        "SELECT {COLUMNS} FROM oncely.projection_rebuilds WHERE projection = $1 AND state = 'swapped'
+          ORDER BY swapped_at DESC LIMIT 1"
+    ))
+    .bind(projection)
+    .fetch_optional(pool)
+    .await?
+    .as_ref()
+    .map(row_of)
+    .transpose()
+}
+
+/// One partition's positions: the live consumer's and the rebuild's.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PartitionPositions {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// The live consumer's next offset.
+    pub live: Option<i64>,
+    /// The rebuild's next offset.
+    pub rebuild: Option<i64>,
+}
+
+const POSITIONS: &str =
+    "SELECT coalesce(l.topic, r.topic), coalesce(l.partition, r.partition), l.next_offset, r.next_offset
+       FROM (SELECT topic, partition, next_offset FROM oncely.offsets WHERE consumer = $1) l
+       FULL JOIN (SELECT topic, partition, next_offset FROM oncely.offsets WHERE consumer = $2) r
+         ON l.topic = r.topic AND l.partition = r.partition
+      ORDER BY 1, 2";
+
+fn positions_of(rows: &[sqlx::postgres::PgRow]) -> Result<Vec<PartitionPositions>> {
+    rows.iter()
+        .map(|r| {
+            Ok(PartitionPositions {
+                topic: r.try_get(0)?,
+                partition: r.try_get(1)?,
+                live: r.try_get(2)?,
+                rebuild: r.try_get(3)?,
+            })
+        })
+        .collect()
+}
+
+/// The positions of `live` and `rebuild` per partition, as they are now.
+pub async fn positions(pool: &PgPool, live: &str, rebuild: &str) -> Result<Vec<PartitionPositions>> {
+    let rows = sqlx::query(POSITIONS).bind(live).bind(rebuild).fetch_all(pool).await?;
+    positions_of(&rows)
+}
+
+/// Events of `consumer` parked or held (not applied, waiting for a retry or
+/// an operator).
+pub async fn parked_count(conn: &mut PgConnection, consumer: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM oncely.parked WHERE consumer = $1")
+        .bind(consumer)
+        .fetch_one(&mut *conn)
+        .await?)
+}
+
+/// Records of `consumer` dead-lettered.
+pub async fn dead_letter_count(pool: &PgPool, consumer: &str) -> Result<i64> {
+    Ok(sqlx::query_scalar("SELECT count(*) FROM oncely.dead_letters WHERE consumer = $1")
+        .bind(consumer)
+        .fetch_one(pool)
+        .await?)
+}
+
+/// Effect intents of `consumer` by status (a rebuild's are all `suppressed`).
+pub async fn effect_counts(pool: &PgPool, consumer: &str) -> Result<Vec<(String, i64)>> {
+    Ok(sqlx::query_as(
+        "SELECT status, count(*) FROM oncely.effects WHERE consumer = $1 GROUP BY status ORDER BY status",
+    )
+    .bind(consumer)
+    .fetch_all(pool)
+    .await?)
+}
+
+/// Row count and checksum of one table: the MD5 of its rows' JSON (without
+/// the `ignore` columns), in a stable order.
+pub async fn table_checksum(pool: &PgPool, schema: &str, table: &str, ignore: &[String]) -> Result<(i64, String)> {
+    let sql = format!(
+        "SELECT count(*)::int8, coalesce(md5(string_agg(h, '' ORDER BY h)), '')
+           FROM (SELECT md5((to_jsonb(t) - $1::text[])::text) AS h FROM {}.{} t) x",
+        quote_ident(schema),
+        quote_ident(table)
+    );
+    let row = sqlx::query(&sql).bind(ignore).fetch_one(pool).await?;
+    Ok((row.try_get(0)?, row.try_get(1)?))
+}
+
+/// Up to `limit` rows (as JSON, without the `ignore` columns) of `a` that
+/// `b` does not have (counting copies).
+pub async fn rows_only_in(
+    pool: &PgPool,
+    a: (&str, &str),
+    b: (&str, &str),
+    ignore: &[String],
+    limit: i64,
+) -> Result<Vec<Value>> {
+    let sql = format!(
+        "SELECT j FROM (SELECT to_jsonb(t) - $1::text[] AS j FROM {}.{} t
+                        EXCEPT ALL
+                        SELECT to_jsonb(t) - $1::text[] FROM {}.{} t) x
+          ORDER BY j::text LIMIT $2",
+        quote_ident(a.0),
+        quote_ident(a.1),
+        quote_ident(b.0),
+        quote_ident(b.1)
+    );
+    Ok(sqlx::query_scalar(&sql).bind(ignore).bind(limit).fetch_all(pool).await?)
+}
+
+/// A rebuild's first position on a partition (a rebuild from a time); a
+/// position it has already is kept.
+pub async fn seed_position(pool: &PgPool, consumer: &str, topic: &str, partition: i32, offset: i64) -> Result<()> {
+    sqlx::query(
+        "INSERT INTO oncely.offsets (consumer, topic, partition, next_offset, epoch) VALUES ($1, $2, $3, $4, 0)
+         ON CONFLICT (consumer, topic, partition) DO NOTHING",
+    )
+    .bind(consumer)
+    .bind(topic)
+    .bind(partition)
+    .bind(offset)
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+/// Records a diff's summary.
+pub async fn record_diff(pool: &PgPool, target: &str, summary: &Value) -> Result<()> {
+    sqlx::query("UPDATE oncely.projection_rebuilds SET diffed_at = now(), diff = $2 WHERE target = $1")
+        .bind(target)
+        .bind(summary)
+        .execute(pool)
+        .await?;
+    Ok(())
+}
+
+/// Opens the swap's transaction and locks the rebuild's row. Every lock
+/// of the transaction waits at most `lock_timeout`.
+pub async fn begin_swap(
+    pool: &PgPool,
+    target: &str,
+    lock_timeout: std::time::Duration,
+) -> Result<(sqlx::Transaction<'static, sqlx::Postgres>, RebuildRow)> {
+    let mut tx = pool.begin_with(super::inbox::begin_with_lock_timeout(lock_timeout)).await?;
+    let r = sqlx::query(&format!("SELECT {COLUMNS} FROM oncely.projection_rebuilds WHERE target = $1 FOR UPDATE"))
+        .bind(target)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or_else(|| Error::Refused(format!("no rebuild {target}")))?;
+    let row = row_of(&r)?;
+    Ok((tx, row))
+}
+
+/// Locks every offsets row of `consumer`, in the transaction: waits for the
+/// batches open on them (a batch takes its partition's row lock with its
+/// first statement) and keeps new ones from starting until the transaction
+/// ends. That is how a swap pauses a consumer.
+pub async fn lock_offsets(conn: &mut PgConnection, consumer: &str) -> Result<()> {
+    sqlx::query("SELECT 1 FROM oncely.offsets WHERE consumer = $1 ORDER BY topic, partition FOR UPDATE")
+        .bind(consumer)
+        .fetch_all(&mut *conn)
+        .await?;
+    Ok(())
+}
+
+/// [`positions`] inside a transaction (each call sees what is committed now).
+pub async fn positions_in(conn: &mut PgConnection, live: &str, rebuild: &str) -> Result<Vec<PartitionPositions>> {
+    let rows = sqlx::query(POSITIONS).bind(live).bind(rebuild).fetch_all(&mut *conn).await?;
+    positions_of(&rows)
+}
+
+/// What an exchange moved.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct Exchanged {
+    /// Inbox rows given to the live consumer (the rebuild's).
+    pub inbox_to_live: u64,
+    /// Inbox rows given to the rebuild namespace (the live consumer's).
+    pub inbox_to_rebuild: u64,
+}
+
+/// The exchange, inside the transaction of [`begin_swap`] after both
+/// consumers' offsets were locked ([`lock_offsets`]): the projection's
+/// tables between the live schema and the target, and between the live
+/// consumer and the rebuild their positions, inbox rows and entity
+/// versions. The live consumer keeps its epochs (its lanes see their
+/// position moved, seek there and go on); the rebuild's epochs go up, so a
+/// rebuild still running is fenced off (its batches roll back). `swapped`:
+/// the row's new state (`true` after a swap, `false` after a swap-back).
+pub async fn exchange(
+    conn: &mut PgConnection,
+    row: &RebuildRow,
+    swapped: bool,
+    keep_days: i32,
+    audit_id: i64,
+) -> Result<Exchanged> {
+    let live_id = super::consumer_id_in(conn, &row.consumer)
+        .await?
+        .ok_or_else(|| Error::Refused(format!("consumer {} is not registered", row.consumer)))?;
+    let rebuild_id = super::consumer_id_in(conn, &row.rebuild_consumer)
+        .await?
+        .ok_or_else(|| Error::Refused(format!("the rebuild {} never ran", row.rebuild_consumer)))?;
+    // Tables, through a schema of the transaction's own.
+    let tmp = format!("oncely_swap_{}", std::process::id());
+    sqlx::query(&format!("CREATE SCHEMA {}", quote_ident(&tmp))).execute(&mut *conn).await?;
+    for t in &row.tables {
+        for (from, to) in [(&row.live_schema, &tmp), (&row.target, &row.live_schema), (&tmp, &row.target)] {
+            sqlx::query(&format!(
+                "ALTER TABLE {}.{} SET SCHEMA {}",
+                quote_ident(from),
+                quote_ident(t),
+                quote_ident(to)
+            ))
+            .execute(&mut *conn)
+            .await?;
+        }
+    }
+    sqlx::query(&format!("DROP SCHEMA {}", quote_ident(&tmp))).execute(&mut *conn).await?;
+    // Positions: every partition either side has gets a row on both sides,
+    // then one statement exchanges them (it reads the rows as they were
+    // before it).
+    sqlx::query(
+        "INSERT INTO oncely.offsets (consumer, topic, partition, next_offset, epoch)
+         SELECT CASE o.consumer WHEN $1 THEN $2 ELSE $1 END, o.topic, o.partition, NULL, 0
+           FROM oncely.offsets o WHERE o.consumer IN ($1, $2)
+         ON CONFLICT (consumer, topic, partition) DO NOTHING",
+    )
+    .bind(&row.consumer)
+    .bind(&row.rebuild_consumer)
+    .execute(&mut *conn)
+    .await?;
+    sqlx::query(
+        "UPDATE oncely.offsets o
+            SET next_offset = other.next_offset,
+                epoch = CASE WHEN o.consumer = $2 THEN o.epoch + 1 ELSE o.epoch END,
+                updated_at = now()
+           FROM oncely.offsets other
+          WHERE o.consumer IN ($1, $2)
+            AND other.consumer = CASE o.consumer WHEN $1 THEN $2 ELSE $1 END
+            AND other.topic = o.topic AND other.partition = o.partition",
+    )
+    .bind(&row.consumer)
+    .bind(&row.rebuild_consumer)
+    .execute(&mut *conn)
+    .await?;
+    // Inbox rows: (id, consumer_id) is the key, and most identities are in
+    // both inboxes, so the exchange goes through a number no consumer has.
+    let parking = -live_id;
+    let move_inbox = |from: i32, to: i32| {
+        sqlx::query("UPDATE oncely.inbox SET consumer_id = $2 WHERE consumer_id = $1").bind(from).bind(to)
+    };
+    let inbox_to_rebuild = move_inbox(live_id, parking).execute(&mut *conn).await?.rows_affected();
+    let inbox_to_live = move_inbox(rebuild_id, live_id).execute(&mut *conn).await?.rows_affected();
+    move_inbox(parking, rebuild_id).execute(&mut *conn).await?;
+    // Entity versions (the version guard), the same way.
+    let parked_name = format!("oncely-swap:{}", row.consumer);
+    let move_versions = |from: &str, to: &str| {
+        sqlx::query("UPDATE oncely.entity_versions SET consumer = $2 WHERE consumer = $1")
+            .bind(from.to_owned())
+            .bind(to.to_owned())
+    };
+    move_versions(&row.consumer, &parked_name).execute(&mut *conn).await?;
+    move_versions(&row.rebuild_consumer, &row.consumer).execute(&mut *conn).await?;
+    move_versions(&parked_name, &row.rebuild_consumer).execute(&mut *conn).await?;
+    sqlx::query(
+        "UPDATE oncely.projection_rebuilds
+            SET state = CASE WHEN $2 THEN 'swapped' ELSE 'rebuilding' END,
+                swapped_at = now(),
+                keep_until = CASE WHEN $2 THEN now() + make_interval(days => $3) END,
+                swap_audit_id = $4,
+                swaps = swaps + 1,
+                diffed_at = NULL
+          WHERE target = $1",
+    )
+    .bind(&row.target)
+    .bind(swapped)
+    .bind(keep_days)
+    .bind(audit_id)
+    .execute(&mut *conn)
+    .await?;
+    Ok(Exchanged { inbox_to_live, inbox_to_rebuild })
+}
