@@ -52,6 +52,8 @@
 //! - [`outbox`]: the transactional outbox and its relay;
 //! - [`processor`]: Kafka → Kafka in Kafka transactions, for pipelines with
 //!   no database in them;
+//! - [`projection`]: rebuild a projection into a shadow schema with its
+//!   effects off, diff it, swap it in (and back) in one transaction;
 //! - [`admin`]: operator operations (offset resets with preview, audit and
 //!   undo; lag; dead letters; effects) for the CLI and the console;
 //! - [`config`]: `oncely.toml` and `ONCELY_*` variables;
