@@ -87,17 +87,33 @@ async fn wait_lag_at_most(pool: &PgPool, target: &str, lag: i64) -> Result<()> {
     .await
 }
 
+/// A fresh database with the billing tables, a topic of `partitions`, names
+/// for the invoiced topic and the group, and a fake gateway.
+struct World {
+    db: TestDb,
+    pool: PgPool,
+    topic: String,
+    invoiced: String,
+    group: String,
+    gw: FakeGateway,
+}
+
+impl World {
+    async fn new(partitions: i32) -> Result<World> {
+        oncely_testkit::init_tracing();
+        let db = TestDb::new().await?;
+        let pool = db.pool.clone();
+        billing::setup(&pool).await?;
+        let topic = unique("orders");
+        oncely_testkit::create_topic(&topic, partitions).await?;
+        let gw = FakeGateway::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+        Ok(World { db, pool, topic, invoiced: unique("invoiced"), group: unique("billing"), gw })
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_tax_bug_is_rebuilt_with_zero_side_effects_and_swapped_in_under_load_exactly_once() -> Result<()> {
-    oncely_testkit::init_tracing();
-    let db = TestDb::new().await?;
-    let pool = db.pool.clone();
-    billing::setup(&pool).await?;
-    let topic = unique("orders");
-    let invoiced = unique("invoiced");
-    oncely_testkit::create_topic(&topic, 3).await?;
-    let group = unique("billing");
-    let gw = FakeGateway::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let World { db, pool, topic, invoiced, group, gw } = World::new(3).await?;
 
     // Two weeks with the bug.
     const N: usize = 300;
@@ -227,15 +243,7 @@ async fn the_tax_bug_is_rebuilt_with_zero_side_effects_and_swapped_in_under_load
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lagging_rebuild_is_refused_and_swap_back_restores_the_projection_and_position() -> Result<()> {
-    oncely_testkit::init_tracing();
-    let db = TestDb::new().await?;
-    let pool = db.pool.clone();
-    billing::setup(&pool).await?;
-    let topic = unique("orders");
-    let invoiced = unique("invoiced");
-    oncely_testkit::create_topic(&topic, 2).await?;
-    let group = unique("billing");
-    let gw = FakeGateway::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let World { db, pool, topic, invoiced, group, gw } = World::new(2).await?;
     let target = "billing_v3";
     let s = session(&db).await?;
 
@@ -335,15 +343,7 @@ async fn a_lagging_rebuild_is_refused_and_swap_back_restores_the_projection_and_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rebuild_killed_with_sigkill_midway_resumes_to_the_same_result_as_an_uninterrupted_one() -> Result<()> {
-    oncely_testkit::init_tracing();
-    let db = TestDb::new().await?;
-    let pool = db.pool.clone();
-    billing::setup(&pool).await?;
-    let topic = unique("orders");
-    let invoiced = unique("invoiced");
-    oncely_testkit::create_topic(&topic, 2).await?;
-    let group = unique("billing");
-    let gw = FakeGateway::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
+    let World { db, pool, topic, invoiced, group, gw } = World::new(2).await?;
     const N: usize = 600;
     billing::publish_orders(&topic, 0, N).await?;
     let live = run::start(billing::consumer(
