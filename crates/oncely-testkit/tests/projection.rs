@@ -109,23 +109,31 @@ impl World {
         let gw = FakeGateway::start(SocketAddr::from(([127, 0, 0, 1], 0))).await?;
         Ok(World { db, pool, topic, invoiced: unique("invoiced"), group: unique("billing"), gw })
     }
+
+    /// Publishes orders `0..n` and runs the buggy handler over them until
+    /// each is invoiced; the consumer goes on running.
+    async fn run_buggy(&self, n: usize) -> Result<run::Running> {
+        billing::publish_orders(&self.topic, 0, n).await?;
+        let c = run::start(billing::consumer(
+            &self.group,
+            &self.topic,
+            self.pool.clone(),
+            code(BUGGY_TAX_PERCENT, "v1", &self.invoiced),
+            &self.gw.url(),
+        )?);
+        run::wait_count(&self.pool, "SELECT count(*) FROM public.invoice_log", n as i64).await?;
+        Ok(c)
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn the_tax_bug_is_rebuilt_with_zero_side_effects_and_swapped_in_under_load_exactly_once() -> Result<()> {
-    let World { db, pool, topic, invoiced, group, gw } = World::new(3).await?;
+    let w = World::new(3).await?;
 
     // Two weeks with the bug.
     const N: usize = 300;
-    billing::publish_orders(&topic, 0, N).await?;
-    let buggy = run::start(billing::consumer(
-        &group,
-        &topic,
-        pool.clone(),
-        code(BUGGY_TAX_PERCENT, "v1", &invoiced),
-        &gw.url(),
-    )?);
-    run::wait_count(&pool, "SELECT count(*) FROM public.invoice_log", N as i64).await?;
+    let buggy = w.run_buggy(N).await?;
+    let World { db, pool, topic, invoiced, group, gw } = w;
     wait_until(WAIT, "the buggy charges", || async { Ok(effects(&pool, &group, "done").await? >= N as i64) }).await?;
     buggy.stop().await?;
     let wrong =
@@ -243,19 +251,12 @@ async fn the_tax_bug_is_rebuilt_with_zero_side_effects_and_swapped_in_under_load
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_lagging_rebuild_is_refused_and_swap_back_restores_the_projection_and_position() -> Result<()> {
-    let World { db, pool, topic, invoiced, group, gw } = World::new(2).await?;
+    let w = World::new(2).await?;
+
+    let live = w.run_buggy(100).await?;
+    let World { db, pool, topic, invoiced, group, gw } = w;
     let target = "billing_v3";
     let s = session(&db).await?;
-
-    billing::publish_orders(&topic, 0, 100).await?;
-    let live = run::start(billing::consumer(
-        &group,
-        &topic,
-        pool.clone(),
-        code(BUGGY_TAX_PERCENT, "v1", &invoiced),
-        &gw.url(),
-    )?);
-    run::wait_count(&pool, "SELECT count(*) FROM public.invoice_log", 100).await?;
     let rebuild = RunningRebuild::start(billing::projection().rebuild(
         billing::consumer(&group, &topic, pool.clone(), code(TAX_PERCENT, "rebuild", &invoiced), &gw.url())?,
         target,
@@ -343,17 +344,10 @@ async fn a_lagging_rebuild_is_refused_and_swap_back_restores_the_projection_and_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_rebuild_killed_with_sigkill_midway_resumes_to_the_same_result_as_an_uninterrupted_one() -> Result<()> {
-    let World { db, pool, topic, invoiced, group, gw } = World::new(2).await?;
+    let w = World::new(2).await?;
     const N: usize = 600;
-    billing::publish_orders(&topic, 0, N).await?;
-    let live = run::start(billing::consumer(
-        &group,
-        &topic,
-        pool.clone(),
-        code(BUGGY_TAX_PERCENT, "v1", &invoiced),
-        &gw.url(),
-    )?);
-    run::wait_count(&pool, "SELECT count(*) FROM public.invoice_log", N as i64).await?;
+    let live = w.run_buggy(N).await?;
+    let World { db, pool, topic, invoiced, group, gw } = w;
     live.stop().await?;
 
     // The rebuild in a process of its own, killed with SIGKILL midway.
