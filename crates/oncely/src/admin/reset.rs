@@ -583,6 +583,12 @@ impl Session {
         }
 
         let oncely = self.oncely_group(group).await?;
+        // How long the inbox remembers identities: only a replay needs it.
+        let inbox_retention_days = if oncely.consumer && plan.totals.redelivered > 0 {
+            store::longest_inbox_retention_days(self.pool()).await?
+        } else {
+            None
+        };
         let mut refusals: Vec<String> = plan.refusals.iter().map(|r| r.to_string()).collect();
         if !desc.is_inactive() {
             refusals.push(group_active_reason(&desc));
@@ -609,7 +615,7 @@ impl Session {
                     oncely.consumer,
                     group,
                     &plan,
-                    oncely.inbox_retention_days,
+                    inbox_retention_days,
                     chrono::Utc::now().timestamp_millis(),
                 ),
                 db_offsets,

@@ -112,8 +112,7 @@ impl Session {
         let registered = store::is_consumer(&self.pool, group).await?;
         let offsets: BTreeMap<(String, i32), i64> =
             store::offsets::of_consumer(&self.pool, group).await?.into_iter().collect();
-        let inbox_retention_days = store::longest_inbox_retention_days(&self.pool).await?;
-        Ok(OncelyGroup { consumer: registered || !offsets.is_empty(), db_offsets: offsets, inbox_retention_days })
+        Ok(OncelyGroup { consumer: registered || !offsets.is_empty(), db_offsets: offsets })
     }
 
     /// Log start and end offsets of the partitions, by `(topic, partition)`;
@@ -225,9 +224,6 @@ pub struct OncelyGroup {
     pub consumer: bool,
     /// `oncely.offsets`: the source of truth for an oncely consumer.
     pub db_offsets: BTreeMap<(String, i32), i64>,
-    /// How long the inbox keeps a claimed identity (the longest retention of
-    /// the registered consumers), in days.
-    pub inbox_retention_days: Option<i32>,
 }
 
 /// A group member, for display.

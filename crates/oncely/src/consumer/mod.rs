@@ -250,19 +250,10 @@ impl Ctx {
         let parts: Vec<PartitionKey> = tpl.elements().iter().map(|e| (e.topic().to_owned(), e.partition())).collect();
         tracing::info!(consumer = &*s.name, partitions = ?parts, "Partitions assigned.");
         // Kafka's committed offsets and their metadata, to detect moves.
-        let mut kafka: HashMap<PartitionKey, (i64, String)> = HashMap::new();
-        match base.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
-            Ok(c) => {
-                for e in c.elements() {
-                    if let Offset::Offset(o) = e.offset() {
-                        kafka.insert((e.topic().to_owned(), e.partition()), (o, e.metadata().to_owned()));
-                    }
-                }
-            }
-            Err(e) => {
-                tracing::warn!(consumer = &*s.name, error = %e, "Could not read Kafka's committed offsets; rewinds cannot be detected for this assignment.")
-            }
-        }
+        let kafka = committed_positions(base, tpl).unwrap_or_else(|e| {
+            tracing::warn!(consumer = &*s.name, error = %e, "Could not read Kafka's committed offsets; rewinds cannot be detected for this assignment.");
+            HashMap::new()
+        });
         if !spawn_lanes(s, &parts, tpl, &kafka) {
             return;
         }
@@ -301,6 +292,32 @@ impl Ctx {
             tracing::error!(consumer = &*s.name, error = %e, "Unassigning partitions failed.");
         }
     }
+}
+
+/// The consumer's pool: the one it was given, or a new one from its URL.
+async fn pool_of(pool: Option<PgPool>, url: Option<&str>) -> Result<PgPool> {
+    match (pool, url) {
+        (Some(p), _) => Ok(p),
+        (None, Some(url)) => store::connect(url, 20).await,
+        (None, None) => Err(Error::Config("a pool or a database_url is required".into())),
+    }
+}
+
+/// Kafka's committed offsets of the partitions of `tpl`, with their commit
+/// metadata (partitions with no commit left out): to detect moves, and where
+/// a partition starts fetching.
+fn committed_positions<C: rdkafka::consumer::Consumer<Ctx>>(
+    consumer: &C,
+    tpl: &TopicPartitionList,
+) -> rdkafka::error::KafkaResult<HashMap<PartitionKey, (i64, String)>> {
+    let c = consumer.committed_offsets(tpl.clone(), Duration::from_secs(10))?;
+    Ok(c.elements()
+        .iter()
+        .filter_map(|e| match e.offset() {
+            Offset::Offset(o) => Some(((e.topic().to_owned(), e.partition()), (o, e.metadata().to_owned()))),
+            _ => None,
+        })
+        .collect())
 }
 
 /// Splits the queues of `parts` (before they are assigned: librdkafka decides
@@ -959,12 +976,7 @@ impl Parts {
 
     /// Its pool, or a new one from its URL.
     pub(crate) async fn resolve_pool(&mut self) -> Result<PgPool> {
-        if let Some(p) = &self.pool {
-            return Ok(p.clone());
-        }
-        let url =
-            self.database_url.as_deref().ok_or_else(|| Error::Config("a pool or a database_url is required".into()))?;
-        let pool = store::connect(url, 20).await?;
+        let pool = pool_of(self.pool.take(), self.database_url.as_deref()).await?;
         self.pool = Some(pool.clone());
         Ok(pool)
     }
@@ -1016,11 +1028,7 @@ impl Parts {
             }
             (None, true) => return Err(Error::Config("a handler (or a route) is required".into())),
         };
-        let pool = match (self.pool, &self.database_url) {
-            (Some(p), _) => p,
-            (None, Some(url)) => store::connect(url, 20).await?,
-            (None, None) => return Err(Error::Config("a pool or a database_url is required".into())),
-        };
+        let pool = pool_of(self.pool, self.database_url.as_deref()).await?;
         if self.migrate {
             store::migrate(&pool).await?;
         }
@@ -1232,19 +1240,10 @@ fn assign_manually(shared: &Arc<Shared>, consumer: &KafkaConsumer, parts: &[Part
     for (t, p) in parts {
         tpl.add_partition(t, *p);
     }
-    let mut kafka: HashMap<PartitionKey, (i64, String)> = HashMap::new();
-    match consumer.committed_offsets(tpl.clone(), Duration::from_secs(10)) {
-        Ok(c) => {
-            for e in c.elements() {
-                if let Offset::Offset(o) = e.offset() {
-                    kafka.insert((e.topic().to_owned(), e.partition()), (o, e.metadata().to_owned()));
-                }
-            }
-        }
-        Err(e) => {
-            tracing::warn!(consumer = &*shared.name, error = %e, "Could not read Kafka's committed offsets; starting from the database positions.")
-        }
-    }
+    let kafka = committed_positions(consumer, &tpl).unwrap_or_else(|e| {
+        tracing::warn!(consumer = &*shared.name, error = %e, "Could not read Kafka's committed offsets; starting from the database positions.");
+        HashMap::new()
+    });
     tracing::info!(consumer = &*shared.name, partitions = ?parts, "Assigning partitions manually (no group membership).");
     if !spawn_lanes(shared, parts, &mut tpl, &kafka) {
         return Err(Error::Config("the consumer is gone before its partitions were assigned".into()));
