@@ -55,7 +55,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use oncely::admin::KafkaAdmin;
-use payments::harness::{self, Procs};
+use oncely_testkit::supervisor::{self as harness, Procs};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sqlx::PgPool;
@@ -865,7 +865,7 @@ impl Torture {
             oncely::kafka::KafkaConnection::new(self.args.bootstrap_servers.as_str()).client_config()?.create()?;
         let mut copies = 0u64;
         for r in records.iter().filter(|r| r.key.as_deref().is_some_and(|k| !k.starts_with(HOSTILE_PREFIX))) {
-            let headers = oncely::kafka::headers_with_nulls(&r.headers)?;
+            let headers = oncely::kafka::record_headers(&r.headers)?;
             let mut rec = rdkafka::producer::FutureRecord::<[u8], [u8]>::to(&topic).partition(to).headers(headers);
             if let Some(k) = &r.key {
                 rec = rec.key(k.as_slice());

@@ -7,7 +7,7 @@ use clap::Subcommand;
 use oncely::admin::dlq::{RedriveRequest, RedriveSelection};
 use oncely::admin::ops::Origin;
 use oncely::admin::parse::parse_hex;
-use oncely::store::failure as store;
+use oncely::failure;
 use serde_json::json;
 
 use crate::common::{self, Table};
@@ -99,7 +99,7 @@ fn hex_key(s: &str) -> Result<HexKey, String> {
     parse_hex(s).map(HexKey)
 }
 
-fn text(b: &Option<Vec<u8>>) -> String {
+fn text(b: Option<&[u8]>) -> String {
     match b {
         None => "(null)".into(),
         Some(v) => match std::str::from_utf8(v) {
@@ -114,7 +114,7 @@ pub(crate) async fn run(cli: &Cli, cmd: &DlqCmd) -> anyhow::Result<ExitCode> {
     let pool = session.pool();
     match cmd {
         DlqCmd::List { consumer, all, limit } => {
-            let rows = store::list_dead_letters(pool, consumer.as_deref(), !all, *limit).await?;
+            let rows = failure::list_dead_letters(pool, consumer.as_deref(), !all, *limit).await?;
             if common::json(cli) {
                 common::print_json(&rows)?;
             } else {
@@ -149,14 +149,15 @@ pub(crate) async fn run(cli: &Cli, cmd: &DlqCmd) -> anyhow::Result<ExitCode> {
             }
         }
         DlqCmd::Inspect { id } => {
-            let Some(r) = store::get_dead_letters(pool, &[*id]).await?.pop() else {
+            let Some(r) = failure::get_dead_letters(pool, &[*id]).await?.pop() else {
                 return Err(common::refused(format!("dead letter {id} does not exist")));
             };
-            let headers: Vec<_> = r.record.headers.iter().map(|(k, v)| json!({"key": k, "value": text(v)})).collect();
+            let headers: Vec<_> =
+                r.record.headers.iter().map(|(k, v)| json!({"key": text(Some(k)), "value": text(v)})).collect();
             let v = json!({
                 "id": r.id, "consumer": r.consumer, "topic": r.record.topic, "partition": r.record.partition,
                 "offset": r.record.offset, "timestamp_ms": r.record.timestamp_ms, "event_id": r.event_id,
-                "key": text(&r.record.key), "payload": text(&r.record.payload), "headers": headers,
+                "key": text(r.record.key.as_deref()), "payload": text(r.record.payload.as_deref()), "headers": headers,
                 "reason": r.reason, "error": r.error, "error_class": r.error_class, "attempts": r.attempts,
                 "created_at": r.created_at, "redriven_at": r.redriven_at, "redrive_count": r.redrive_count,
             });
@@ -227,7 +228,7 @@ pub(crate) async fn run(cli: &Cli, cmd: &DlqCmd) -> anyhow::Result<ExitCode> {
             }
         }
         DlqCmd::Parked { consumer, limit } => {
-            let rows = store::list_parked(pool, consumer.as_deref(), *limit).await?;
+            let rows = failure::list_parked(pool, consumer.as_deref(), *limit).await?;
             if common::json(cli) {
                 let v: Vec<_> = rows
                     .iter()

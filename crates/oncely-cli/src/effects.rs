@@ -8,8 +8,7 @@ use clap::{Subcommand, ValueEnum};
 use oncely::admin::effects::EffectChange;
 use oncely::admin::ops::{Origin, Preview};
 use oncely::admin::session::Session;
-use oncely::effects::Resolution;
-use oncely::store::effects as store;
+use oncely::effects::{self, Resolution};
 use serde_json::json;
 
 use crate::common::{self, Table};
@@ -72,7 +71,7 @@ pub(crate) async fn run(cli: &Cli, cmd: &EffectsCmd) -> anyhow::Result<ExitCode>
     let pool = session.pool();
     match cmd {
         EffectsCmd::List { status, consumer, limit } => {
-            let rows = store::list(pool, status.as_deref(), consumer.as_deref(), *limit).await?;
+            let rows = effects::list(pool, status.as_deref(), consumer.as_deref(), *limit).await?;
             if common::json(cli) {
                 common::print_json(&rows)?;
             } else {

@@ -35,11 +35,11 @@ pub(crate) enum Output {
 
 mod common;
 mod console;
-mod demo;
 mod dlq;
 mod effects;
 mod offsets;
 mod outbox;
+mod projection;
 
 #[derive(Debug, Subcommand)]
 enum Command {
@@ -61,6 +61,9 @@ enum Command {
     /// Dead letters: list, inspect, redrive.
     #[command(subcommand)]
     Dlq(dlq::DlqCmd),
+    /// Projection rebuilds: rebuild into a copy with side effects off, status, diff, swap, swap-back.
+    #[command(subcommand)]
+    Projection(projection::ProjectionCmd),
     /// The operator console: the same views and guarded actions as a web page (loopback by default).
     Console(console::ConsoleArgs),
     /// Apply oncely's database migrations (schema `oncely`).
@@ -71,8 +74,6 @@ enum Command {
     /// secrets masked; unknown keys and bad values are errors (exit 2).
     #[command(subcommand)]
     Config(ConfigCmd),
-    /// Run the guided demonstration against the services from scripts/services.
-    Demo(demo::DemoArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -227,7 +228,7 @@ async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Outbox(c) => return outbox::run(&cli, c).await,
         Command::Effects(c) => return effects::run(&cli, c).await,
         Command::Dlq(c) => return dlq::run(&cli, c).await,
-        Command::Demo(a) => return demo::run(a).await,
+        Command::Projection(c) => return projection::run(&cli, c).await,
         Command::Console(a) => return console::run(&cli, a).await,
     }
     Ok(ExitCode::SUCCESS)

@@ -7,7 +7,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
-use oncely::admin::audit::{self, AuditEntry, AuditOutcome};
+use oncely::admin::ops::{Origin, Preview};
+use oncely::admin::outbox::{OutboxChange, OutboxDone};
+use oncely::admin::session::Session;
 use oncely::outbox::{failed, OutboxStatus, Relay};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
@@ -49,6 +51,10 @@ pub(crate) enum OutboxCmd {
         /// Every row set aside.
         #[arg(long)]
         all: bool,
+        /// The typed confirmation of a protected environment, for when there is no terminal:
+        /// exactly `OUTBOX-RETRY <ENV>`.
+        #[arg(long, value_name = "TEXT")]
+        confirm: Option<String>,
     },
     /// Give up rows set aside: never published; the rows held behind them
     /// go on (audited).
@@ -59,6 +65,10 @@ pub(crate) enum OutboxCmd {
         /// Why (stored with each row and in the audit log).
         #[arg(long)]
         reason: String,
+        /// The typed confirmation of a protected environment, for when there is no terminal:
+        /// exactly `OUTBOX-DISCARD <ENV>`.
+        #[arg(long, value_name = "TEXT")]
+        confirm: Option<String>,
     },
     /// Run a relay until SIGINT or SIGTERM: publish committed outbox rows.
     /// Several relays may run at once; they share the lanes.
@@ -121,8 +131,8 @@ pub(crate) async fn run(cli: &Cli, cmd: &OutboxCmd) -> anyhow::Result<ExitCode> 
     match cmd {
         OutboxCmd::Status => status(cli).await,
         OutboxCmd::List { failed: _, discarded, limit } => list(cli, *discarded, *limit).await,
-        OutboxCmd::Retry { ids, all } => retry(cli, ids, *all).await,
-        OutboxCmd::Discard { ids, reason } => discard(cli, ids, reason).await,
+        OutboxCmd::Retry { ids, all, confirm } => retry(cli, ids, *all, confirm.as_deref()).await,
+        OutboxCmd::Discard { ids, reason, confirm } => discard(cli, ids, reason, confirm.as_deref()).await,
         OutboxCmd::Relay(a) => relay(cli, a).await,
     }
 }
@@ -161,48 +171,36 @@ async fn list(cli: &Cli, discarded: bool, limit: i64) -> anyhow::Result<ExitCode
     Ok(ExitCode::SUCCESS)
 }
 
-async fn retry(cli: &Cli, ids: &[i64], all: bool) -> anyhow::Result<ExitCode> {
+async fn retry(cli: &Cli, ids: &[i64], all: bool, confirm: Option<&str>) -> anyhow::Result<ExitCode> {
     let session = common::session(cli).await?;
-    let pool = session.pool();
-    let entry = AuditEntry::new(&session.env().name, "outbox.retry").details(json!({"ids": ids, "all": all}));
-    let id = audit::record_start(pool, &entry).await?;
-    match failed::retry(pool, (!all).then_some(ids)).await {
-        Ok(done) => {
-            audit::record_result(pool, id, &AuditOutcome::succeeded(Some(json!({"pending": done})))).await?;
-            if common::json(cli) {
-                common::print_json(&json!({"pending": done, "audit_id": id}))?;
-            } else {
-                println!("{} row(s) back to pending: {done:?} (audit record {id})", done.len());
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(e) => {
-            audit::record_result(pool, id, &AuditOutcome::refused(e.to_string())).await?;
-            Err(e.into())
-        }
-    }
+    let p = oncely::admin::outbox::preview_retry(&session, (!all).then_some(ids), Origin::cli()).await?;
+    report(cli, &decide(&session, &p, confirm).await?, "pending", "back to pending")
 }
 
-async fn discard(cli: &Cli, ids: &[i64], reason: &str) -> anyhow::Result<ExitCode> {
+async fn discard(cli: &Cli, ids: &[i64], reason: &str, confirm: Option<&str>) -> anyhow::Result<ExitCode> {
     let session = common::session(cli).await?;
-    let pool = session.pool();
-    let entry = AuditEntry::new(&session.env().name, "outbox.discard").details(json!({"ids": ids, "reason": reason}));
-    let id = audit::record_start(pool, &entry).await?;
-    match failed::discard(pool, ids, reason).await {
-        Ok(done) => {
-            audit::record_result(pool, id, &AuditOutcome::succeeded(Some(json!({"discarded": done})))).await?;
-            if common::json(cli) {
-                common::print_json(&json!({"discarded": done, "audit_id": id}))?;
-            } else {
-                println!("{} row(s) discarded: {done:?} (audit record {id})", done.len());
-            }
-            Ok(ExitCode::SUCCESS)
-        }
-        Err(e) => {
-            audit::record_result(pool, id, &AuditOutcome::refused(e.to_string())).await?;
-            Err(e.into())
-        }
+    let p = oncely::admin::outbox::preview_discard(&session, ids, reason, Origin::cli()).await?;
+    report(cli, &decide(&session, &p, confirm).await?, "discarded", "discarded")
+}
+
+/// Prints what a decision did: `{key: ids, audit_id}` in JSON, else a line.
+fn report(cli: &Cli, done: &OutboxDone, key: &str, what: &str) -> anyhow::Result<ExitCode> {
+    if common::json(cli) {
+        common::print_json(&json!({key: done.ids, "audit_id": done.audit_id}))?;
+    } else {
+        println!("{} row(s) {what}: {:?} (audit record {})", done.ids.len(), done.ids, done.audit_id);
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Confirms (asking on a protected environment) and executes a decision;
+/// the library checks the rows and the typed text, and audits.
+async fn decide(s: &Session, p: &Preview<OutboxChange>, given: Option<&str>) -> anyhow::Result<OutboxDone> {
+    for r in &p.rows {
+        eprintln!("  row {} ({}): {}", r.id, r.topic, r.reason.as_deref().unwrap_or(""));
+    }
+    let typed = common::typed_confirmation(p.environment(), p.asks_for(), given)?;
+    Ok(p.confirm(s, typed.as_deref()).await?.execute(s).await?)
 }
 
 /// Reads the database only, so it answers while the broker is down.

@@ -594,8 +594,23 @@ async fn the_console_guards_every_change() -> Result<()> {
     )
     .execute(&w.db.pool)
     .await?;
+    // A rebuild 40 records behind its live consumer.
+    sqlx::query(
+        "INSERT INTO oncely.projection_rebuilds (target, projection, consumer, rebuild_consumer, live_schema, tables, from_spec)
+         VALUES ('billing_v2', 'billing', 'pay', 'pay.rebuild.billing_v2', 'public', '{invoices}', 'earliest')",
+    )
+    .execute(&w.db.pool)
+    .await?;
+    sqlx::query(
+        "INSERT INTO oncely.offsets (consumer, topic, partition, next_offset, epoch)
+         VALUES ('pay', 'orders', 0, 100, 0), ('pay.rebuild.billing_v2', 'orders', 0, 60, 0)",
+    )
+    .execute(&w.db.pool)
+    .await?;
     for (path, want, text) in [
         ("/", 200, "Consumer groups"),
+        ("/projections", 200, "<td class=\"num\">40</td>"),
+        ("/projections", 200, "60.0 % (60 of 100)"),
         ("/snapshots", 200, "Snapshots"),
         ("/dlq", 200, "Dead letters"),
         ("/parked", 200, "key_hex=ff00"),

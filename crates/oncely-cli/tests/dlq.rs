@@ -130,16 +130,7 @@ async fn effect_decisions_on_a_protected_environment_need_the_typed_confirmation
     // Environment `prod`, protected; no terminal on stdin.
     let cluster = oncely::admin::KafkaAdmin::new(kit::bootstrap(), &[])?.describe_cluster().await?.cluster_id;
     let prod = |args: &[&str]| -> Result<Output> {
-        Ok(std::process::Command::new(env!("CARGO_BIN_EXE_oncely"))
-            .args(args)
-            .env_remove("ONCELY_CONFIG")
-            .env("ONCELY_ENV", "prod")
-            .env("ONCELY_PROTECTED", "true")
-            .env("ONCELY_CLUSTER_ID", &cluster)
-            .env("ONCELY_BOOTSTRAP_SERVERS", kit::bootstrap())
-            .env("ONCELY_DATABASE_URL", &db.url)
-            .current_dir(std::env::temp_dir())
-            .output()?)
+        Ok(kit::protected_cli(env!("CARGO_BIN_EXE_oncely"), &cluster, &db.url).args(args).output()?)
     };
     let status = || async {
         let s: String = sqlx::query_scalar("SELECT status FROM oncely.effects WHERE key = $1")
@@ -244,16 +235,7 @@ async fn a_redrive_on_a_protected_environment_needs_the_typed_confirmation_and_u
     .fetch_one(&db.pool)
     .await?;
     let prod = |args: &[&str]| -> Result<Output> {
-        Ok(std::process::Command::new(env!("CARGO_BIN_EXE_oncely"))
-            .args(args)
-            .env_remove("ONCELY_CONFIG")
-            .env("ONCELY_ENV", "prod")
-            .env("ONCELY_PROTECTED", "true")
-            .env("ONCELY_CLUSTER_ID", &cluster)
-            .env("ONCELY_BOOTSTRAP_SERVERS", kit::bootstrap())
-            .env("ONCELY_DATABASE_URL", &db.url)
-            .current_dir(std::env::temp_dir())
-            .output()?)
+        Ok(kit::protected_cli(env!("CARGO_BIN_EXE_oncely"), &cluster, &db.url).args(args).output()?)
     };
     let id_s = id.to_string();
     let missing = (id + 1000).to_string();
@@ -278,5 +260,44 @@ async fn a_redrive_on_a_protected_environment_needs_the_typed_confirmation_and_u
             .fetch_all(&db.pool)
             .await?;
     assert_eq!(results, ["refused", "succeeded"]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_redriven_record_keeps_its_null_and_empty_header_values_apart() -> Result<()> {
+    use oncely::envelope::{CloudEventAttrs, Headers, Publisher};
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    app::setup(&db.pool).await?;
+    let (topic, group) = (kit::unique("orders"), kit::unique("g"));
+    kit::create_topic(&topic, 1).await?;
+    let mut headers: Headers = CloudEventAttrs::new_now("/tests/nulls", "test.seq")
+        .to_headers()
+        .into_iter()
+        .map(|(k, v)| (k, Some(v)))
+        .collect();
+    headers.push(b"x-null", None);
+    headers.push(b"x-empty", Some(b""));
+    let payload = serde_json::to_vec(&app::SeqEvent { key: "k-null".into(), seq: 1 })?;
+    let publisher = Publisher::new(kit::bootstrap(), "/tests/nulls")?;
+    publisher.publish_record(&topic, Some(b"k-null"), Some(&payload), &headers).await?;
+
+    let b = app::Behaviour::tagged("buggy");
+    b.reject_keys.lock().map_err(|_| anyhow::anyhow!("lock"))?.insert("k-null".into());
+    let token = CancellationToken::new();
+    let c = tokio::spawn(app::consumer(&group, &topic, db.pool.clone(), b).run(token.clone()));
+    kit::wait_until(WAIT, "the record to be dead-lettered", || async { Ok(offsets(&db, &group).await? >= 1) }).await?;
+    token.cancel();
+    c.await??;
+    let id: i64 = sqlx::query_scalar("SELECT id FROM oncely.dead_letters").fetch_one(&db.pool).await?;
+
+    let run = oncely(&db, &["dlq", "redrive", "--id", &id.to_string(), "--execute"])?;
+    assert!(run.status.success(), "{run:?}");
+    let recs = oncely_testkit::processor::visible(&topic, false).await?;
+    let redriven = recs.iter().find(|r| r.offset == 1).ok_or_else(|| anyhow::anyhow!("no redriven record"))?;
+    let value = |name: &[u8]| redriven.headers.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.clone());
+    assert_eq!(value(b"x-null"), Some(None), "a null header value is redriven null");
+    assert_eq!(value(b"x-empty"), Some(Some(Vec::new())), "an empty one is redriven empty");
+    assert_eq!(value(b"oncely-redrive"), Some(Some(id.to_string().into_bytes())));
     Ok(())
 }

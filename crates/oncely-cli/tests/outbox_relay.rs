@@ -237,10 +237,23 @@ async fn a_row_the_broker_refuses_is_listed_and_discarding_it_releases_its_key()
     let (code, _, err) = oncely(&db, &["outbox", "retry", &behind.id.to_string()]).await?;
     assert_eq!(code, Some(2), "{err}");
 
+    // On a protected environment the discard needs the typed confirmation
+    // (refused and audited without it, nothing discarded).
+    let cluster = oncely::admin::KafkaAdmin::new(kit::bootstrap(), &[])?.describe_cluster().await?.cluster_id;
+    let discard =
+        ["outbox", "discard", &big.id.to_string(), "--reason", "too big, re-sent in parts"].map(str::to_owned);
+    let prod = |extra: &[&str]| {
+        kit::protected_cli(env!("CARGO_BIN_EXE_oncely"), &cluster, &db.url).args(&discard).args(extra).output()
+    };
+    let refused = prod(&[])?;
+    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("OUTBOX-DISCARD prod"), "{refused:?}");
+    let (_, out, _) = oncely(&db, &["-o", "json", "outbox", "list", "--failed"]).await?;
+    assert_eq!(last_json(&out)?.as_array().map(Vec::len), Some(1), "nothing discarded without the confirmation");
+
     // The operator gives the big row up: the row held behind it goes out.
-    let (code, _, err) =
-        oncely(&db, &["outbox", "discard", &big.id.to_string(), "--reason", "too big, re-sent in parts"]).await?;
-    assert_eq!(code, Some(0), "{err}");
+    let done = prod(&["--confirm", "OUTBOX-DISCARD prod"])?;
+    assert_eq!(done.status.code(), Some(0), "{done:?}");
     kit::wait_until(WAIT, "the held row published", || async { Ok(published(&db).await? == 21) }).await?;
     let (code, out, _) = oncely(&db, &["-o", "json", "outbox", "list", "--failed"]).await?;
     assert_eq!(code, Some(0));
@@ -254,7 +267,13 @@ async fn a_row_the_broker_refuses_is_listed_and_discarding_it_releases_its_key()
         "SELECT count(*) FROM oncely.audit_log WHERE action IN ('outbox.retry', 'outbox.discard')",
     )
     .await?;
-    assert_eq!(audited, 2, "the refused retry and the discard are both audited");
+    assert_eq!(audited, 3, "the refused retry, the unconfirmed discard and the discard are all audited");
+    let who = kit::count(
+        &db.pool,
+        "SELECT count(*) FROM oncely.audit_log WHERE action = 'outbox.discard' AND os_user <> '' AND command_line LIKE '%discard%'",
+    )
+    .await?;
+    assert_eq!(who, 2, "who asked and with what command line is recorded");
 
     relay.start_kill()?;
     let _ = relay.wait().await;

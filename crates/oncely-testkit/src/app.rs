@@ -34,7 +34,7 @@ pub struct Behaviour {
     /// Keys whose events are rejected (permanent failure); a test may change
     /// it while the consumer runs ("the bug is fixed").
     pub reject_keys: Mutex<HashSet<String>>,
-    /// After this many applied events, write the row, print `HANGING` and block forever.
+    /// After this many applied events, write the row, print `HANGING <event id>` and block forever.
     pub hang_after: Option<u64>,
     /// Time spent per event.
     pub delay: Duration,
@@ -124,7 +124,7 @@ pub async fn record(ev: Event<SeqEvent>, cx: &mut Cx, b: State<Behaviour>) -> Re
     if hang == Some(count) {
         // The row is written inside the open batch transaction; the test kills
         // the process now, before the commit.
-        println!("HANGING");
+        println!("HANGING {}", ev.id.display());
         let _ = std::io::stdout().flush();
         std::future::pending::<()>().await;
     }

@@ -19,7 +19,33 @@ pub mod gateway;
 pub mod process;
 pub mod processor;
 pub mod run;
+pub mod supervisor;
 pub mod wire;
+
+/// Whether a reader's poll error is one librdkafka recovers from by itself:
+/// a dropped connection (it reconnects), reported as an error event. A
+/// reader of a test topic waits it out (until its deadline) instead of
+/// failing the test on a busy machine.
+pub fn is_transient_read_error(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(e, rdkafka::error::KafkaError::MessageConsumption(C::AllBrokersDown | C::BrokerTransportFailure))
+}
+
+/// The operator binary `exe` run on environment `prod`, **protected**, of
+/// cluster `cluster` and database `db_url`: no config file, no terminal on
+/// stdin (so a typed confirmation can only come from `--confirm`).
+pub fn protected_cli(exe: &str, cluster: &str, db_url: &str) -> std::process::Command {
+    let mut cmd = std::process::Command::new(exe);
+    cmd.current_dir(std::env::temp_dir())
+        .env_remove("ONCELY_CONFIG")
+        .env("ONCELY_ENV", "prod")
+        .env("ONCELY_PROTECTED", "true")
+        .env("ONCELY_CLUSTER_ID", cluster)
+        .env("ONCELY_BOOTSTRAP_SERVERS", bootstrap())
+        .env("ONCELY_DATABASE_URL", db_url)
+        .stdin(std::process::Stdio::null());
+    cmd
+}
 
 /// Kafka bootstrap servers of the test broker (`ONCELY_KAFKA_BOOTSTRAP`, default `127.0.0.1:9092`).
 pub fn bootstrap() -> String {

@@ -194,12 +194,13 @@ fn read_visible(topic: &str, read_committed: bool) -> Result<Vec<Rec>> {
                     offset: m.offset(),
                     key: m.key().map(<[u8]>::to_vec),
                     payload: m.payload().map(<[u8]>::to_vec),
-                    headers: message_headers(&m),
+                    headers: message_headers(&m).to_vec(),
                 });
             }
             Some(Err(KafkaError::PartitionEOF(p))) => {
                 at_end.insert(p);
             }
+            Some(Err(e)) if crate::is_transient_read_error(&e) => {}
             Some(Err(e)) => bail!("reading {topic}: {e}"),
             None => {}
         }

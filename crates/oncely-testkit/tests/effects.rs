@@ -4,9 +4,9 @@
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use oncely::effects::intents;
 use oncely::effects::EffectOptions;
 use oncely::envelope::CloudEventAttrs;
-use oncely::store::effects as intents;
 use oncely::Publisher;
 use oncely_testkit::gateway::{Control, FakeGateway};
 use oncely_testkit::process::TestConsumer;
@@ -252,8 +252,8 @@ async fn ordered_intents_of_one_entity_run_one_at_a_time_in_order() -> Result<()
 
 use std::sync::Arc;
 
+use oncely::effects::intents::NewIntent;
 use oncely::effects::{EffectCall, EffectError, Executor, Registry, Semantics};
-use oncely::store::effects::NewIntent;
 use oncely_testkit::gateway::GatewayClient;
 
 /// Records `n` pending intents of `effect` with `semantics`; returns their keys.

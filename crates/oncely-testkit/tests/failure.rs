@@ -212,7 +212,7 @@ async fn under_the_hold_policy_a_dead_keys_queue_waits_for_the_operator() -> Res
     assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM applied WHERE key = 'k1'").await?, 0);
     assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM applied WHERE key <> 'k1'").await?, 8, "other keys go on");
     // The operator releases the key: the held events apply, in order.
-    let released = oncely::store::failure::release_key(&db.pool, &group, b"k1").await?;
+    let released = oncely::failure::release_key(&db.pool, &group, b"k1").await?;
     assert_eq!(released, 4, "the dead-lettered marker and the three held events");
     kit::wait_until(WAIT, "the released events to apply", || async {
         Ok(kit::count(&db.pool, "SELECT count(*) FROM applied WHERE key = 'k1'").await? == 3)

@@ -161,7 +161,7 @@ async fn under_the_hold_policy_a_rejected_event_holds_its_key_in_the_batch_path_
     assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM applied WHERE key <> 'k1'").await?, 6);
     // The bug is fixed, the operator releases the key: the rest applies in order.
     b.reject_keys.lock().map_err(|_| anyhow::anyhow!("poisoned"))?.clear();
-    let released = oncely::store::failure::release_key(&db.pool, &group, b"k1").await?;
+    let released = oncely::failure::release_key(&db.pool, &group, b"k1").await?;
     assert_eq!(released, 3, "the dead marker and two held events");
     wait_count(&db.pool, "SELECT count(*) FROM applied WHERE key = 'k1'", 2).await?;
     c.stop().await?;

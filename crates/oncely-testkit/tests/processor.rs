@@ -302,7 +302,7 @@ async fn a_poison_record_is_dead_lettered_in_the_transaction_that_commits_its_of
 async fn forward_bytes(ev: Event<RawPayload>, out: &mut Out) -> Result<(), HandlerError> {
     let topic = out.state::<String>().ok_or_else(|| HandlerError::reject("no output"))?;
     let headers: Vec<(Vec<u8>, Vec<u8>)> =
-        ev.record.headers.iter().map(|(k, v)| (k.clone(), v.clone().unwrap_or_default())).collect();
+        ev.record.headers.iter().map(|(k, v)| (k.to_vec(), v.unwrap_or_default().to_vec())).collect();
     out.send_raw(&topic, ev.record.key.as_deref(), Some(&ev.data.0), &headers)
 }
 

@@ -78,6 +78,65 @@ impl RunningRebuild {
     }
 }
 
+/// Orders arriving all the time (10 every 50 ms from order `from` on), with
+/// a burst of 300 on request, so that a swap meets a live consumer ahead of
+/// the rebuild.
+struct Load {
+    stop: CancellationToken,
+    burst: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    burst_done: std::sync::Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<Result<usize>>,
+}
+
+impl Load {
+    fn start(topic: &str, from: usize) -> Load {
+        let stop = CancellationToken::new();
+        let burst = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let burst_done = std::sync::Arc::new(tokio::sync::Notify::new());
+        let task = {
+            let (topic, stop, burst, burst_done) = (topic.to_owned(), stop.clone(), burst.clone(), burst_done.clone());
+            tokio::spawn(async move {
+                let mut next = from;
+                while !stop.is_cancelled() {
+                    let k = if burst.swap(false, std::sync::atomic::Ordering::SeqCst) { 300 } else { 10 };
+                    billing::publish_orders(&topic, next, next + k).await?;
+                    next += k;
+                    if k > 10 {
+                        burst_done.notify_one();
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                anyhow::Ok(next)
+            })
+        };
+        Load { stop, burst, burst_done, task }
+    }
+
+    /// Publishes a burst and returns once it is published.
+    async fn burst(&self) {
+        self.burst.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.burst_done.notified().await;
+    }
+
+    /// Stops; returns how many orders there are in all.
+    async fn stop(self) -> Result<usize> {
+        self.stop.cancel();
+        self.task.await?
+    }
+}
+
+/// `test-billing MODE GROUP TOPIC` (the fixed code) as a process.
+async fn billing_process(
+    db: &TestDb,
+    mode: &str,
+    group: &str,
+    topic: &str,
+    envs: &[(&str, &str)],
+) -> Result<oncely_testkit::process::TestConsumer> {
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_test-billing"));
+    oncely_testkit::process::TestConsumer::spawn_args(exe, &db.url, &[mode, group, topic], envs).await
+}
+
 async fn wait_lag_at_most(pool: &PgPool, target: &str, lag: i64) -> Result<()> {
     wait_until(WAIT, &format!("rebuild {target} within {lag} of live"), || async {
         // Not registered yet: the rebuild is starting.
@@ -114,15 +173,20 @@ impl World {
     /// each is invoiced; the consumer goes on running.
     async fn run_buggy(&self, n: usize) -> Result<run::Running> {
         billing::publish_orders(&self.topic, 0, n).await?;
-        let c = run::start(billing::consumer(
+        let c = self.start_buggy()?;
+        run::wait_count(&self.pool, "SELECT count(*) FROM public.invoice_log", n as i64).await?;
+        Ok(c)
+    }
+
+    /// Starts the buggy live consumer over what the topic holds.
+    fn start_buggy(&self) -> Result<run::Running> {
+        Ok(run::start(billing::consumer(
             &self.group,
             &self.topic,
             self.pool.clone(),
             code(BUGGY_TAX_PERCENT, "v1", &self.invoiced),
             &self.gw.url(),
-        )?);
-        run::wait_count(&self.pool, "SELECT count(*) FROM public.invoice_log", n as i64).await?;
-        Ok(c)
+        )?))
     }
 }
 
@@ -145,28 +209,7 @@ async fn the_tax_bug_is_rebuilt_with_zero_side_effects_and_swapped_in_under_load
     let live =
         run::start(billing::consumer(&group, &topic, pool.clone(), code(TAX_PERCENT, "v2", &invoiced), &gw.url())?);
     // New orders keep arriving during the whole rebuild and the swap.
-    // A burst on request, so that the swap meets a live consumer ahead of
-    // the rebuild.
-    let load_stop = CancellationToken::new();
-    let burst = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let burst_done = std::sync::Arc::new(tokio::sync::Notify::new());
-    let load = {
-        let (topic, stop, burst, burst_done) = (topic.clone(), load_stop.clone(), burst.clone(), burst_done.clone());
-        tokio::spawn(async move {
-            let mut next = N;
-            while !stop.is_cancelled() {
-                let k = if burst.swap(false, std::sync::atomic::Ordering::SeqCst) { 300 } else { 10 };
-                billing::publish_orders(&topic, next, next + k).await?;
-                next += k;
-                if k > 10 {
-                    burst_done.notify_one();
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            anyhow::Ok(next)
-        })
-    };
-
+    let load = Load::start(&topic, N);
     let target = "billing_v2";
     let rebuild_name = rebuild_consumer_name(&group, target);
     let rebuild = RunningRebuild::start(billing::projection().rebuild(
@@ -195,8 +238,7 @@ async fn the_tax_bug_is_rebuilt_with_zero_side_effects_and_swapped_in_under_load
 
     // Swap under load, right after a burst the live consumer is applying.
     let s = session(&db).await?;
-    burst.store(true, std::sync::atomic::Ordering::SeqCst);
-    burst_done.notified().await;
+    load.burst().await;
     let preview = preview_swap(&s, &SwapRequest::new(target), Origin::cli()).await?;
     assert!(preview.refusals().is_empty(), "{:?}", preview.refusals());
     let done = preview.confirm(&s, None).await?.execute(&s).await?;
@@ -208,8 +250,7 @@ async fn the_tax_bug_is_rebuilt_with_zero_side_effects_and_swapped_in_under_load
 
     // More orders after the swap, then the load stops.
     tokio::time::sleep(Duration::from_millis(500)).await;
-    load_stop.cancel();
-    let total = load.await??;
+    let total = load.stop().await?;
     run::wait_count(&pool, "SELECT count(*) FROM public.invoice_log", total as i64).await?;
     wait_until(WAIT, "every charge", || async { Ok(effects(&pool, &group, "done").await? >= total as i64) }).await?;
     // Let anything that would be applied twice show.
@@ -351,9 +392,8 @@ async fn a_rebuild_killed_with_sigkill_midway_resumes_to_the_same_result_as_an_u
     live.stop().await?;
 
     // The rebuild in a process of its own, killed with SIGKILL midway.
-    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_test-rebuild"));
     let envs = [("TARGET", "billing_k"), ("MAX_BATCH", "5")];
-    let first = oncely_testkit::process::TestConsumer::spawn(exe, &db.url, &group, &topic, &envs).await?;
+    let first = billing_process(&db, "rebuild", &group, &topic, &envs).await?;
     wait_until(WAIT, "the rebuild to be midway", || async {
         Ok(count(&pool, "SELECT count(*) FROM billing_k.invoice_log").await.unwrap_or(0) >= 100)
     })
@@ -362,7 +402,7 @@ async fn a_rebuild_killed_with_sigkill_midway_resumes_to_the_same_result_as_an_u
     let at_kill = count(&pool, "SELECT count(*) FROM billing_k.invoice_log").await?;
     assert!(at_kill < N as i64, "killed midway ({at_kill} of {N} applied)");
     // Restarted, it resumes.
-    let second = oncely_testkit::process::TestConsumer::spawn(exe, &db.url, &group, &topic, &envs).await?;
+    let second = billing_process(&db, "rebuild", &group, &topic, &envs).await?;
     wait_lag_at_most(&pool, "billing_k", 0).await?;
     second.terminate(Duration::from_secs(30)).await?;
 
@@ -385,5 +425,287 @@ async fn a_rebuild_killed_with_sigkill_midway_resumes_to_the_same_result_as_an_u
     )
     .await?;
     assert_eq!(not_suppressed, 0, "a rebuild's effects are all suppressed");
+    Ok(())
+}
+
+/// Backends of this test's database waiting for a lock: a live batch held
+/// back by the swap's fence.
+async fn waiting_on_locks(pool: &PgPool) -> Result<i64> {
+    count(pool, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'")
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_live_consumer_sigkilled_during_the_swap_loses_nothing_and_applies_nothing_twice() -> Result<()> {
+    let w = World::new(2).await?;
+    const N: usize = 300;
+    let buggy = w.run_buggy(N).await?;
+    let World { db, pool, topic, invoiced: _, group, gw } = w;
+    wait_until(WAIT, "the buggy charges", || async { Ok(effects(&pool, &group, "done").await? >= N as i64) }).await?;
+    buggy.stop().await?;
+
+    // The fixed application as processes: the live consumer, and the
+    // rebuild (which would charge through the same gateway if it called it).
+    let gateway = gw.url();
+    let envs = [("GATEWAY_URL", gateway.as_str()), ("TARGET", "billing_v2")];
+    let live = billing_process(&db, "live", &group, &topic, &envs).await?;
+    let load = Load::start(&topic, N);
+    let rebuild = billing_process(&db, "rebuild", &group, &topic, &envs).await?;
+    wait_lag_at_most(&pool, "billing_v2", 100).await?;
+    projection::diff(&pool, "billing_v2", 5).await?;
+
+    // Freeze the rebuild, so that the swap has to wait for it with the live
+    // consumer paused behind its fence; a burst makes sure the live
+    // consumer is ahead of it.
+    rebuild.signal("-STOP")?;
+    load.burst().await;
+    wait_until(WAIT, "the live consumer ahead of the frozen rebuild", || async {
+        Ok(projection::status(&pool, "billing_v2").await?.lag.behind > 0)
+    })
+    .await?;
+    let s = session(&db).await?;
+    let swap = tokio::spawn(async move {
+        let req = SwapRequest { catch_up_timeout: Duration::from_secs(90), ..SwapRequest::new("billing_v2") };
+        let preview = preview_swap(&s, &req, Origin::cli()).await?;
+        anyhow::ensure!(preview.refusals().is_empty(), "{:?}", preview.refusals());
+        Ok(preview.confirm(&s, None).await?.execute(&s).await?)
+    });
+    // The swap has started (its audit record is written first) and a live
+    // batch waits behind its locks: now the live consumer dies.
+    wait_until(WAIT, "a live batch waiting on the swap's fence", || async {
+        let started =
+            count(&pool, "SELECT count(*) FROM oncely.audit_log WHERE action = 'projection.swap'").await? == 1;
+        Ok(started && waiting_on_locks(&pool).await? > 0)
+    })
+    .await?;
+    assert!(!swap.is_finished(), "the swap waits for the frozen rebuild");
+    live.kill9().await?;
+    rebuild.signal("-CONT")?;
+    let done = tokio::time::timeout(Duration::from_secs(120), swap).await.context("the swap did not finish")???;
+    assert!(done.exchanged.inbox_to_live >= N as u64);
+
+    // The fixed live consumer restarted; the orders go on, then stop.
+    let live = billing_process(&db, "live", &group, &topic, &envs).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let total = load.stop().await?;
+    // Every record of the topic behind the live position: nothing left
+    // that could still be applied (once or twice).
+    run::wait_offsets(&pool, &group, total as i64).await?;
+    wait_until(WAIT, "every charge", || async { Ok(effects(&pool, &group, "done").await? >= total as i64) }).await?;
+    live.terminate(Duration::from_secs(30)).await?;
+    drop(rebuild);
+
+    billing::check_corrected(&pool, "public", total).await?;
+    // One charge per order, all the live consumer's: the rebuild called
+    // nothing (its keys would be other keys), and the killed member's
+    // in-flight calls were same-key retries at most.
+    let stats = gw.stats();
+    assert_eq!(stats.distinct_charges, total as u64, "{stats:?}");
+    assert_eq!(effects(&pool, &group, "done").await?, total as i64);
+    assert_eq!(count(&pool, "SELECT count(*) FROM oncely.outbox").await?, total as i64, "each invoice published once");
+    assert_eq!(
+        count(&pool, "SELECT count(*) FROM oncely.audit_log WHERE action = 'projection.swap' AND result = 'succeeded'")
+            .await?,
+        1
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rebuilds_from_a_time_and_from_an_offset_snapshot_start_there_and_leave_out_what_came_before() -> Result<()> {
+    let w = World::new(2).await?;
+    const HALF: usize = 100;
+    // The first half, applied by the live consumer and committed to Kafka.
+    let live = w.run_buggy(HALF).await?;
+    let World { db, pool, topic, invoiced, group, gw } = w;
+    let s = session(&db).await?;
+    wait_until(WAIT, "the live group's offsets committed to Kafka", || async {
+        let offs = s.current_offsets(&group).await?;
+        Ok(offs.iter().filter_map(|o| o.offset).sum::<i64>() == HALF as i64)
+    })
+    .await?;
+    let snap =
+        s.snapshot_groups(Some(std::slice::from_ref(&group)), oncely::admin::snapshots::SnapshotReason::Manual).await?;
+    let snapshot_id = snap.taken.first().context("a snapshot of the group")?.id;
+    // A time after every record of the first half, before every one of the second.
+    let t = chrono::Utc::now() + chrono::Duration::milliseconds(1);
+    wait_until(WAIT, "the clock to pass the cut", || async { Ok(chrono::Utc::now() > t) }).await?;
+    billing::publish_orders(&topic, HALF, 2 * HALF).await?;
+    run::wait_count(&pool, "SELECT count(*) FROM public.invoice_log", 2 * HALF as i64).await?;
+
+    let fixed = || billing::consumer(&group, &topic, pool.clone(), code(TAX_PERCENT, "rebuild", &invoiced), &gw.url());
+    let from_time = RunningRebuild::start(
+        billing::projection().rebuild(fixed()?, "billing_t").from(projection::RebuildFrom::Time(t)),
+    );
+    let from_snapshot = RunningRebuild::start(
+        billing::projection().rebuild(fixed()?, "billing_s").from(projection::RebuildFrom::Snapshot(snapshot_id)),
+    );
+    wait_lag_at_most(&pool, "billing_t", 0).await?;
+    wait_lag_at_most(&pool, "billing_s", 0).await?;
+    from_time.stop().await?;
+    from_snapshot.stop().await?;
+    live.stop().await?;
+
+    // Both hold exactly the second half, with the fixed tax.
+    let second: Vec<String> = {
+        let mut v: Vec<String> = (HALF..2 * HALF).map(|n| format!("o{n}")).collect();
+        v.sort();
+        v
+    };
+    for target in ["billing_t", "billing_s"] {
+        let rows = billing::invoices(&pool, target).await?;
+        let ids: Vec<String> = rows.iter().map(|(o, _, _)| o.clone()).collect();
+        assert_eq!(ids, second, "{target} holds the orders after the cut, and only those");
+        for (order, amount, tax) in &rows {
+            assert_eq!(*tax, billing::tax(*amount, TAX_PERCENT), "{target}: order {order}");
+        }
+        let row = projection::status(&pool, target).await?.rebuild;
+        assert!(row.from_spec == t.to_rfc3339() || row.from_spec == format!("snapshot:{snapshot_id}"), "{row:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hostile_records_in_the_history_are_dead_lettered_by_the_rebuild_without_blocking_it_or_the_swap() -> Result<()>
+{
+    use oncely::envelope::{CloudEventAttrs, H_ID};
+    let w = World::new(2).await?;
+    const N: usize = 100;
+    billing::publish_orders(&w.topic, 0, N).await?;
+    // Two good orders with odd headers, and three records no handler can take.
+    let p = oncely::Publisher::new(oncely_testkit::bootstrap(), "/tests/orders")?;
+    let headers = |extra: &[(&[u8], &[u8])], nul_id: bool| -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut h: Vec<(Vec<u8>, Vec<u8>)> = CloudEventAttrs::new_now("/tests/orders", "order")
+            .to_headers()
+            .into_iter()
+            .map(|(k, mut v)| {
+                if nul_id && k == H_ID {
+                    v.extend_from_slice(b"\0tail");
+                }
+                (k.into_bytes(), v)
+            })
+            .collect();
+        h.extend(extra.iter().map(|(k, v)| (k.to_vec(), v.to_vec())));
+        h
+    };
+    let order = |n: usize| serde_json::to_vec(&billing::Order { order_id: format!("o{n}"), amount: 1000 + n as i64 });
+    let bad_name: &[u8] = &[0xff, 0xfe, b'x'];
+    let (a, b) = (format!("o{N}"), format!("o{}", N + 1));
+    p.publish_raw(&w.topic, Some(a.as_bytes()), Some(&order(N)?), &headers(&[(bad_name, b"v")], false)).await?;
+    p.publish_raw(&w.topic, Some(b.as_bytes()), Some(&order(N + 1)?), &headers(&[], true)).await?;
+    p.publish_raw(&w.topic, Some(b"bad-1"), Some(b""), &headers(&[(bad_name, b"\0\xff")], false)).await?;
+    p.publish_raw(&w.topic, Some(b"bad-2"), None, &headers(&[], false)).await?;
+    p.publish_raw(&w.topic, Some(b"bad-3"), Some("x".repeat(600_000).as_bytes()), &headers(&[], false)).await?;
+    const GOOD: usize = N + 2;
+    let live = w.start_buggy()?;
+    let World { db, pool, topic, invoiced, group, gw } = w;
+    run::wait_offsets(&pool, &group, (GOOD + 3) as i64).await?;
+    let live_dead =
+        count(&pool, &format!("SELECT count(*) FROM oncely.dead_letters WHERE consumer = '{group}'")).await?;
+    assert_eq!(live_dead, 3);
+
+    let rebuild = RunningRebuild::start(billing::projection().rebuild(
+        billing::consumer(&group, &topic, pool.clone(), code(TAX_PERCENT, "rebuild", &invoiced), &gw.url())?,
+        "billing_h",
+    ));
+    wait_lag_at_most(&pool, "billing_h", 0).await?;
+    let st = projection::status(&pool, "billing_h").await?;
+    assert_eq!(st.dead_letters, 3, "the rebuild dead-letters the same three records, in its own namespace");
+    assert_eq!(st.parked, 0);
+    projection::diff(&pool, "billing_h", 3).await?;
+    let s = session(&db).await?;
+    let preview = preview_swap(&s, &SwapRequest::new("billing_h"), Origin::cli()).await?;
+    assert!(preview.refusals().is_empty(), "{:?}", preview.refusals());
+    preview.confirm(&s, None).await?.execute(&s).await?;
+    tokio::time::timeout(Duration::from_secs(30), rebuild.join)
+        .await
+        .context("the swapped rebuild did not stop")???;
+    live.stop().await?;
+
+    billing::check_corrected(&pool, "public", GOOD).await?;
+    let nul = count(&pool, "SELECT count(*) FROM public.invoice_log WHERE event_id LIKE '%\\u{0}tail'").await?;
+    assert_eq!(nul, 1, "the NUL-bearing identity is applied once, stored escaped");
+    assert_eq!(
+        count(&pool, &format!("SELECT count(*) FROM oncely.dead_letters WHERE consumer = '{group}'")).await?,
+        live_dead,
+        "the live consumer's dead letters are untouched"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rebuild_that_publishes_to_shadow_topics_writes_what_the_fixed_code_publishes_there_and_nothing_live(
+) -> Result<()> {
+    let w = World::new(2).await?;
+    const N: usize = 80;
+    let live = w.run_buggy(N).await?;
+    let World { db: _db, pool, topic, invoiced, group, gw } = w;
+    wait_until(WAIT, "the buggy charges", || async { Ok(effects(&pool, &group, "done").await? >= N as i64) }).await?;
+    live.stop().await?;
+    let rebuild = RunningRebuild::start(billing::projection().publish_to_shadow_topics().rebuild(
+        billing::consumer(&group, &topic, pool.clone(), code(TAX_PERCENT, "rebuild", &invoiced), &gw.url())?,
+        "billing_sh",
+    ));
+    wait_lag_at_most(&pool, "billing_sh", 0).await?;
+    rebuild.stop().await?;
+
+    let rows = |t: String| {
+        let pool = pool.clone();
+        async move {
+            sqlx::query_as::<_, (Vec<u8>, Vec<u8>)>("SELECT key, payload FROM oncely.outbox WHERE topic = $1")
+                .bind(t)
+                .fetch_all(&pool)
+                .await
+        }
+    };
+    let shadow = rows(format!("{invoiced}.rebuild.billing_sh")).await?;
+    let live_rows = rows(invoiced.clone()).await?;
+    assert_eq!(live_rows.len(), N, "the live topic has the buggy run's events only");
+    assert_eq!(shadow.len(), N, "one shadow event per order");
+    for (key, payload) in &shadow {
+        let v: serde_json::Value = serde_json::from_slice(payload)?;
+        let n: i64 = String::from_utf8_lossy(key)[1..].parse()?;
+        assert_eq!(v["tax"].as_i64(), Some(billing::tax(1000 + n, TAX_PERCENT)), "shadow event {v}");
+    }
+    // Effects stay suppressed: no charge from the rebuild.
+    assert_eq!(gw.stats().charge_calls, N as u64);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_second_run_of_a_running_target_is_refused_and_takes_over_once_the_first_process_dies() -> Result<()> {
+    let w = World::new(1).await?;
+    const N: usize = 50;
+    let live = w.run_buggy(N).await?;
+    let World { db, pool, topic, invoiced, group, gw } = w;
+    // The first run, in a process of its own.
+    let envs = [("TARGET", "billing_x"), ("MAX_BATCH", "5")];
+    let first = billing_process(&db, "rebuild", &group, &topic, &envs).await?;
+    wait_until(WAIT, "the first run to start", || async { Ok(projection::status(&pool, "billing_x").await.is_ok()) })
+        .await?;
+    // A second run of the same target, here: refused while the first holds it.
+    let fixed = || billing::consumer(&group, &topic, pool.clone(), code(TAX_PERCENT, "rebuild", &invoiced), &gw.url());
+    let second = billing::projection().rebuild(fixed()?, "billing_x").run(CancellationToken::new()).await;
+    match second {
+        Err(oncely::Error::Refused(r)) => assert!(r.contains("another process"), "{r}"),
+        other => anyhow::bail!("a second run of a running target was not refused: {other:?}"),
+    }
+    // The first dies; a new run takes the target over and finishes it.
+    first.kill9().await?;
+    wait_until(WAIT, "the dead process's lock released by PostgreSQL", || async {
+        let held = count(
+            &pool,
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND classid = 731058204 AND objsubid = 2
+               AND database = (SELECT oid FROM pg_database WHERE datname = current_database())",
+        )
+        .await?;
+        Ok(held == 0)
+    })
+    .await?;
+    let again = RunningRebuild::start(billing::projection().rebuild(fixed()?, "billing_x"));
+    wait_lag_at_most(&pool, "billing_x", 0).await?;
+    again.stop().await?;
+    live.stop().await?;
+    billing::check_corrected(&pool, "billing_x", N).await?;
     Ok(())
 }

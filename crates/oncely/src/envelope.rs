@@ -123,6 +123,153 @@ impl DecodeError {
     }
 }
 
+/// A record's headers in order: names and values as the producer sent them
+/// (bytes: Kafka requires neither to be UTF-8); a value may be null, and a
+/// name may repeat.
+///
+/// All of them live in one buffer: a consumed record costs two allocations
+/// for its headers however many it has (a CloudEvents record has five or
+/// six; one vector per name and value made copying and freeing them the
+/// largest cost of replaying duplicates, see `docs/benchmarks.md`).
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct Headers {
+    bytes: Vec<u8>,
+    spans: Vec<HeaderSpan>,
+}
+
+/// Where one header ends in [`Headers::bytes`]: its name runs from the end
+/// of the previous header to `name_end`, its value from there to `value_end`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+struct HeaderSpan {
+    name_end: usize,
+    value_end: usize,
+    null: bool,
+}
+
+impl Headers {
+    /// No headers.
+    pub fn new() -> Self {
+        Headers::default()
+    }
+
+    /// Room for `headers` headers of `bytes` bytes in all.
+    pub fn with_capacity(headers: usize, bytes: usize) -> Self {
+        Headers { bytes: Vec::with_capacity(bytes), spans: Vec::with_capacity(headers) }
+    }
+
+    /// Appends a header (`None`: a null value).
+    pub fn push(&mut self, name: &[u8], value: Option<&[u8]>) {
+        self.bytes.extend_from_slice(name);
+        let name_end = self.bytes.len();
+        self.bytes.extend_from_slice(value.unwrap_or_default());
+        self.spans.push(HeaderSpan { name_end, value_end: self.bytes.len(), null: value.is_none() });
+    }
+
+    /// How many headers (repeats counted).
+    pub fn len(&self) -> usize {
+        self.spans.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.spans.is_empty()
+    }
+
+    /// Header `i`: name and value.
+    pub fn get(&self, i: usize) -> Option<(&[u8], Option<&[u8]>)> {
+        let span = self.spans.get(i)?;
+        let start = i.checked_sub(1).map_or(0, |p| self.spans[p].value_end);
+        let name = &self.bytes[start..span.name_end];
+        let value = (!span.null).then(|| &self.bytes[span.name_end..span.value_end]);
+        Some((name, value))
+    }
+
+    /// The headers in order.
+    pub fn iter(&self) -> HeadersIter<'_> {
+        HeadersIter { headers: self, front: 0, back: self.spans.len() }
+    }
+
+    /// The last value of header `name` (the last wins, as in Spring Kafka's
+    /// `lastHeader`); `None` if absent, `Some(None)` if null.
+    pub fn last(&self, name: &[u8]) -> Option<Option<&[u8]>> {
+        self.iter().rev().find(|(k, _)| *k == name).map(|(_, v)| v)
+    }
+
+    /// Bytes of all names and values.
+    pub fn byte_len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// The headers as owned pairs.
+    pub fn to_vec(&self) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+        self.iter().map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec))).collect()
+    }
+}
+
+impl fmt::Debug for Headers {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_list().entries(self.iter().map(|(k, v)| (escape_bytes(k), v.map(escape_bytes)))).finish()
+    }
+}
+
+impl<N: AsRef<[u8]>, V: AsRef<[u8]>> FromIterator<(N, Option<V>)> for Headers {
+    fn from_iter<I: IntoIterator<Item = (N, Option<V>)>>(iter: I) -> Self {
+        let mut h = Headers::new();
+        for (k, v) in iter {
+            h.push(k.as_ref(), v.as_ref().map(AsRef::as_ref));
+        }
+        h
+    }
+}
+
+impl<N: AsRef<[u8]>, V: AsRef<[u8]>> From<Vec<(N, Option<V>)>> for Headers {
+    fn from(v: Vec<(N, Option<V>)>) -> Self {
+        v.into_iter().collect()
+    }
+}
+
+impl<'a> IntoIterator for &'a Headers {
+    type Item = (&'a [u8], Option<&'a [u8]>);
+    type IntoIter = HeadersIter<'a>;
+    fn into_iter(self) -> HeadersIter<'a> {
+        self.iter()
+    }
+}
+
+/// The headers of a [`Headers`], in order: `(name, value)`.
+#[derive(Debug, Clone)]
+pub struct HeadersIter<'a> {
+    headers: &'a Headers,
+    front: usize,
+    back: usize,
+}
+
+impl<'a> Iterator for HeadersIter<'a> {
+    type Item = (&'a [u8], Option<&'a [u8]>);
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.front == self.back {
+            return None;
+        }
+        self.front += 1;
+        self.headers.get(self.front - 1)
+    }
+    fn size_hint(&self) -> (usize, Option<usize>) {
+        (self.back - self.front, Some(self.back - self.front))
+    }
+}
+
+impl DoubleEndedIterator for HeadersIter<'_> {
+    fn next_back(&mut self) -> Option<Self::Item> {
+        if self.front == self.back {
+            return None;
+        }
+        self.back -= 1;
+        self.headers.get(self.back)
+    }
+}
+
+impl ExactSizeIterator for HeadersIter<'_> {}
+
 /// A Kafka record as oncely sees it: owned, independent of the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawRecord {
@@ -140,7 +287,7 @@ pub struct RawRecord {
     pub payload: Option<Vec<u8>>,
     /// Headers in order: name and value as the producer sent them (bytes:
     /// Kafka does not require either to be UTF-8); a value may be null.
-    pub headers: Vec<(Vec<u8>, Option<Vec<u8>>)>,
+    pub headers: Headers,
 }
 
 impl RawRecord {
@@ -162,7 +309,7 @@ impl RawRecord {
     /// The last value of header `name` (Kafka allows repeats; the last wins,
     /// as in Spring Kafka's `lastHeader`). `None` if absent.
     pub fn header(&self, name: &str) -> Option<Option<&[u8]>> {
-        self.headers.iter().rev().find(|(k, _)| k.as_slice() == name.as_bytes()).map(|(_, v)| v.as_deref())
+        self.headers.last(name.as_bytes())
     }
 
     /// Header `name` as UTF-8 text: `Ok(None)` if absent, an error if present
@@ -193,9 +340,7 @@ impl RawRecord {
 
     /// Size counted against a consumer's record size limit: key + payload + headers.
     pub fn size(&self) -> usize {
-        self.key.as_ref().map_or(0, Vec::len)
-            + self.payload.as_ref().map_or(0, Vec::len)
-            + self.headers.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum::<usize>()
+        self.key.as_ref().map_or(0, Vec::len) + self.payload.as_ref().map_or(0, Vec::len) + self.headers.byte_len()
     }
 }
 
@@ -706,7 +851,29 @@ impl Publisher {
         payload: Option<&[u8]>,
         headers: &[(impl AsRef<[u8]>, impl AsRef<[u8]>)],
     ) -> Result<(i32, i64)> {
-        let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(owned_headers(headers)?);
+        self.send_bytes(topic, key, payload, owned_headers(headers)?).await
+    }
+
+    /// Publishes raw bytes with a record's [`Headers`], null values included
+    /// (redrive sends a dead letter's original headers back as they were).
+    pub async fn publish_record(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: &Headers,
+    ) -> Result<(i32, i64)> {
+        self.send_bytes(topic, key, payload, crate::kafka::record_headers(headers)?).await
+    }
+
+    async fn send_bytes(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+        headers: rdkafka::message::OwnedHeaders,
+    ) -> Result<(i32, i64)> {
+        let mut rec: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic).headers(headers);
         if let Some(k) = key {
             rec = rec.key(k);
         }
@@ -833,22 +1000,51 @@ mod tests {
     #[test]
     fn a_header_identity_may_hold_any_bytes() {
         let mut r = record(vec![], b"{}");
-        r.headers.push((b"x-id".to_vec(), Some(vec![0, 0xff, b'a'])));
+        r.headers.push(b"x-id", Some(&[0, 0xff, b'a']));
         let id = IdentitySource::Header("x-id".into()).extract(&r).expect("id");
         assert_eq!(id.as_bytes(), &[0, 0xff, b'a']);
         assert_eq!(id.display(), "\\u{0}\\xffa");
         assert!(!id.display().contains('\0'));
-        r.headers.push((b"x-id".to_vec(), None));
+        r.headers.push(b"x-id", None);
         assert_eq!(IdentitySource::Header("x-id".into()).extract(&r).expect_err("null").reason(), "missing-event-id");
     }
 
     #[test]
     fn header_names_are_compared_as_bytes() {
         let mut r = record(vec![], b"{}");
-        r.headers.push((vec![0xff, 0xfe], Some(b"junk".to_vec())));
-        r.headers.push((b"ce_id".to_vec(), Some(b"1".to_vec())));
+        r.headers.push(&[0xff, 0xfe], Some(b"junk"));
+        r.headers.push(b"ce_id", Some(b"1"));
         assert_eq!(r.header("ce_id"), Some(Some(&b"1"[..])));
         assert_eq!(r.header("\u{fffd}\u{fffd}"), None, "no lossy match of a name that is not UTF-8");
+    }
+
+    #[test]
+    fn headers_keep_every_name_and_value_in_order_null_apart_from_empty() {
+        let pairs: Vec<(Vec<u8>, Option<Vec<u8>>)> = vec![
+            (b"ce_id".to_vec(), Some(b"1".to_vec())),
+            (vec![0xff, 0], None),
+            (Vec::new(), Some(Vec::new())),
+            (b"ce_id".to_vec(), Some(vec![0, 0xfe])),
+            (b"empty".to_vec(), Some(Vec::new())),
+            (b"null".to_vec(), None),
+        ];
+        let h = Headers::from(pairs.clone());
+        assert_eq!(h.len(), 6);
+        assert_eq!(h.to_vec(), pairs, "round trip");
+        let forward: Vec<_> = h.iter().collect();
+        let mut backward: Vec<_> = h.iter().rev().collect();
+        backward.reverse();
+        assert_eq!(forward, backward);
+        assert_eq!(h.iter().len(), 6);
+        assert_eq!(h.get(1), Some((&[0xff, 0][..], None)));
+        assert_eq!(h.get(2), Some((&b""[..], Some(&b""[..]))), "an empty value is not null");
+        assert_eq!(h.get(6), None);
+        assert_eq!(h.last(b"ce_id"), Some(Some(&[0, 0xfe][..])), "the last of a repeated name");
+        assert_eq!(h.last(b"null"), Some(None));
+        assert_eq!(h.last(b"absent"), None);
+        assert_eq!(h.byte_len(), 5 + 1 + 2 + 5 + 2 + 5 + 4);
+        assert_eq!(format!("{h:?}").matches("\\xff").count(), 1, "Debug escapes bytes: {h:?}");
+        assert!(Headers::new().is_empty() && Headers::new().iter().next().is_none());
     }
 
     #[test]

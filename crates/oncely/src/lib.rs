@@ -43,10 +43,13 @@
 //! - [`kafka`]: the one [`kafka::KafkaConnection`] every client is built from,
 //!   the forced settings and commit-metadata markers, the Admin API wrapper,
 //!   header reading and writing as bytes;
-//! - [`store`]: every SQL statement and the migrations;
+//! - [`store`]: every SQL statement and the migrations, private to the
+//!   library but for [`store::connect`] and [`store::migrate`];
 //! - [`envelope`]: identity and CloudEvents headers, typed decoding,
 //!   [`Publisher`];
-//! - [`consumer`]: the runtime (builder, lanes, the batch decisions), with
+//! - [`consumer`]: the runtime (builder, runtime, rebalance, lanes, the
+//!   batch decisions; its module doc follows one record from the poll to the
+//!   commit), with
 //!   [`failure`] (parking, dead letters, redrive), [`effects`] (side-effect
 //!   intents and their executor) and [`backoff`] (the one retry schedule);
 //! - [`outbox`]: the transactional outbox and its relay;
@@ -54,11 +57,16 @@
 //!   no database in them;
 //! - [`projection`]: rebuild a projection into a shadow schema with its
 //!   effects off, diff it, swap it in (and back) in one transaction;
-//! - [`admin`]: operator operations (offset resets with preview, audit and
-//!   undo; lag; dead letters; effects) for the CLI and the console;
+//! - [`admin`]: operator operations, each previewed, confirmed and audited
+//!   in the library (offset resets, restores and undo; dead-letter redrive
+//!   and key release; effect retry and resolve; outbox retry and discard;
+//!   projection swaps in [`projection::ops`]), plus lag, snapshots and the
+//!   audit log, for the CLI and the console;
 //! - [`config`]: `oncely.toml` and `ONCELY_*` variables;
 //! - [`metrics`] (Prometheus/OpenMetrics) and [`telemetry`] (spans after
-//!   OpenTelemetry's messaging conventions, W3C trace context).
+//!   OpenTelemetry's messaging conventions, W3C trace context);
+//! - `signal` (private): SIGTERM as a cancellation, for the consumer and the
+//!   processor.
 
 #![warn(missing_docs)]
 
@@ -75,6 +83,7 @@ pub mod metrics;
 pub mod outbox;
 pub mod processor;
 pub mod projection;
+mod signal;
 pub mod store;
 pub mod telemetry;
 

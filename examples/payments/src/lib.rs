@@ -23,7 +23,8 @@
 //! `LISTEN <url>` just before (and consumers given `--set metrics_addr=…`,
 //! `METRICS <url>`). Consumer settings are oncely's `ConsumerConfig`
 //! (`--oncely-config`, `ONCELY_*`, `--set name=value`). SIGTERM or SIGINT stops a process gracefully.
-//! `oncely demo` drives them; a torture harness can do the same.
+//! The demo (`payments-demo`, module [`demo`]) and the torture run of
+//! `oncely-bench` drive them with the test kit's process supervisor.
 
 use std::io::Write as _;
 use std::time::Duration;
@@ -33,8 +34,8 @@ use clap::Args;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use tokio_util::sync::CancellationToken;
 
+pub mod demo;
 pub mod events;
-pub mod harness;
 pub mod naive;
 pub mod orders;
 pub mod payment;

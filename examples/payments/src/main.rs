@@ -44,6 +44,9 @@ enum Cmd {
         /// Base URL of the payment gateway (POST /v1/charges).
         #[arg(long, env = "PAYMENTS_GATEWAY_URL", default_value = "http://127.0.0.1:8081")]
         gateway_url: String,
+        /// The tax rate recorded on each payment, in percent (the demo's tax bug: 2).
+        #[arg(long, default_value_t = payments::payment::TAX_PERCENT)]
+        tax_percent: i64,
         #[command(flatten)]
         opts: ConsumerOpts,
     },
@@ -155,11 +158,27 @@ async fn run(cli: Cli) -> Result<()> {
             schema::migrate(&pool).await?;
             payments::relay::run(common, name.as_deref(), pool, shutdown).await?;
         }
-        Cmd::PaymentService { group, gateway_url, opts } => {
+        Cmd::PaymentService { group, gateway_url, tax_percent, opts } => {
             let pool = prepare(common, &[&common.orders_topic]).await?;
-            let c = payments::payment::consumer(group, common, opts, pool, gateway_url)?;
+            let c = payments::payment::consumer(group, common, opts, pool.clone(), gateway_url, *tax_percent)?;
             opts.serve_metrics(&opts.settings(group)?, shutdown.clone()).await?;
+            // Beside the live consumer, the rebuilds of its projection that
+            // an operator asks for (`oncely projection rebuild`), with the
+            // code this process runs.
+            let rebuilds = {
+                let (group, common, opts, gateway_url, tax) =
+                    (group.clone(), common.clone(), opts.clone(), gateway_url.clone(), *tax_percent);
+                payments::payment::projection().serve(
+                    move || {
+                        payments::payment::consumer(&group, &common, &opts, pool.clone(), &gateway_url, tax)
+                            .map_err(|e| oncely::Error::Config(format!("{e:#}")))
+                    },
+                    shutdown.clone(),
+                )
+            };
+            let rebuilds = tokio::spawn(rebuilds);
             run_consumer(c, shutdown).await?;
+            rebuilds.await.context("the rebuild task")?.context("serving rebuilds")?;
         }
         Cmd::WebhookDispatcher { group, merchant_url, opts } => {
             let pool = prepare(common, &[&common.payments_topic]).await?;

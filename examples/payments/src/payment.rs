@@ -23,21 +23,60 @@ use crate::events::{
 /// The effect that charges the card.
 pub const CHARGE_CARD: &str = "charge-card";
 
+/// The tax rate, in percent of the amount, that the payment row records.
+pub const TAX_PERCENT: i64 = 20;
+
 /// What the handler needs besides the transaction.
 #[derive(Debug)]
 pub struct Deps {
     /// Where `PaymentSucceeded` goes.
     pub payments_topic: String,
+    /// The tax rate the handler applies: [`TAX_PERCENT`], or the wrong one
+    /// of the demo's tax bug (`payment-service --tax-percent 2`).
+    pub tax_percent: i64,
+}
+
+/// The tax on `amount_cents` at `percent`, rounded down.
+pub fn tax(amount_cents: i64, percent: i64) -> i64 {
+    amount_cents * percent / 100
+}
+
+/// The payments table, unqualified: the application's migration creates it
+/// in `public`, a rebuild in its shadow schema.
+pub const CREATE_PAYMENTS: &str = "CREATE TABLE IF NOT EXISTS payments (
+    order_id       text        PRIMARY KEY,
+    order_event_id text        NOT NULL,
+    customer       text        NOT NULL,
+    amount_cents   bigint      NOT NULL,
+    currency       text        NOT NULL,
+    tax_cents      bigint      NOT NULL DEFAULT 0,
+    order_status   text        NOT NULL DEFAULT 'created',
+    history        text[]      NOT NULL DEFAULT '{}',
+    created_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
+    updated_at     timestamptz NOT NULL DEFAULT clock_timestamp()
+)";
+
+/// The payment-service's projection: the `payments` table, for
+/// `oncely projection rebuild` (the handler writes it unqualified, so a
+/// rebuild's rows land in its shadow schema).
+pub fn projection() -> oncely::projection::Projection {
+    oncely::projection::Projection::new("payments")
+        .table("payments")
+        .create_sql(CREATE_PAYMENTS)
+        .diff_ignore("created_at")
+        .diff_ignore("updated_at")
 }
 
 /// The payment-service consumer: group `group`, reading `orders_topic`,
-/// publishing to `payments_topic`, charging through the gateway at `gateway_url`.
+/// publishing to `payments_topic`, charging through the gateway at
+/// `gateway_url`, recording tax at `tax_percent`.
 pub fn consumer(
     group: &str,
     common: &crate::Common,
     opts: &crate::ConsumerOpts,
     pool: PgPool,
     gateway_url: &str,
+    tax_percent: i64,
 ) -> Result<ConsumerBuilder<Deps>> {
     let settings = opts.settings(group)?;
     opts.validate(&settings)?;
@@ -50,7 +89,7 @@ pub fn consumer(
         .connection(common.connection()?)
         .pool(pool)
         .topic(&common.orders_topic)
-        .state(Deps { payments_topic: common.payments_topic.clone() })
+        .state(Deps { payments_topic: common.payments_topic.clone(), tax_percent })
         .route(ORDER_CREATED, on_order_created)
         .route(ORDER_CONFIRMED, on_order_confirmed)
         .effect_executor(CHARGE_CARD, charge, EffectOptions::default());
@@ -66,8 +105,8 @@ pub async fn on_order_created(ev: Event<OrderCreated>, cx: &mut Cx, deps: State<
         return Err(HandlerError::reject(format!("event key {:?} is not its order id {:?}", ev.key(), o.order_id)));
     }
     let inserted = sqlx::query(
-        "INSERT INTO payments (order_id, order_event_id, customer, amount_cents, currency, history)
-         VALUES ($1, $2, $3, $4, $5, ARRAY['OrderCreated'])
+        "INSERT INTO payments (order_id, order_event_id, customer, amount_cents, currency, tax_cents, history)
+         VALUES ($1, $2, $3, $4, $5, $6, ARRAY['OrderCreated'])
          ON CONFLICT (order_id) DO NOTHING",
     )
     .bind(&o.order_id)
@@ -75,6 +114,7 @@ pub async fn on_order_created(ev: Event<OrderCreated>, cx: &mut Cx, deps: State<
     .bind(&o.customer)
     .bind(o.amount_cents)
     .bind(&o.currency)
+    .bind(tax(o.amount_cents, deps.tax_percent))
     .execute(cx.db())
     .await?;
     if inserted.rows_affected() == 0 {

@@ -3,7 +3,8 @@
 //! - `orders`: written by the order-service.
 //! - `payments`: written by the payment-service, one row per order; `history`
 //!   lists the order events in the order they were applied, which makes
-//!   per-key order visible.
+//!   per-key order visible. It is the payment-service's projection
+//!   ([`crate::payment::projection`]): rebuilt with `oncely projection`.
 //! - `naive_processed`: the naive dispatcher's "processed" table, written
 //!   *after* the webhook is sent (the pattern of the incident).
 
@@ -27,17 +28,6 @@ const TABLES: &[&str] = &[
         created_at   timestamptz NOT NULL DEFAULT clock_timestamp(),
         confirmed_at timestamptz
     )",
-    "CREATE TABLE IF NOT EXISTS public.payments (
-        order_id       text        PRIMARY KEY,
-        order_event_id text        NOT NULL,
-        customer       text        NOT NULL,
-        amount_cents   bigint      NOT NULL,
-        currency       text        NOT NULL,
-        order_status   text        NOT NULL DEFAULT 'created',
-        history        text[]      NOT NULL DEFAULT '{}',
-        created_at     timestamptz NOT NULL DEFAULT clock_timestamp(),
-        updated_at     timestamptz NOT NULL DEFAULT clock_timestamp()
-    )",
     "CREATE TABLE IF NOT EXISTS public.naive_processed (
         event_id     text        PRIMARY KEY,
         topic        text        NOT NULL,
@@ -56,6 +46,14 @@ pub async fn migrate(pool: &PgPool) -> Result<()> {
     for ddl in TABLES {
         sqlx::query(ddl).execute(&mut *tx).await.context("creating the application's tables")?;
     }
+    // The payment-service's projection, from the statement its rebuilds
+    // create it with (unqualified: in `public` here).
+    sqlx::query("SET LOCAL search_path TO public").execute(&mut *tx).await?;
+    sqlx::query(crate::payment::CREATE_PAYMENTS).execute(&mut *tx).await.context("creating the payments table")?;
+    // Databases created before the tax column.
+    sqlx::query("ALTER TABLE public.payments ADD COLUMN IF NOT EXISTS tax_cents bigint NOT NULL DEFAULT 0")
+        .execute(&mut *tx)
+        .await?;
     // The inbox's daily partitions too, while the lock is held (on another
     // connection of the pool): consumers create them at start without a
     // lock, and two starting at once on a fresh day race on the catalog.
@@ -70,18 +68,7 @@ pub async fn connect(url: &str, max: u32) -> Result<PgPool> {
 }
 
 /// `url` without its password, for messages.
-pub fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => {
-            let creds = &url[s + 3..at];
-            match creds.split_once(':') {
-                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-                None => url.to_owned(),
-            }
-        }
-        _ => url.to_owned(),
-    }
-}
+pub use oncely_testkit::supervisor::redact;
 
 #[cfg(test)]
 mod tests {

@@ -26,7 +26,7 @@ use oncely::admin::plan::PlanOptions;
 use oncely::admin::reset::{Action, OffsetChange, ResetRequest, Scope, Target};
 use oncely::admin::snapshots::{self, SnapshotReason};
 use oncely::effects::Resolution;
-use oncely::store::failure as failures;
+use oncely::failure as failures;
 use serde::Deserialize;
 use serde_json::json;
 
@@ -60,6 +60,7 @@ pub(crate) fn router(state: Shared) -> Router {
         .route("/effects/retry", get(effect_retry_preview).post(effect_retry_execute))
         .route("/effects/resolve", get(effect_resolve_preview).post(effect_resolve_execute))
         .route("/outbox", get(outbox))
+        .route("/projections", get(projections))
         .route("/audit", get(audit_page))
         .route("/assets/{name}", get(super::assets::asset))
         .fallback(not_found)
@@ -1118,12 +1119,7 @@ async fn dlq_letter(cx: Ctx, Path(id): Path<String>) -> Response {
                     redriven_at: view::time_opt(&r.redriven_at),
                     redrive_count: r.redrive_count,
                     key: Shown::of_opt(r.record.key.as_deref()),
-                    headers: r
-                        .record
-                        .headers
-                        .iter()
-                        .map(|(k, v)| (Shown::of(k), Shown::of_opt(v.as_deref())))
-                        .collect(),
+                    headers: r.record.headers.iter().map(|(k, v)| (Shown::of(k), Shown::of_opt(v))).collect(),
                     payload: Shown::of_opt(r.record.payload.as_deref()),
                 },
             ),
@@ -1506,7 +1502,7 @@ async fn effects(cx: Ctx, Query(q): Query<EffectsQuery>) -> Response {
     if !EFFECT_STATUSES.contains(&status.as_str()) {
         return cx.message(StatusCode::BAD_REQUEST, "Bad input", &format!("unknown status `{status}`"), "error");
     }
-    match oncely::store::effects::list(cx.pool(), Some(&status), None, 500).await {
+    match oncely::effects::list(cx.pool(), Some(&status), None, 500).await {
         Ok(rows) => render(
             StatusCode::OK,
             &EffectsPage {
@@ -1640,6 +1636,71 @@ async fn effect_resolve_preview(cx: Ctx, Query(f): Query<KeyForm>) -> Response {
 
 async fn effect_resolve_execute(cx: Ctx, Form(f): Form<KeyForm>) -> Response {
     effect_decide(cx, f, false).await
+}
+
+// ------------------------------------------------------------ projections
+
+struct RebuildRowView {
+    target: String,
+    projection: String,
+    consumer: String,
+    state: String,
+    from: String,
+    permille: i64,
+    progress: String,
+    behind: i64,
+    parked: i64,
+    dead_letters: i64,
+    suppressed: i64,
+    diff: String,
+    kept_until: String,
+}
+
+#[derive(Template)]
+#[template(path = "console/projections.html")]
+struct ProjectionsPage {
+    chrome: Chrome,
+    rows: Vec<RebuildRowView>,
+}
+
+/// Every rebuild with its progress (positions summed over partitions,
+/// against the live consumer's).
+async fn projections(cx: Ctx) -> Response {
+    let pool = cx.pool();
+    let list = match oncely::projection::list(pool).await {
+        Ok(l) => l,
+        Err(e) => return cx.failure(&e),
+    };
+    let mut rows = Vec::new();
+    for r in list {
+        let st = match oncely::projection::status(pool, &r.target).await {
+            Ok(s) => s,
+            Err(e) => return cx.failure(&e),
+        };
+        let (done, live) = st.offsets();
+        let permille = if live > 0 { (done * 1000 / live).min(1000) } else { 1000 };
+        rows.push(RebuildRowView {
+            target: r.target.clone(),
+            projection: r.projection.clone(),
+            consumer: r.consumer.clone(),
+            state: r.state.clone(),
+            from: r.from_spec.clone(),
+            permille,
+            progress: format!("{:.1} % ({done} of {live})", permille as f64 / 10.0),
+            behind: st.lag.behind,
+            parked: st.parked,
+            dead_letters: st.dead_letters,
+            suppressed: st.effects.iter().filter(|(s, _)| s == "suppressed").map(|(_, n)| n).sum(),
+            diff: match (&r.diffed_at, &r.diff) {
+                (Some(at), Some(d)) => {
+                    format!("{} ({})", view::time(at), if d["equal"] == true { "equal" } else { "different" })
+                }
+                _ => "not since the last swap".into(),
+            },
+            kept_until: view::time_opt(&r.keep_until),
+        });
+    }
+    render(StatusCode::OK, &ProjectionsPage { chrome: cx.chrome("Projections", "projections"), rows })
 }
 
 // ------------------------------------------------------------ outbox, audit

@@ -25,24 +25,15 @@
 //! # Ok(()) }
 //! ```
 
-use chrono::{DateTime, Utc};
-use serde::Serialize;
 use serde_json::Value;
 use sqlx::PgPool;
 
 use crate::error::Result;
 use crate::store;
 
-/// Who runs an action: for the CLI the OS user and the host; for a console
-/// the operator's name (from its sign-in) and the host the request came from.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Actor {
-    /// The user: the OS user name, or the operator's name (the audit log's
-    /// `os_user` column).
-    pub os_user: String,
-    /// Host name (or the client address of a console request).
-    pub host: String,
-}
+// The rows live beside their queries, in the store; their behaviour that
+// needs this process (who runs it, its command line) is here.
+pub use crate::store::admin::{Actor, AuditEntry, AuditFilter, AuditOutcome, AuditRecord, AuditResult};
 
 impl Actor {
     /// The user and host this process runs as (`?` for what cannot be found).
@@ -79,27 +70,6 @@ pub fn current_command_line() -> String {
         })
         .collect::<Vec<_>>()
         .join(" ")
-}
-
-/// An action about to run, as recorded by [`record_start`].
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct AuditEntry {
-    /// Who.
-    pub actor: Actor,
-    /// The environment (from `oncely.toml`).
-    pub environment: String,
-    /// The live Kafka cluster id, when the action concerns Kafka.
-    pub cluster_id: Option<String>,
-    /// The command line.
-    pub command_line: String,
-    /// A dotted action name: `offsets.reset`, `offsets.undo`, `dlq.redrive`, ...
-    pub action: String,
-    /// The consumer group (oncely consumer name) it concerns, if any.
-    pub group: Option<String>,
-    /// The state before (offset actions: a list of partition offsets).
-    pub before: Option<Value>,
-    /// Anything else worth keeping (the target, the plan, ids, ...); an object.
-    pub details: Value,
 }
 
 impl AuditEntry {
@@ -155,124 +125,6 @@ impl AuditEntry {
         self.details = details;
         self
     }
-}
-
-/// How an action ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum AuditResult {
-    /// Recorded, not finished (what a crash mid-action leaves).
-    Started,
-    /// Done.
-    Succeeded,
-    /// Tried and failed.
-    Failed,
-    /// A safety check refused it; nothing was changed.
-    Refused,
-}
-
-impl AuditResult {
-    /// The value stored in `result`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            AuditResult::Started => "started",
-            AuditResult::Succeeded => "succeeded",
-            AuditResult::Failed => "failed",
-            AuditResult::Refused => "refused",
-        }
-    }
-}
-
-/// The outcome of an action, for [`record_result`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct AuditOutcome {
-    /// Result.
-    pub result: AuditResult,
-    /// State after.
-    pub after: Option<Value>,
-    /// The error or the reason for a refusal.
-    pub error: Option<String>,
-    /// Merged (top-level keys) into the entry's details.
-    pub details: Option<Value>,
-}
-
-impl AuditOutcome {
-    /// Succeeded, with the state after.
-    pub fn succeeded(after: Option<Value>) -> Self {
-        AuditOutcome { result: AuditResult::Succeeded, after, error: None, details: None }
-    }
-
-    /// Failed with `error` (the state after, if known, can be added with
-    /// [`AuditOutcome::after`]).
-    pub fn failed(error: impl Into<String>) -> Self {
-        AuditOutcome { result: AuditResult::Failed, after: None, error: Some(error.into()), details: None }
-    }
-
-    /// Refused for `reason`.
-    pub fn refused(reason: impl Into<String>) -> Self {
-        AuditOutcome { result: AuditResult::Refused, after: None, error: Some(reason.into()), details: None }
-    }
-
-    /// Sets the state after.
-    pub fn after(mut self, after: Value) -> Self {
-        self.after = Some(after);
-        self
-    }
-
-    /// Details to merge into the entry's.
-    pub fn details(mut self, details: Value) -> Self {
-        self.details = Some(details);
-        self
-    }
-}
-
-/// A row of the audit log.
-#[derive(Debug, Clone, PartialEq, Serialize)]
-pub struct AuditRecord {
-    /// Id (offset resets stamp `oncely:reset:<id>` as commit metadata).
-    pub id: i64,
-    /// When it was recorded (before it ran).
-    pub started_at: DateTime<Utc>,
-    /// When its outcome was recorded.
-    pub finished_at: Option<DateTime<Utc>>,
-    /// OS user.
-    pub os_user: String,
-    /// Host.
-    pub host: String,
-    /// Environment.
-    pub environment: String,
-    /// Cluster id.
-    pub cluster_id: Option<String>,
-    /// Command line.
-    pub command_line: String,
-    /// Action.
-    pub action: String,
-    /// Group.
-    pub group: Option<String>,
-    /// State before.
-    pub before: Option<Value>,
-    /// State after.
-    pub after: Option<Value>,
-    /// Details.
-    pub details: Value,
-    /// `started`, `succeeded`, `failed` or `refused`.
-    pub result: String,
-    /// Error or refusal reason.
-    pub error: Option<String>,
-}
-
-/// Which audit records to list.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AuditFilter {
-    /// Started at or after.
-    pub since: Option<DateTime<Utc>>,
-    /// Of this group.
-    pub group: Option<String>,
-    /// Of this action, or of actions starting with it followed by a dot
-    /// (`offsets` matches `offsets.reset`).
-    pub action: Option<String>,
-    /// At most this many (the newest). Default: no limit.
-    pub limit: Option<i64>,
 }
 
 /// Records `entry` as started, before the action runs; returns its id.

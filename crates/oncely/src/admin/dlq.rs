@@ -417,7 +417,8 @@ mod tests {
                     (b"ce_id".to_vec(), Some(b"1".to_vec())),
                     (b"bad\xfe".to_vec(), None),
                     (b"kafka_dlt-original-topic".to_vec(), Some(b"orders".to_vec())),
-                ],
+                ]
+                .into(),
             },
             event_id: event_id.map(str::to_owned),
             reason: "rejected".into(),

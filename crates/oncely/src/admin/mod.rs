@@ -11,6 +11,7 @@ pub mod dlq;
 pub mod effects;
 pub mod lag;
 pub mod ops;
+pub mod outbox;
 pub mod parse;
 pub mod plan;
 pub mod records;

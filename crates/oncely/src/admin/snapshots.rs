@@ -6,7 +6,7 @@
 use std::collections::BTreeMap;
 
 use chrono::{DateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sqlx::PgPool;
 
 use crate::admin::session::Session;
@@ -14,22 +14,8 @@ use crate::error::{Error, Result};
 use crate::kafka::admin::{GroupOffset, OffsetSpec};
 use crate::store;
 
-/// One partition's committed offset, as snapshots and the audit log keep it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PartitionOffset {
-    /// Topic.
-    pub topic: String,
-    /// Partition.
-    pub partition: i32,
-    /// The committed offset; `None` when the group had committed nothing.
-    pub offset: Option<i64>,
-    /// The commit metadata (empty when none).
-    #[serde(default, skip_serializing_if = "String::is_empty")]
-    pub metadata: String,
-    /// The log end offset at that moment, when known (for lag history).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub log_end: Option<i64>,
-}
+// The rows live beside their queries, in the store.
+pub use crate::store::admin::{NewSnapshot, PartitionOffset, Snapshot, SnapshotReason};
 
 impl From<GroupOffset> for PartitionOffset {
     fn from(g: GroupOffset) -> Self {
@@ -41,74 +27,6 @@ impl From<GroupOffset> for PartitionOffset {
             log_end: None,
         }
     }
-}
-
-/// Why a snapshot was taken.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SnapshotReason {
-    /// `oncely watch`.
-    Watch,
-    /// `oncely offsets snapshot`.
-    Manual,
-    /// Taken right before an offset change, linked to its audit record.
-    BeforeChange,
-}
-
-impl SnapshotReason {
-    /// The value stored in `reason`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            SnapshotReason::Watch => "watch",
-            SnapshotReason::Manual => "manual",
-            SnapshotReason::BeforeChange => "before-change",
-        }
-    }
-}
-
-/// A stored snapshot.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Snapshot {
-    /// Its id (what `oncely offsets restore ID` takes).
-    pub id: i64,
-    /// When it was taken.
-    pub taken_at: DateTime<Utc>,
-    /// The environment it was taken in.
-    pub environment: String,
-    /// The Kafka cluster id it was taken from.
-    pub cluster_id: String,
-    /// The consumer group.
-    pub group: String,
-    /// `watch`, `manual` or `before-change`.
-    pub reason: String,
-    /// The audit record of the change it was taken before, if any.
-    pub audit_id: Option<i64>,
-    /// The offsets, sorted by topic and partition.
-    pub offsets: Vec<PartitionOffset>,
-}
-
-impl Snapshot {
-    /// The committed offsets by `(topic, partition)` (partitions without one left out).
-    pub fn committed(&self) -> BTreeMap<(String, i32), i64> {
-        self.offsets.iter().filter_map(|o| o.offset.map(|off| ((o.topic.clone(), o.partition), off))).collect()
-    }
-}
-
-/// A snapshot to store.
-#[derive(Debug, Clone)]
-pub struct NewSnapshot<'a> {
-    /// Environment name.
-    pub environment: &'a str,
-    /// Live cluster id.
-    pub cluster_id: &'a str,
-    /// Consumer group.
-    pub group: &'a str,
-    /// Why.
-    pub reason: SnapshotReason,
-    /// The audit record of the change it precedes.
-    pub audit_id: Option<i64>,
-    /// The offsets.
-    pub offsets: &'a [PartitionOffset],
 }
 
 /// Stores a snapshot; returns it as stored.

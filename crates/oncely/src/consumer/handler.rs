@@ -122,8 +122,8 @@ pub struct Cx {
     pub(crate) consumer: Arc<str>,
     pub(crate) event_id: Option<EventId>,
     pub(crate) replay: bool,
-    /// `cx.publish` writes nothing (a projection rebuild).
-    pub(crate) suppress_publish: bool,
+    /// Where `cx.publish` writes.
+    pub(crate) publish: PublishTo,
     pub(crate) effects: Vec<crate::store::effects::NewIntent>,
     pub(crate) registry: Arc<crate::effects::Registry>,
     /// The record being handled (per-event handlers), for `traceparent`.
@@ -271,30 +271,56 @@ impl Cx {
         key: &str,
         event: &crate::outbox::OutgoingEvent,
     ) -> crate::Result<crate::outbox::Enqueued> {
-        if self.suppress_publish {
-            // A projection rebuild: the events were published when the live
-            // consumer handled these records; publishing them again would be
-            // a side effect. Nothing is written (id 0).
-            tracing::debug!(
-                consumer = &*self.consumer,
-                topic,
-                ce_id = event.ce_id(),
-                "Publish suppressed (projection rebuild)."
-            );
-            return Ok(crate::outbox::Enqueued {
-                id: 0,
-                ce_id: event.ce_id().to_owned(),
-                lane: crate::outbox::lane_of(Some(key.as_bytes())),
-            });
+        let shadow = match &self.publish {
+            PublishTo::Outbox => None,
+            PublishTo::Shadow(suffix) => Some(format!("{topic}{suffix}")),
+            PublishTo::Nowhere => {
+                // A projection rebuild: the events were published when the live
+                // consumer handled these records; publishing them again would be
+                // a side effect. Nothing is written (id 0).
+                tracing::debug!(
+                    consumer = &*self.consumer,
+                    topic,
+                    ce_id = event.ce_id(),
+                    "Publish suppressed (projection rebuild)."
+                );
+                return Ok(crate::outbox::Enqueued {
+                    id: 0,
+                    ce_id: event.ce_id().to_owned(),
+                    lane: crate::outbox::lane_of(Some(key.as_bytes())),
+                });
+            }
+        };
+        // A projection rebuild publishing to shadow topics writes what the
+        // fixed code would have published, for validation downstream.
+        crate::outbox::enqueue(&mut self.tx, shadow.as_deref().unwrap_or(topic), key, event).await
+    }
+
+    /// The suffix [`publish`](Self::publish) adds to every topic (a
+    /// projection rebuild publishing to shadow topics,
+    /// `.rebuild.<target>`); `None` otherwise.
+    pub fn shadow_topic_suffix(&self) -> Option<&str> {
+        match &self.publish {
+            PublishTo::Shadow(suffix) => Some(suffix),
+            _ => None,
         }
-        crate::outbox::enqueue(&mut self.tx, topic, key, event).await
     }
 
     /// Whether [`publish`](Self::publish) is suppressed (a projection
     /// rebuild): it returns without writing to the outbox.
     pub fn is_publish_suppressed(&self) -> bool {
-        self.suppress_publish
+        matches!(self.publish, PublishTo::Nowhere)
     }
+}
+
+/// Where [`Cx::publish`] writes: the outbox, nowhere (a projection
+/// rebuild), or the outbox under `<topic><suffix>` (a rebuild publishing to
+/// shadow topics).
+#[derive(Debug, Clone)]
+pub(crate) enum PublishTo {
+    Outbox,
+    Nowhere,
+    Shadow(Arc<str>),
 }
 
 /// A handler function: implemented for every `async fn(Event<T>, &mut Cx) ->

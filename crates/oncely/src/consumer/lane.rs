@@ -6,7 +6,7 @@
 //!
 //! It starts by taking the partition over in `oncely.offsets` (a new owner
 //! epoch, waiting for and if need be ending a previous owner's open batch),
-//! decides where to start ([`super::decide_start`]), seeks there, and then runs
+//! decides where to start ([`super::rebalance::decide_start`]), seeks there, and then runs
 //! batches (one transaction each) and, between batches, the retries of its
 //! parked keys. What happens to each record is decided by
 //! [`super::decide::Decider`]; this file does the I/O.
@@ -306,7 +306,7 @@ impl Lane {
     async fn start_at(&mut self, db: Option<i64>) -> bool {
         let s = self.shared.clone();
         let (k_off, meta) = self.assigned.kafka.clone().map_or((None, String::new()), |(o, m)| (Some(o), m));
-        let d = super::decide_start(db, k_off, &meta, s.settings.rewind, s.settings.skip_forward);
+        let d = super::rebalance::decide_start(db, k_off, &meta, s.settings.rewind, s.settings.skip_forward);
         if let (Some((kind, action)), Some(k), Some(dbo)) = (d.moved, k_off, db) {
             events::PartitionRewound {
                 consumer: &s.name,
@@ -444,7 +444,7 @@ impl Lane {
             last_offset = batch.last().map(|r| r.offset),
         );
         for r in &batch {
-            crate::telemetry::add_link(&span, r.headers.iter().map(|(k, v)| (k.as_slice(), v.as_deref())));
+            crate::telemetry::add_link(&span, r.headers.iter());
         }
         let mut result = self.process(&batch, false).instrument(span.clone()).await;
         if matches!(result, Ok(Outcome::NeedCareful)) {
@@ -751,7 +751,7 @@ impl Lane {
             consumer: s.name.clone(),
             event_id: None,
             replay: s.settings.replay,
-            suppress_publish: s.settings.suppress_publish,
+            publish: s.settings.publish.clone(),
             effects: Vec::new(),
             registry: s.registry.clone(),
             record: None,
@@ -797,6 +797,9 @@ impl Lane {
         let mut unrouted: Vec<(i64, &EventId, String)> = Vec::new();
         let (mut processed, mut dead, mut parked) = (0u64, 0u64, 0u64);
         let mut batch_evs: Vec<Box<dyn Any + Send>> = Vec::new();
+        // Whether the application's code ran in this transaction (only it can
+        // leave the transaction aborted and say all is well).
+        let mut handler_ran = false;
 
         for (rec, prep) in batch.iter().zip(&prepared) {
             let key = rec.entity_key();
@@ -875,7 +878,8 @@ impl Lane {
                 "messaging.kafka.offset" = rec.offset,
                 "messaging.kafka.message.key" = %crate::telemetry::key_attr(rec.key.as_deref()),
             );
-            crate::telemetry::set_parent(&span, rec.headers.iter().map(|(k, v)| (k.as_slice(), v.as_deref())));
+            crate::telemetry::set_parent(&span, rec.headers.iter());
+            handler_ran = true;
             let mut outcome = self.apply(&mut cx, id, version, ev, rec, key).instrument(span).await;
             if careful && outcome.is_ok() {
                 // The handler may have swallowed an SQL error, which leaves the
@@ -930,6 +934,7 @@ impl Lane {
         }
         if !batch_evs.is_empty() {
             let n = batch_evs.len() as u64;
+            handler_ran = true;
             match self.call_handler(&mut cx, None, batch_evs).await {
                 Ok(()) => processed += n,
                 Err(_) => {
@@ -946,7 +951,7 @@ impl Lane {
         // The tail also proves the transaction is not aborted: a handler that
         // swallowed an SQL error in the optimistic pass leaves it aborted, and
         // COMMIT would then silently roll back.
-        if let Err(e) = self.write_tail(&mut cx, &tail).await {
+        if let Err(e) = self.write_tail(&mut cx, &tail, handler_ran).await {
             if careful || !e.is_aborted_transaction() {
                 return Err(e);
             }
@@ -990,12 +995,16 @@ impl Lane {
         Ok(Outcome::Committed { next: end, parked, held })
     }
 
-    /// The batch's parks and unclaims, sent together; a `SELECT 1` when there
-    /// are none (it is what tells an aborted transaction from a live one).
-    async fn write_tail(&self, cx: &mut Cx, tail: &Tail<'_>) -> Result<()> {
+    /// The batch's parks and unclaims, sent together; when there are none
+    /// and the handler ran, a `SELECT 1` (it is what tells a transaction the
+    /// handler left aborted from a live one). A batch of duplicates runs only
+    /// oncely's own statements, whose errors were seen: no round trip.
+    async fn write_tail(&self, cx: &mut Cx, tail: &Tail<'_>, handler_ran: bool) -> Result<()> {
         let consumer_id = self.shared.consumer_id;
         if tail.parks.is_empty() && tail.unclaim.is_empty() {
-            store::ping_tx(cx.db()).await?;
+            if handler_ran {
+                store::ping_tx(cx.db()).await?;
+            }
             return Ok(());
         }
         if !tail.parks.is_empty() {

@@ -55,6 +55,20 @@ use crate::backoff::Backoff;
 use crate::error::Result;
 use crate::store::effects as store;
 
+// Intents as operators read them (the CLI, the console).
+pub use crate::store::effects::{get, list, Intent};
+
+/// The intent protocol the [`Executor`] runs (record, claim with a fencing
+/// token, renew, finish, retry later, reap expired leases).
+// Test hook: `oncely-testkit/tests/effects.rs` drives it step by step against
+// a real database to check the fencing; not part of the API.
+#[doc(hidden)]
+pub mod intents {
+    pub use crate::store::effects::{
+        claim_due, count_by_status, finish, get, list, reap_expired, record, renew, retry_later, NewIntent,
+    };
+}
+
 /// How an effect may be repeated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -374,8 +388,17 @@ async fn with_lease<T>(
 }
 
 async fn run_one(pool: &PgPool, reg: Registered, intent: store::Intent, lease: Duration) {
+    use tracing::Instrument as _;
     let span = tracing::info_span!("effect", key = %intent.key, effect = %intent.effect, attempt = intent.attempts);
-    let _g = span.enter();
+    // Instrumented, not entered: a guard held across an await leaves the
+    // span entered on the worker thread while the call waits, so other
+    // tasks there (the executor's own loop) find a span that may close
+    // under them, and tracing-subscriber panics ("tried to clone a span that
+    // already closed"), taking the executor task down.
+    run_one_in_span(pool, reg, intent, lease).instrument(span).await;
+}
+
+async fn run_one_in_span(pool: &PgPool, reg: Registered, intent: store::Intent, lease: Duration) {
     // The semantics the intent was recorded with, not the registration's: a
     // registration changed to at-least-once must not re-send an intent that
     // was recorded at-most-once. A value this version does not know is

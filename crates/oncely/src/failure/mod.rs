@@ -15,6 +15,16 @@ use crate::store::{self, NewDeadLetter};
 
 pub mod redrive;
 
+// The failure tables as operators read them (the CLI, the console): the rows
+// as stored, listed by the store's queries.
+pub use crate::store::failure::{get_dead_letters, list_dead_letters, list_parked, DeadLetterRow, ParkedRow};
+
+// Test hook: the failure tests release a held key without an operator
+// session; operators release through `admin::dlq` (previewed, confirmed,
+// audited). Not part of the API.
+#[doc(hidden)]
+pub use crate::store::failure::release_key;
+
 /// What happens to the events parked behind an event that was dead-lettered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 #[non_exhaustive]
@@ -97,8 +107,13 @@ impl<'a> DeadLetter<'a> {
     /// Kafka's `kafka_dlt-*` headers, then `oncely-attempts` and `oncely-reason`.
     /// (A null header value of the original stays null.)
     pub fn headers(&self, consumer: &str) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
-        let mut h: Vec<(Vec<u8>, Option<Vec<u8>>)> =
-            self.record.headers.iter().filter(|(k, _)| !is_dead_letter_header(k)).cloned().collect();
+        let mut h: Vec<(Vec<u8>, Option<Vec<u8>>)> = self
+            .record
+            .headers
+            .iter()
+            .filter(|(k, _)| !is_dead_letter_header(k))
+            .map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec)))
+            .collect();
         h.push((H_DLT_TOPIC.as_bytes().to_vec(), Some(self.record.topic.clone().into_bytes())));
         h.push((H_DLT_PARTITION.as_bytes().to_vec(), Some(self.record.partition.to_be_bytes().to_vec())));
         h.push((H_DLT_OFFSET.as_bytes().to_vec(), Some(self.record.offset.to_be_bytes().to_vec())));
@@ -162,7 +177,11 @@ mod tests {
             timestamp_ms: Some(1_700_000_000_000),
             key: Some(b"k".to_vec()),
             payload: Some(b"{}".to_vec()),
-            headers: vec![(b"ce_id".to_vec(), Some(b"abc".to_vec())), (H_REASON.into(), Some(b"old".to_vec()))],
+            headers: vec![
+                (b"ce_id".to_vec(), Some(b"abc".to_vec())),
+                (H_REASON.as_bytes().to_vec(), Some(b"old".to_vec())),
+            ]
+            .into(),
         };
         let id = EventId::from("s#abc");
         let dl = DeadLetter::handler(&rec, &id, "max-attempts", "boom", "sqlx::Error", 10);

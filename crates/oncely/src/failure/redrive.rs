@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use sqlx::PgPool;
 
-use crate::envelope::Publisher;
+use crate::envelope::{Headers, Publisher};
 use crate::error::Result;
 use crate::store::failure::{self as store, DeadLetterRow};
 
@@ -15,16 +15,15 @@ pub const H_REDRIVE: &str = "oncely-redrive";
 
 /// The headers a redriven record carries: the original ones (so `ce_id` and
 /// `ce_source` keep the identity), without the dead-letter headers, plus
-/// `oncely-redrive`.
-pub fn redrive_headers(dl: &DeadLetterRow) -> Vec<(Vec<u8>, Vec<u8>)> {
-    let mut h: Vec<(Vec<u8>, Vec<u8>)> = dl
+/// `oncely-redrive`. A null value stays null.
+pub fn redrive_headers(dl: &DeadLetterRow) -> Headers {
+    let mut h: Headers = dl
         .record
         .headers
         .iter()
-        .filter(|(k, _)| !super::is_dead_letter_header(k) && k.as_slice() != H_REDRIVE.as_bytes())
-        .map(|(k, v)| (k.clone(), v.clone().unwrap_or_default()))
+        .filter(|(k, _)| !super::is_dead_letter_header(k) && *k != H_REDRIVE.as_bytes())
         .collect();
-    h.push((H_REDRIVE.as_bytes().to_vec(), dl.id.to_string().into_bytes()));
+    h.push(H_REDRIVE.as_bytes(), Some(dl.id.to_string().as_bytes()));
     h
 }
 
@@ -61,7 +60,12 @@ pub async fn redrive(
         }
         next = Instant::now() + gap;
         let sent = publisher
-            .publish_raw(&dl.record.topic, dl.record.key.as_deref(), dl.record.payload.as_deref(), &redrive_headers(dl))
+            .publish_record(
+                &dl.record.topic,
+                dl.record.key.as_deref(),
+                dl.record.payload.as_deref(),
+                &redrive_headers(dl),
+            )
             .await;
         let (partition, offset) = match sent {
             Ok(p) => p,
@@ -97,9 +101,11 @@ mod tests {
                 headers: vec![
                     (b"ce_id".to_vec(), Some(b"1".to_vec())),
                     (b"ce_source".to_vec(), Some(b"/s".to_vec())),
+                    (b"x-null".to_vec(), None),
                     (b"kafka_dlt-original-topic".to_vec(), Some(b"t".to_vec())),
                     (b"oncely-reason".to_vec(), Some(b"x".to_vec())),
-                ],
+                ]
+                .into(),
             },
             event_id: None,
             reason: "rejected".into(),
@@ -111,8 +117,9 @@ mod tests {
             redrive_count: 0,
         };
         let h = redrive_headers(&dl);
-        let names: Vec<&[u8]> = h.iter().map(|(k, _)| k.as_slice()).collect();
-        assert_eq!(names, vec![&b"ce_id"[..], b"ce_source", H_REDRIVE.as_bytes()]);
-        assert_eq!(h[2].1, b"7");
+        let names: Vec<&[u8]> = h.iter().map(|(k, _)| k).collect();
+        assert_eq!(names, vec![&b"ce_id"[..], b"ce_source", b"x-null", H_REDRIVE.as_bytes()]);
+        assert_eq!(h.get(2), Some((&b"x-null"[..], None)), "a null value stays null");
+        assert_eq!(h.get(3).and_then(|(_, v)| v), Some(&b"7"[..]));
     }
 }

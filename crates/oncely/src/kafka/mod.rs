@@ -25,6 +25,7 @@ pub const RESET_METADATA_PREFIX: &str = "oncely:reset:";
 
 use rdkafka::message::{BorrowedMessage, OwnedHeaders};
 
+use crate::envelope::Headers;
 use crate::error::{Error, Result};
 use rdkafka_sys as rdsys;
 
@@ -33,46 +34,60 @@ use rdkafka_sys as rdsys;
 ///
 /// librdkafka hands out a header's name as a NUL-terminated C string, so a
 /// name holding a NUL byte is read up to that byte (its value is intact).
-pub fn message_headers(m: &BorrowedMessage<'_>) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+pub fn message_headers(m: &BorrowedMessage<'_>) -> Headers {
     let mut hdrs: *mut rdsys::rd_kafka_headers_t = std::ptr::null_mut();
     // SAFETY: `m.ptr()` is a live message for the borrow of `m`; librdkafka
     // returns a pointer into it (or an error and no pointer).
     let err = unsafe { rdsys::rd_kafka_message_headers(m.ptr(), &mut hdrs) };
     if err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || hdrs.is_null() {
-        return Vec::new();
+        return Headers::new();
     }
     // SAFETY: `hdrs` belongs to the message and lives as long as `m`.
     unsafe { read_headers(hdrs) }
 }
 
-/// Reads every header of `hdrs`.
+/// Header `idx` of `hdrs`: name and value (`None`: null); `None` if librdkafka
+/// has no such header.
+///
+/// # Safety
+/// `hdrs` must be a valid librdkafka headers list, and stay unchanged while
+/// the returned slices are used.
+unsafe fn header_at<'h>(hdrs: *const rdsys::rd_kafka_headers_t, idx: usize) -> Option<(&'h [u8], Option<&'h [u8]>)> {
+    let mut name: *const c_char = std::ptr::null();
+    let mut value: *const c_void = std::ptr::null();
+    let mut size: usize = 0;
+    // SAFETY: guaranteed by the caller; the out-pointers are valid locals.
+    let err = unsafe { rdsys::rd_kafka_header_get_all(hdrs, idx, &mut name, &mut value, &mut size) };
+    if err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
+        return None;
+    }
+    // SAFETY: librdkafka stores names NUL-terminated; the bytes live as long as `hdrs`.
+    let name = unsafe { CStr::from_ptr(name) }.to_bytes();
+    let value = (!value.is_null()).then(|| {
+        if size == 0 {
+            &[][..]
+        } else {
+            // SAFETY: `value` points at `size` bytes owned by `hdrs`.
+            unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) }
+        }
+    });
+    Some((name, value))
+}
+
+/// Reads every header of `hdrs` into one buffer (sized first: two
+/// allocations whatever the number of headers).
 ///
 /// # Safety
 /// `hdrs` must be a valid librdkafka headers list for the duration of the call.
-unsafe fn read_headers(hdrs: *const rdsys::rd_kafka_headers_t) -> Vec<(Vec<u8>, Option<Vec<u8>>)> {
+unsafe fn read_headers(hdrs: *const rdsys::rd_kafka_headers_t) -> Headers {
     // SAFETY: guaranteed by the caller.
     let n = unsafe { rdsys::rd_kafka_header_cnt(hdrs) };
-    let mut out = Vec::with_capacity(n);
-    for idx in 0..n {
-        let mut name: *const c_char = std::ptr::null();
-        let mut value: *const c_void = std::ptr::null();
-        let mut size: usize = 0;
-        // SAFETY: `idx < n`; the out-pointers are valid locals.
-        let err = unsafe { rdsys::rd_kafka_header_get_all(hdrs, idx, &mut name, &mut value, &mut size) };
-        if err != rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR || name.is_null() {
-            continue;
-        }
-        // SAFETY: librdkafka stores names NUL-terminated; the bytes live as long as `hdrs`.
-        let name = unsafe { CStr::from_ptr(name) }.to_bytes().to_vec();
-        let value = (!value.is_null()).then(|| {
-            if size == 0 {
-                Vec::new()
-            } else {
-                // SAFETY: `value` points at `size` bytes owned by `hdrs`.
-                unsafe { std::slice::from_raw_parts(value.cast::<u8>(), size) }.to_vec()
-            }
-        });
-        out.push((name, value));
+    // SAFETY: `idx < n`, and `hdrs` is valid for the call (the caller).
+    let at = |idx| unsafe { header_at(hdrs, idx) };
+    let bytes = (0..n).filter_map(at).map(|(k, v)| k.len() + v.map_or(0, <[u8]>::len)).sum();
+    let mut out = Headers::with_capacity(n, bytes);
+    for (name, value) in (0..n).filter_map(at) {
+        out.push(name, value);
     }
     out
 }
@@ -91,11 +106,20 @@ where
     K: AsRef<[u8]>,
     V: AsRef<[u8]>,
 {
+    kafka_headers(headers.iter().map(|(k, v)| (k.as_ref(), v.as_ref().map(AsRef::as_ref))), headers.len())
+}
+
+/// A record's [`Headers`] to produce, byte for byte, in order.
+pub fn record_headers(headers: &Headers) -> Result<OwnedHeaders> {
+    kafka_headers(headers.iter(), headers.len())
+}
+
+fn kafka_headers<'h>(headers: impl Iterator<Item = (&'h [u8], Option<&'h [u8]>)>, n: usize) -> Result<OwnedHeaders> {
     // A valid pointer for empty names and values: librdkafka copies zero
     // bytes from it, and a non-null value pointer is what makes an empty
     // value empty rather than null.
     static EMPTY: [u8; 1] = [0];
-    let out = OwnedHeaders::new_with_capacity(headers.len());
+    let out = OwnedHeaders::new_with_capacity(n);
     // `OwnedHeaders` owns a `rd_kafka_headers_t`; `as_borrowed` is that very
     // pointer seen as the zero-sized `BorrowedHeaders` (rdkafka casts it
     // both ways, `BorrowedHeaders::from_native_ptr`), so casting it back
@@ -103,13 +127,9 @@ where
     // reference covers (the reference is to a zero-sized type).
     let native = out.as_borrowed() as *const BorrowedHeaders as *mut rdkafka_sys::RDKafkaHeaders;
     for (name, value) in headers {
-        let name = name.as_ref();
         let name_ptr = if name.is_empty() { EMPTY.as_ptr() } else { name.as_ptr() };
         let (value_ptr, value_len) = match value {
-            Some(v) => {
-                let v = v.as_ref();
-                (if v.is_empty() { EMPTY.as_ptr() } else { v.as_ptr() }, v.len())
-            }
+            Some(v) => (if v.is_empty() { EMPTY.as_ptr() } else { v.as_ptr() }, v.len()),
             None => (std::ptr::null(), 0),
         };
         let name_len = isize::try_from(name.len()).map_err(|_| Error::Config("a header name is too long".into()))?;
@@ -149,7 +169,7 @@ mod tests {
         // SAFETY: `h` is alive for the call.
         let back = unsafe { read_headers(h.as_borrowed() as *const _ as *const rdsys::rd_kafka_headers_t) };
         let want: Vec<(Vec<u8>, Option<Vec<u8>>)> = pairs.into_iter().map(|(k, v)| (k, Some(v))).collect();
-        assert_eq!(back, want);
+        assert_eq!(back.to_vec(), want);
     }
 }
 

@@ -74,35 +74,34 @@ pub fn readable(bytes: &[u8]) -> (String, bool) {
     }
 }
 
-impl From<store::FailedRow> for FailedRow {
-    fn from(r: store::FailedRow) -> Self {
-        let (key, key_escaped) = match r.key.as_deref().map(readable) {
-            Some((k, e)) => (Some(k), e),
-            None => (None, false),
-        };
-        FailedRow {
-            id: r.id,
-            lane: r.lane,
-            topic: r.topic,
-            key,
-            key_escaped,
-            ce_id: r.ce_id,
-            payload_bytes: r.payload_bytes,
-            header_bytes: r.header_bytes,
-            attempts: r.attempts,
-            reason: r.last_error,
-            created_at: r.created_at,
-            failed_at: r.failed_at,
-            discarded_at: r.discarded_at,
-            held: r.held,
-        }
+/// The operator's view of a stored row.
+fn from_row(r: store::FailedRow) -> FailedRow {
+    let (key, key_escaped) = match r.key.as_deref().map(readable) {
+        Some((k, e)) => (Some(k), e),
+        None => (None, false),
+    };
+    FailedRow {
+        id: r.id,
+        lane: r.lane,
+        topic: r.topic,
+        key,
+        key_escaped,
+        ce_id: r.ce_id,
+        payload_bytes: r.payload_bytes,
+        header_bytes: r.header_bytes,
+        attempts: r.attempts,
+        reason: r.last_error,
+        created_at: r.created_at,
+        failed_at: r.failed_at,
+        discarded_at: r.discarded_at,
+        held: r.held,
     }
 }
 
 /// Rows set aside, oldest first, at most `limit`; discarded ones too with
 /// `include_discarded` (until retention removes them).
 pub async fn list(pool: &PgPool, include_discarded: bool, limit: i64) -> Result<Vec<FailedRow>> {
-    Ok(store::failed(pool, include_discarded, limit).await?.into_iter().map(FailedRow::from).collect())
+    Ok(store::failed(pool, include_discarded, limit).await?.into_iter().map(from_row).collect())
 }
 
 /// Sends rows set aside back to pending (`None`: all of them), after the

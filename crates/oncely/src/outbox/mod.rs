@@ -408,7 +408,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::envelope::{H_SOURCE, H_SPECVERSION, H_TYPE};
+    use crate::envelope::{Headers, H_SOURCE, H_SPECVERSION, H_TYPE};
 
     #[test]
     fn lanes_are_stable_and_in_range() {
@@ -463,13 +463,14 @@ mod tests {
             timestamp_ms: None,
             key: None,
             payload: None,
-            headers: vec![(H_TRACEPARENT.into(), Some(b"00-abc-def-01".to_vec()))],
+            headers: vec![(H_TRACEPARENT.as_bytes().to_vec(), Some(b"00-abc-def-01".to_vec()))].into(),
         };
         let ev = OutgoingEvent::json("t", &1).expect("json").traceparent("old").caused_by(&incoming);
         let h = ev.headers();
         let tp: Vec<_> = h.iter().filter(|(k, _)| k == H_TRACEPARENT).map(|(_, v)| v.as_slice()).collect();
         assert_eq!(tp, vec![&b"00-abc-def-01"[..]]);
-        let plain = OutgoingEvent::json("t", &1).expect("json").caused_by(&RawRecord { headers: vec![], ..incoming });
+        let plain =
+            OutgoingEvent::json("t", &1).expect("json").caused_by(&RawRecord { headers: Headers::new(), ..incoming });
         assert!(plain.headers().iter().all(|(k, _)| k != H_TRACEPARENT));
     }
 }

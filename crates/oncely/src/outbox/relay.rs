@@ -821,6 +821,12 @@ impl Pump {
         }
         let wait = !res.transient.is_empty() || res.unexplained;
         if let Some((first, error)) = res.transient.first() {
+            // Record the attempt on the rows before announcing it: whoever
+            // reads the failure counter then finds the rows' attempts too.
+            let ids: Vec<i64> = res.transient.iter().map(|(i, _)| rows[*i].id).collect();
+            if let Err(e) = store::record_failure(&self.pool, &ids, error).await {
+                tracing::debug!(error = %e, "Could not record the failed attempt.");
+            }
             let retry_in = self.backoff.peek();
             events::PublishFailed {
                 relay: &self.s.name,
@@ -831,10 +837,6 @@ impl Pump {
                 retry_in,
             }
             .emit();
-            let ids: Vec<i64> = res.transient.iter().map(|(i, _)| rows[*i].id).collect();
-            if let Err(e) = store::record_failure(&self.pool, &ids, error).await {
-                tracing::debug!(error = %e, "Could not record the failed attempt.");
-            }
         } else if res.unexplained {
             tracing::warn!(relay = %self.s.name, "The producer failed and no outbox row explains it; retrying after a backoff.");
         }

@@ -462,19 +462,10 @@ impl ProcessorBuilder {
             tracing::info!(addr = %bound, "Serving metrics.");
         }
         if self.handle_sigterm {
-            let token = shutdown.clone();
-            tokio::spawn(async move {
-                #[cfg(unix)]
-                if let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    tokio::select! {
-                        _ = term.recv() => {
-                            tracing::info!("SIGTERM: committing the open transaction and stopping.");
-                            token.cancel();
-                        }
-                        _ = token.cancelled() => {}
-                    }
-                }
-            });
+            crate::signal::cancel_on_sigterm(
+                shutdown.clone(),
+                "SIGTERM: committing the open transaction and stopping.",
+            );
         }
 
         let source = self.source.unwrap_or_else(|| format!("/oncely/{}", self.name));

@@ -24,6 +24,6 @@ pub(crate) struct Input {
 /// Copies a consumed message. Never panics, whatever the bytes.
 pub(crate) fn read_input(m: &BorrowedMessage<'_>) -> Input {
     let record = RawRecord::from_message(m);
-    let bad_header_name = record.headers.iter().find(|(k, _)| std::str::from_utf8(k).is_err()).map(|(k, _)| k.clone());
+    let bad_header_name = record.headers.iter().find(|(k, _)| std::str::from_utf8(k).is_err()).map(|(k, _)| k.to_vec());
     Input { record: Arc::new(record), bad_header_name }
 }

@@ -60,7 +60,7 @@ use tokio_util::sync::CancellationToken;
 use crate::consumer::ConsumerBuilder;
 use crate::error::{Error, Result};
 use crate::store;
-use crate::store::projection::{PartitionPositions, RebuildRow};
+pub use crate::store::projection::{Dropped, Exchanged, PartitionPositions, RebuildRow, RequestRow};
 
 pub mod ops;
 
@@ -73,6 +73,7 @@ pub struct Projection {
     tables: Vec<String>,
     create_sql: String,
     diff_ignore: Vec<String>,
+    shadow_topics: bool,
 }
 
 impl Projection {
@@ -85,6 +86,7 @@ impl Projection {
             tables: Vec::new(),
             create_sql: String::new(),
             diff_ignore: Vec::new(),
+            shadow_topics: false,
         }
     }
 
@@ -118,6 +120,18 @@ impl Projection {
         self
     }
 
+    /// During a rebuild, `cx.publish` writes to the shadow topic
+    /// `<topic>.rebuild.<target>` instead of writing nothing (the default),
+    /// so that what the fixed code publishes can be checked downstream
+    /// before the swap. The outbox relay publishes them like any row:
+    /// create the shadow topics first (or let the broker auto-create them);
+    /// a missing topic is set aside after librdkafka's propagation bound.
+    /// Effects stay suppressed either way.
+    pub fn publish_to_shadow_topics(mut self) -> Self {
+        self.shadow_topics = true;
+        self
+    }
+
     /// The projection's name.
     pub fn name(&self) -> &str {
         &self.name
@@ -134,33 +148,71 @@ impl Projection {
         Rebuild { projection: self.clone(), target: target.into(), consumer, from: RebuildFrom::Earliest }
     }
 
+    /// Runs the rebuilds of this projection that an operator asks for
+    /// (`oncely projection rebuild --consumer <name> --into <target>`: the
+    /// command line cannot run the application's handler, the application
+    /// can), and resumes the ones still rebuilding after a restart, until
+    /// `shutdown` is cancelled. `consumer` makes the live consumer's builder,
+    /// with the current handler, for each run.
+    ///
+    /// Several processes may serve the same projection: one process at a
+    /// time runs a target (a PostgreSQL advisory lock), and another takes it
+    /// over when that process dies. A run that fails is tried again after
+    /// [`SERVE_RETRY`]; a rebuild swapped in stops, and runs again only if
+    /// it is swapped back.
+    pub fn serve<S, F>(
+        &self,
+        consumer: F,
+        shutdown: CancellationToken,
+    ) -> futures::future::BoxFuture<'static, Result<()>>
+    where
+        S: Send + Sync + 'static,
+        F: Fn() -> Result<ConsumerBuilder<S>> + Send + Sync + 'static,
+    {
+        let projection = self.clone();
+        Box::pin(async move { serve(projection, consumer, shutdown).await })
+    }
+
     fn check(&self, target: &str) -> Result<()> {
-        use store::projection::valid_identifier as ok;
+        check_target(target, Some(&self.schema))?;
         let bad = |what: &str, v: &str| {
             Error::Config(format!(
                 "{what} {v:?} is not an identifier oncely accepts (lower-case letters, digits and _, at most 48 bytes)"
             ))
         };
-        if !ok(target) {
-            return Err(bad("rebuild target", target));
-        }
-        if !ok(&self.schema) {
+        if !store::projection::valid_identifier(&self.schema) {
             return Err(bad("schema", &self.schema));
         }
         if self.tables.is_empty() {
             return Err(Error::Config(format!("projection {} declares no table", self.name)));
         }
-        if let Some(t) = self.tables.iter().find(|t| !ok(t)) {
+        if let Some(t) = self.tables.iter().find(|t| !store::projection::valid_identifier(t)) {
             return Err(bad("table", t));
         }
         if self.create_sql.trim().is_empty() {
             return Err(Error::Config(format!("projection {} has no create statements", self.name)));
         }
-        if target == self.schema || target == "oncely" || target.starts_with("pg_") || target.starts_with("oncely_") {
-            return Err(Error::Config(format!("rebuild target {target:?} is a reserved or live schema")));
-        }
         Ok(())
     }
+}
+
+/// Whether `target` may be a rebuild's schema: an identifier oncely accepts,
+/// not reserved, not the live schema (`public` when not known).
+fn check_target(target: &str, live_schema: Option<&str>) -> Result<()> {
+    if !store::projection::valid_identifier(target) {
+        return Err(Error::Config(format!(
+            "rebuild target {target:?} is not an identifier oncely accepts (lower-case letters, digits and _, at most 48 bytes)"
+        )));
+    }
+    if target == live_schema.unwrap_or("public")
+        || target == "public"
+        || target == "oncely"
+        || target.starts_with("pg_")
+        || target.starts_with("oncely_")
+    {
+        return Err(Error::Config(format!("rebuild target {target:?} is a reserved or live schema")));
+    }
+    Ok(())
 }
 
 /// The consumer name a rebuild runs as: its inbox, offsets, entity versions
@@ -180,14 +232,44 @@ pub enum RebuildFrom {
     /// The first record at or after this time in each partition (the
     /// projection's tables must not need what came before).
     Time(DateTime<Utc>),
+    /// The offsets of a stored offset snapshot (`oncely offsets snapshots`),
+    /// for example the live group's position on the day the bug shipped;
+    /// partitions the snapshot has no offset for start at the log start.
+    /// Like [`RebuildFrom::Time`], for projections that do not need what
+    /// came before.
+    Snapshot(i64),
 }
 
 impl RebuildFrom {
-    fn spec(&self) -> String {
+    /// The stored form: `earliest`, an RFC 3339 time, or `snapshot:<id>`.
+    pub fn spec(&self) -> String {
         match self {
             RebuildFrom::Earliest => "earliest".into(),
             RebuildFrom::Time(t) => t.to_rfc3339(),
+            RebuildFrom::Snapshot(id) => format!("snapshot:{id}"),
         }
+    }
+
+    /// Parses what [`spec`](RebuildFrom::spec) writes, and what an operator
+    /// types: `earliest`, an RFC 3339 time (`2026-11-14T00:00:00Z`), or a
+    /// snapshot id (`snapshot:42` or `42`).
+    pub fn parse(s: &str) -> Result<Self> {
+        let s = s.trim();
+        if s == "earliest" {
+            return Ok(RebuildFrom::Earliest);
+        }
+        let id = s.strip_prefix("snapshot:").unwrap_or(s);
+        if !id.is_empty() && id.bytes().all(|b| b.is_ascii_digit()) {
+            return id
+                .parse()
+                .map(RebuildFrom::Snapshot)
+                .map_err(|_| Error::Config(format!("snapshot id {id:?} is out of range")));
+        }
+        DateTime::parse_from_rfc3339(s).map(|t| RebuildFrom::Time(t.with_timezone(&Utc))).map_err(|_| {
+            Error::Config(format!(
+                "a rebuild starts from `earliest`, an RFC 3339 time (2026-11-14T00:00:00Z) or a snapshot id, not {s:?}"
+            ))
+        })
     }
 }
 
@@ -226,15 +308,35 @@ impl<S: Send + Sync + 'static> Rebuild<S> {
     /// follows it. Restarted after a crash (even SIGKILL) it resumes from
     /// its own offsets. Refused for a target that was swapped.
     pub fn run(self, shutdown: CancellationToken) -> futures::future::BoxFuture<'static, Result<()>> {
-        Box::pin(self.run_inner(shutdown))
+        Box::pin(async move {
+            let target = self.target.clone();
+            match self.run_inner(shutdown, None).await? {
+                Ran::Done => Ok(()),
+                Ran::Busy => Err(Error::Refused(format!(
+                    "rebuild {target} is running in another process (one process at a time runs a target)"
+                ))),
+            }
+        })
     }
 
-    async fn run_inner(mut self, shutdown: CancellationToken) -> Result<()> {
+    /// Runs the rebuild, holding `held` (the lock of
+    /// [`store::projection::try_lock_running`], taken by the caller) or
+    /// taking it; `Busy` when another process holds it.
+    async fn run_inner(mut self, shutdown: CancellationToken, held: Option<sqlx::PgConnection>) -> Result<Ran> {
         self.projection.check(&self.target)?;
         let live = self.consumer.name().to_owned();
         let name = rebuild_consumer_name(&live, &self.target);
         let pool = self.consumer.resolve_pool().await?;
         store::migrate(&pool).await?;
+        // One process at a time: two would process the same partitions
+        // under one name. Held until this returns (or the process dies).
+        let _running = match held {
+            Some(lock) => lock,
+            None => match store::projection::try_lock_running(&pool, &self.target).await? {
+                Some(lock) => lock,
+                None => return Ok(Ran::Busy),
+            },
+        };
         let p = &self.projection;
         let (row, created) = store::projection::prepare(
             pool.clone(),
@@ -256,16 +358,22 @@ impl<S: Send + Sync + 'static> Rebuild<S> {
         } else {
             tracing::info!(projection = %p.name, target = %self.target, consumer = %live, "Resuming the rebuild.");
         }
-        if let (true, RebuildFrom::Time(t)) = (created, self.from) {
-            self.seed_positions(&pool, &name, t).await?;
+        // From what the row says (a restart keeps its first start), every
+        // time: seeding keeps a position already there, so a crash between
+        // creating the schema and seeding is harmless.
+        match RebuildFrom::parse(&row.from_spec)? {
+            RebuildFrom::Earliest => {}
+            RebuildFrom::Time(t) => self.seed_positions(&pool, &name, t).await?,
+            RebuildFrom::Snapshot(id) => seed_from_snapshot(&pool, &name, id).await?,
         }
         let stop = shutdown.child_token();
         let watcher = tokio::spawn(watch_state(pool.clone(), self.target.clone(), stop.clone()));
-        self.consumer.make_rebuild(name, store::projection::quote_ident(&self.target));
+        let shadow = self.projection.shadow_topics.then(|| format!(".rebuild.{}", self.target));
+        self.consumer.make_rebuild(name, store::projection::quote_ident(&self.target), shadow);
         let result = self.consumer.run(stop.clone()).await;
         stop.cancel();
         watcher.abort();
-        result
+        result.map(|()| Ran::Done)
     }
 
     /// Writes the rebuild's first positions: per partition, the first
@@ -306,20 +414,130 @@ impl<S: Send + Sync + 'static> Rebuild<S> {
     }
 }
 
+/// How often [`Projection::serve`] looks for requests.
+const SERVE_POLL: Duration = Duration::from_secs(1);
+
+/// How long [`Projection::serve`] waits before running a target again
+/// whose run failed.
+pub const SERVE_RETRY: Duration = Duration::from_secs(10);
+
+async fn serve<S, F>(projection: Projection, consumer: F, shutdown: CancellationToken) -> Result<()>
+where
+    S: Send + Sync + 'static,
+    F: Fn() -> Result<ConsumerBuilder<S>> + Send + Sync + 'static,
+{
+    use std::collections::HashMap;
+    let mut first = consumer()?;
+    let live = first.name().to_owned();
+    let pool = first.resolve_pool().await?;
+    drop(first);
+    store::migrate(&pool).await?;
+    tracing::info!(projection = %projection.name, consumer = %live, "Serving the projection's rebuild requests.");
+    let mut running: HashMap<String, tokio::task::JoinHandle<Result<Ran>>> = HashMap::new();
+    let mut not_before: HashMap<String, tokio::time::Instant> = HashMap::new();
+    loop {
+        let ended: Vec<String> = running.iter().filter(|(_, h)| h.is_finished()).map(|(t, _)| t.clone()).collect();
+        for target in ended {
+            let Some(handle) = running.remove(&target) else { continue };
+            match handle.await {
+                Ok(Ok(Ran::Done)) => tracing::info!(target = %target, "The rebuild stopped."),
+                Ok(Ok(Ran::Busy)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(target = %target, error = %e, retry_in = ?SERVE_RETRY, "The rebuild failed.");
+                    not_before.insert(target, tokio::time::Instant::now() + SERVE_RETRY);
+                }
+                Err(e) => {
+                    tracing::error!(target = %target, error = %e, retry_in = ?SERVE_RETRY, "The rebuild's task ended abnormally.");
+                    not_before.insert(target, tokio::time::Instant::now() + SERVE_RETRY);
+                }
+            }
+        }
+        if shutdown.is_cancelled() {
+            for (_, handle) in running {
+                let _ = handle.await;
+            }
+            return Ok(());
+        }
+        match store::projection::runnable(&pool, &live, &projection.name).await {
+            Ok(requests) => {
+                let now = tokio::time::Instant::now();
+                for req in requests {
+                    if running.contains_key(&req.target) || not_before.get(&req.target).is_some_and(|t| *t > now) {
+                        continue;
+                    }
+                    // Another process runs it: nothing to build or start
+                    // (asked again at the next poll, in case it died).
+                    let lock = match store::projection::try_lock_running(&pool, &req.target).await {
+                        Ok(Some(lock)) => lock,
+                        Ok(None) => continue,
+                        Err(e) => {
+                            tracing::warn!(target = %req.target, error = %e, "Cannot take the rebuild's lock.");
+                            continue;
+                        }
+                    };
+                    let built = RebuildFrom::parse(&req.from_spec).and_then(|from| Ok((from, consumer()?)));
+                    let (from, builder) = match built {
+                        Ok(b) => b,
+                        Err(e) => {
+                            tracing::warn!(target = %req.target, error = %e, "Cannot start the requested rebuild.");
+                            not_before.insert(req.target.clone(), now + SERVE_RETRY);
+                            continue;
+                        }
+                    };
+                    let rebuild = projection.rebuild(builder, req.target.clone()).from(from);
+                    let run: futures::future::BoxFuture<'static, Result<Ran>> =
+                        Box::pin(rebuild.run_inner(shutdown.child_token(), Some(lock)));
+                    running.insert(req.target, tokio::spawn(run));
+                }
+            }
+            Err(e) => tracing::warn!(projection = %projection.name, error = %e, "Cannot read the rebuild requests."),
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => {}
+            _ = tokio::time::sleep(SERVE_POLL) => {}
+        }
+    }
+}
+
+/// How a run ended.
+enum Ran {
+    /// Stopped, or swapped in.
+    Done,
+    /// Another process runs the target.
+    Busy,
+}
+
+/// Seeds a rebuild's positions from offset snapshot `id`.
+async fn seed_from_snapshot(pool: &PgPool, name: &str, id: i64) -> Result<()> {
+    let snap = crate::admin::snapshots::get(pool, id)
+        .await?
+        .ok_or_else(|| Error::Refused(format!("no offset snapshot {id}")))?;
+    for ((topic, partition), offset) in snap.committed() {
+        store::projection::seed_position(pool, name, &topic, partition, offset).await?;
+    }
+    Ok(())
+}
+
 /// Stops a running rebuild once it is swapped in (its schema then holds
-/// the previous live projection, which it must not write).
+/// the previous live projection, which it must not write), or dropped.
 async fn watch_state(pool: PgPool, target: String, stop: CancellationToken) {
     loop {
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(STATE_POLL) => {}
         }
-        if let Ok(Some(row)) = store::projection::get(&pool, &target).await {
-            if row.state != "rebuilding" {
+        match store::projection::get(&pool, &target).await {
+            Ok(Some(row)) if row.state != "rebuilding" => {
                 tracing::info!(target = %target, "The rebuild was swapped in; stopping it.");
                 stop.cancel();
                 return;
             }
+            Ok(None) => {
+                tracing::info!(target = %target, "The rebuild was dropped; stopping it.");
+                stop.cancel();
+                return;
+            }
+            _ => {}
         }
     }
 }
@@ -371,6 +589,26 @@ pub struct RebuildStatus {
     pub dead_letters: i64,
     /// The rebuild's effect intents by status: all `suppressed`.
     pub effects: Vec<(String, i64)>,
+}
+
+/// Every rebuild, newest first.
+pub async fn list(pool: &PgPool) -> Result<Vec<RebuildRow>> {
+    store::projection::list(pool).await
+}
+
+/// The operator's request for rebuild `target` (`oncely projection
+/// rebuild`), if any: it waits until an application serving the projection
+/// ([`Projection::serve`]) starts it.
+pub async fn request(pool: &PgPool, target: &str) -> Result<Option<RequestRow>> {
+    store::projection::get_request(pool, target).await
+}
+
+impl RebuildStatus {
+    /// The offsets the rebuild has passed and the live consumer's, each
+    /// summed over partitions: its progress is the first over the second.
+    pub fn offsets(&self) -> (i64, i64) {
+        self.partitions.iter().fold((0, 0), |(r, l), p| (r + p.rebuild.unwrap_or(0), l + p.live.unwrap_or(0)))
+    }
 }
 
 /// The status of rebuild `target`.
@@ -457,14 +695,19 @@ pub async fn diff(pool: &PgPool, target: &str, sample: i64) -> Result<DiffReport
     }
     let equal = tables.iter().all(|t| t.equal);
     let report = DiffReport { target: target.to_owned(), tables, equal };
-    let summary = serde_json::json!({
+    store::projection::record_diff(pool, target, &diff_summary(&report)).await?;
+    Ok(report)
+}
+
+/// What is kept of a diff (on the rebuild's row and in the audit log):
+/// per table the row counts and whether they are equal.
+fn diff_summary(report: &DiffReport) -> Value {
+    serde_json::json!({
         "equal": report.equal,
         "tables": report.tables.iter().map(|t| serde_json::json!({
             "table": t.table, "live_rows": t.live_rows, "rebuilt_rows": t.rebuilt_rows, "equal": t.equal,
         })).collect::<Vec<_>>(),
-    });
-    store::projection::record_diff(pool, target, &summary).await?;
-    Ok(report)
+    })
 }
 
 #[cfg(test)]
@@ -488,6 +731,23 @@ mod tests {
         let lag = lag_of(&[pos(0, Some(4), Some(6)), pos(1, None, Some(2))]);
         assert_eq!((lag.behind, lag.ahead), (0, 4));
         assert!(lag.missing.is_empty());
+    }
+
+    #[test]
+    fn where_a_rebuild_starts_round_trips_through_its_stored_form_and_bad_input_is_refused() {
+        let t = DateTime::parse_from_rfc3339("2026-11-14T00:00:00Z").map(|t| t.with_timezone(&Utc)).ok();
+        let t = t.map(RebuildFrom::Time).into_iter();
+        for from in [RebuildFrom::Earliest, RebuildFrom::Snapshot(42)].into_iter().chain(t) {
+            assert_eq!(RebuildFrom::parse(&from.spec()).ok(), Some(from), "{from:?}");
+        }
+        assert_eq!(RebuildFrom::parse("42").ok(), Some(RebuildFrom::Snapshot(42)));
+        assert_eq!(
+            RebuildFrom::parse("2026-11-14T01:00:00+01:00").ok(),
+            RebuildFrom::parse("2026-11-14T00:00:00Z").ok()
+        );
+        for bad in ["", "latest", "snapshot:", "snapshot:x", "99999999999999999999", "2026-11-14", "yesterday"] {
+            assert!(RebuildFrom::parse(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

@@ -11,8 +11,8 @@ use chrono::{DateTime, Utc};
 use serde::Serialize;
 use serde_json::json;
 
-use super::{lag_of, Lag};
-use crate::admin::audit::{AuditEntry, AuditOutcome};
+use super::{lag_of, DiffReport, Lag, RebuildFrom};
+use crate::admin::audit::{self, AuditEntry, AuditOutcome};
 use crate::admin::ops::{Operation, Origin, Preview, Trail};
 use crate::admin::session::Session;
 use crate::error::{Error, Result};
@@ -336,6 +336,267 @@ impl Operation for SwapPlan {
             .await;
         Ok(SwapDone { audit_id, positions: after, exchanged })
     }
+}
+
+/// The preview of asking for a rebuild (`oncely projection rebuild`): the
+/// operator's command line cannot run the application's handler, so it
+/// records a request that the application serving the projection
+/// ([`Projection::serve`](super::Projection::serve)) runs.
+#[derive(Debug, Clone, Serialize)]
+pub struct RebuildRequestPlan {
+    /// The rebuild target (schema).
+    pub target: String,
+    /// The live consumer whose projection is rebuilt.
+    pub consumer: String,
+    /// Where it starts (`earliest`, a time, `snapshot:<id>`).
+    pub from: String,
+    /// The rebuild consumer's name (its inbox, offsets and dead letters).
+    pub rebuild_consumer: String,
+    /// The live consumer's positions now: what the rebuild catches up to.
+    pub live_positions: Vec<PartitionPositions>,
+    /// Why it would be refused (empty: it may go ahead).
+    pub refusals: Vec<String>,
+}
+
+/// What a recorded request returns.
+#[derive(Debug, Clone, Serialize)]
+pub struct RebuildRequested {
+    /// The audit record.
+    pub audit_id: i64,
+    /// The target.
+    pub target: String,
+}
+
+/// Previews asking the application to rebuild `consumer`'s projection into
+/// schema `target`, starting `from`.
+pub async fn preview_rebuild(
+    session: &Session,
+    consumer: &str,
+    target: &str,
+    from: RebuildFrom,
+    origin: Origin,
+) -> Result<Preview<RebuildRequestPlan>> {
+    session.require_operator_schema().await?;
+    let pool = session.pool();
+    let mut refusals = Vec::new();
+    if let Err(e) = super::check_target(target, None) {
+        refusals.push(e.to_string());
+    }
+    if store::consumer_id(pool, consumer).await?.is_none() {
+        refusals.push(format!("consumer {consumer} has never run here: nothing to rebuild"));
+    }
+    if let Some(r) = store::projection::get(pool, target).await? {
+        refusals.push(format!(
+            "target {target} is already the rebuild of projection {} for {} (state {}): `oncely projection status {target}`",
+            r.projection, r.consumer, r.state
+        ));
+    } else if let Some(q) = store::projection::get_request(pool, target).await? {
+        refusals.push(format!(
+            "target {target} was requested already at {} for {}: waiting for the application to run it",
+            q.requested_at, q.consumer
+        ));
+    } else if store::projection::schema_exists(pool, target).await? {
+        refusals.push(format!("schema {target} exists already: choose another target"));
+    }
+    match from {
+        RebuildFrom::Snapshot(id) => match crate::admin::snapshots::get(pool, id).await? {
+            None => refusals.push(format!("no offset snapshot {id}")),
+            Some(s) if s.group != consumer => {
+                refusals.push(format!("offset snapshot {id} is of group {}, not {consumer}", s.group))
+            }
+            Some(_) => {}
+        },
+        RebuildFrom::Time(t) if t > Utc::now() => refusals.push(format!("{t} is in the future")),
+        _ => {}
+    }
+    let rebuild_consumer = super::rebuild_consumer_name(consumer, target);
+    let live_positions = store::projection::positions(pool, consumer, &rebuild_consumer).await?;
+    let op = RebuildRequestPlan {
+        target: target.to_owned(),
+        consumer: consumer.to_owned(),
+        from: from.spec(),
+        rebuild_consumer,
+        live_positions,
+        refusals,
+    };
+    Ok(Preview::new(session, op, origin))
+}
+
+impl Operation for RebuildRequestPlan {
+    type Output = RebuildRequested;
+
+    fn action(&self) -> &'static str {
+        "projection.rebuild"
+    }
+
+    fn confirmation_text(&self, environment: &str) -> String {
+        format!("REBUILD {environment} {}", self.target)
+    }
+
+    fn refusals(&self) -> &[String] {
+        &self.refusals
+    }
+
+    fn audit_entry(&self, entry: AuditEntry) -> AuditEntry {
+        entry.group(&self.consumer).before(positions_json(&self.live_positions)).details(json!({
+            "target": self.target,
+            "from": self.from,
+            "rebuild_consumer": self.rebuild_consumer,
+        }))
+    }
+
+    async fn run(&self, session: &Session, trail: &mut Trail) -> Result<RebuildRequested> {
+        let audit_id = trail.start().await?;
+        let recorded =
+            store::projection::insert_request(session.pool(), &self.target, &self.consumer, &self.from, audit_id)
+                .await?;
+        if !recorded {
+            return Err(trail.refuse(format!("target {} was requested or created meanwhile", self.target)).await);
+        }
+        trail.finish_quietly(&AuditOutcome::succeeded(None)).await;
+        Ok(RebuildRequested { audit_id, target: self.target.clone() })
+    }
+}
+
+/// The preview of dropping a rebuild target (`oncely projection drop`):
+/// abandoning a rebuild, or removing the previous projection a swap kept
+/// once its retention has ended, or withdrawing a request no application
+/// has started.
+#[derive(Debug, Clone, Serialize)]
+pub struct DropPlan {
+    /// The target.
+    pub target: String,
+    /// The rebuild (None: only a request).
+    pub rebuild: Option<RebuildRow>,
+    /// What the drop removes, in words.
+    pub meaning: String,
+    /// Why it would be refused (empty: it may go ahead).
+    pub refusals: Vec<String>,
+}
+
+/// What a drop did.
+#[derive(Debug, Clone, Serialize)]
+pub struct DropDone {
+    /// The audit record.
+    pub audit_id: i64,
+    /// What it removed (None: a request was withdrawn).
+    pub dropped: Option<store::projection::Dropped>,
+}
+
+/// Previews dropping rebuild target `target`. Refused while a swap's
+/// previous projection is still kept for swap-back.
+pub async fn preview_drop(session: &Session, target: &str, origin: Origin) -> Result<Preview<DropPlan>> {
+    session.require_operator_schema().await?;
+    let pool = session.pool();
+    let rebuild = store::projection::get(pool, target).await?;
+    let request = store::projection::get_request(pool, target).await?;
+    let mut refusals = Vec::new();
+    let meaning = match (&rebuild, &request) {
+        (None, None) => {
+            refusals.push(format!("no rebuild or request {target}"));
+            String::new()
+        }
+        (None, Some(q)) => format!("withdraws the request of {} (not started by any application)", q.requested_at),
+        (Some(r), _) if r.state == "rebuilding" => format!(
+            "abandons the rebuild of projection {} (consumer {}): drops schema {target} and the namespace {} \
+             (positions, inbox, versions, suppressed intents); a running rebuild stops; the live projection is untouched",
+            r.projection, r.consumer, r.rebuild_consumer
+        ),
+        (Some(r), _) => {
+            if r.keep_until.is_some_and(|until| Utc::now() < until) {
+                refusals.push(format!(
+                    "schema {target} holds the previous projection of {}, kept for swap-back until {}: drop it after that",
+                    r.projection,
+                    r.keep_until.map(|u| u.to_rfc3339()).unwrap_or_default()
+                ));
+            }
+            format!(
+                "drops the previous projection of {} kept in schema {target} since the swap of {}: swap-back is no \
+                 longer possible; the live projection is untouched",
+                r.projection,
+                r.swapped_at.map(|t| t.to_rfc3339()).unwrap_or_default()
+            )
+        }
+    };
+    Ok(Preview::new(session, DropPlan { target: target.to_owned(), rebuild, meaning, refusals }, origin))
+}
+
+impl Operation for DropPlan {
+    type Output = DropDone;
+
+    fn action(&self) -> &'static str {
+        "projection.drop"
+    }
+
+    fn confirmation_text(&self, environment: &str) -> String {
+        format!("DROP {environment} {}", self.target)
+    }
+
+    fn refusals(&self) -> &[String] {
+        &self.refusals
+    }
+
+    fn audit_entry(&self, entry: AuditEntry) -> AuditEntry {
+        let entry = match &self.rebuild {
+            Some(r) => entry.group(&r.consumer),
+            None => entry,
+        };
+        entry.details(json!({"target": self.target, "rebuild": self.rebuild, "meaning": self.meaning}))
+    }
+
+    async fn run(&self, session: &Session, trail: &mut Trail) -> Result<DropDone> {
+        let audit_id = trail.start().await?;
+        let pool = session.pool();
+        let dropped = match &self.rebuild {
+            None => {
+                if !store::projection::delete_request(pool, &self.target).await? {
+                    return Err(trail
+                        .refuse(format!("the request for {} was started or withdrawn meanwhile", self.target))
+                        .await);
+                }
+                None
+            }
+            Some(r) => {
+                // Under the row's lock: the state the preview saw may have changed.
+                let now = store::projection::get(pool, &self.target).await?;
+                if now.as_ref().map(|n| (&n.state, n.swaps)) != Some((&r.state, r.swaps)) {
+                    return Err(trail
+                        .refuse(format!("rebuild {} changed since the preview: preview again", self.target))
+                        .await);
+                }
+                Some(store::projection::drop_rebuild(pool, r, std::time::Duration::from_secs(30)).await?)
+            }
+        };
+        trail.finish_quietly(&AuditOutcome::succeeded(dropped.as_ref().map(|d| json!(d)))).await;
+        Ok(DropDone { audit_id, dropped })
+    }
+}
+
+/// [`diff`](super::diff), recorded in the audit log (`projection.diff`,
+/// with the summary as its outcome): a swap relies on it, so who compared
+/// what, when, shows in `oncely audit`. Changes nothing but the rebuild's
+/// last-diff record, so no confirmation is asked.
+pub async fn diff(session: &Session, target: &str, sample: i64, origin: Origin) -> Result<(DiffReport, i64)> {
+    session.require_operator_schema().await?;
+    let pool = session.pool();
+    let row =
+        store::projection::get(pool, target).await?.ok_or_else(|| Error::Refused(format!("no rebuild {target}")))?;
+    let entry = AuditEntry::new(&session.env().name, "projection.diff")
+        .actor(origin.actor)
+        .command_line(origin.command_line)
+        .cluster_id(session.cluster_id())
+        .group(&row.consumer)
+        .details(json!({"target": target, "projection": row.projection, "state": row.state}));
+    let audit_id = audit::record_start(pool, &entry).await?;
+    let report = super::diff(pool, target, sample).await;
+    let outcome = match &report {
+        Ok(r) => AuditOutcome::succeeded(Some(super::diff_summary(r))),
+        Err(e) => AuditOutcome::failed(e.to_string()),
+    };
+    if let Err(e) = audit::record_result(pool, audit_id, &outcome).await {
+        tracing::warn!(error = %e, audit_id, "Could not record the outcome in the audit log.");
+    }
+    Ok((report?, audit_id))
 }
 
 /// How often a swap looks whether the rebuild reached the paused live

@@ -2,15 +2,101 @@
 //! snapshots (`oncely.offset_snapshots`) and the per-group lock that keeps
 //! two operators from changing one group's offsets at once.
 
+use std::collections::BTreeMap;
+
 use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sqlx::postgres::PgRow;
 use sqlx::types::Json;
 use sqlx::{PgConnection, PgPool, Row};
 
-use crate::admin::audit::{AuditEntry, AuditFilter, AuditOutcome, AuditRecord, AuditResult};
-use crate::admin::snapshots::{NewSnapshot, PartitionOffset, Snapshot};
 use crate::error::Result;
+
+/// One partition's committed offset, as snapshots and the audit log keep it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PartitionOffset {
+    /// Topic.
+    pub topic: String,
+    /// Partition.
+    pub partition: i32,
+    /// The committed offset; `None` when the group had committed nothing.
+    pub offset: Option<i64>,
+    /// The commit metadata (empty when none).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub metadata: String,
+    /// The log end offset at that moment, when known (for lag history).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub log_end: Option<i64>,
+}
+
+/// Why a snapshot was taken.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnapshotReason {
+    /// `oncely watch`.
+    Watch,
+    /// `oncely offsets snapshot`.
+    Manual,
+    /// Taken right before an offset change, linked to its audit record.
+    BeforeChange,
+}
+
+impl SnapshotReason {
+    /// The value stored in `reason`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SnapshotReason::Watch => "watch",
+            SnapshotReason::Manual => "manual",
+            SnapshotReason::BeforeChange => "before-change",
+        }
+    }
+}
+
+/// A stored snapshot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Snapshot {
+    /// Its id (what `oncely offsets restore ID` takes).
+    pub id: i64,
+    /// When it was taken.
+    pub taken_at: DateTime<Utc>,
+    /// The environment it was taken in.
+    pub environment: String,
+    /// The Kafka cluster id it was taken from.
+    pub cluster_id: String,
+    /// The consumer group.
+    pub group: String,
+    /// `watch`, `manual` or `before-change`.
+    pub reason: String,
+    /// The audit record of the change it was taken before, if any.
+    pub audit_id: Option<i64>,
+    /// The offsets, sorted by topic and partition.
+    pub offsets: Vec<PartitionOffset>,
+}
+
+impl Snapshot {
+    /// The committed offsets by `(topic, partition)` (partitions without one left out).
+    pub fn committed(&self) -> BTreeMap<(String, i32), i64> {
+        self.offsets.iter().filter_map(|o| o.offset.map(|off| ((o.topic.clone(), o.partition), off))).collect()
+    }
+}
+
+/// A snapshot to store.
+#[derive(Debug, Clone)]
+pub struct NewSnapshot<'a> {
+    /// Environment name.
+    pub environment: &'a str,
+    /// Live cluster id.
+    pub cluster_id: &'a str,
+    /// Consumer group.
+    pub group: &'a str,
+    /// Why.
+    pub reason: SnapshotReason,
+    /// The audit record of the change it precedes.
+    pub audit_id: Option<i64>,
+    /// The offsets.
+    pub offsets: &'a [PartitionOffset],
+}
 
 const SNAPSHOT_COLUMNS: &str = "id, taken_at, environment, cluster_id, group_id, reason, audit_id, offsets";
 
@@ -142,6 +228,156 @@ pub async fn delete_watch_snapshots(pool: &PgPool, before: DateTime<Utc>) -> Res
         .rows_affected())
 }
 
+/// Who runs an action: for the CLI the OS user and the host; for a console
+/// the operator's name (from its sign-in) and the host the request came from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Actor {
+    /// The user: the OS user name, or the operator's name (the audit log's
+    /// `os_user` column).
+    pub os_user: String,
+    /// Host name (or the client address of a console request).
+    pub host: String,
+}
+
+/// An action about to run, as recorded by [`record_start`](crate::admin::audit::record_start).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditEntry {
+    /// Who.
+    pub actor: Actor,
+    /// The environment (from `oncely.toml`).
+    pub environment: String,
+    /// The live Kafka cluster id, when the action concerns Kafka.
+    pub cluster_id: Option<String>,
+    /// The command line.
+    pub command_line: String,
+    /// A dotted action name: `offsets.reset`, `offsets.undo`, `dlq.redrive`, ...
+    pub action: String,
+    /// The consumer group (oncely consumer name) it concerns, if any.
+    pub group: Option<String>,
+    /// The state before (offset actions: a list of partition offsets).
+    pub before: Option<Value>,
+    /// Anything else worth keeping (the target, the plan, ids, ...); an object.
+    pub details: Value,
+}
+
+/// How an action ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AuditResult {
+    /// Recorded, not finished (what a crash mid-action leaves).
+    Started,
+    /// Done.
+    Succeeded,
+    /// Tried and failed.
+    Failed,
+    /// A safety check refused it; nothing was changed.
+    Refused,
+}
+
+impl AuditResult {
+    /// The value stored in `result`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuditResult::Started => "started",
+            AuditResult::Succeeded => "succeeded",
+            AuditResult::Failed => "failed",
+            AuditResult::Refused => "refused",
+        }
+    }
+}
+
+/// The outcome of an action, for [`record_result`](crate::admin::audit::record_result).
+#[derive(Debug, Clone, PartialEq)]
+pub struct AuditOutcome {
+    /// Result.
+    pub result: AuditResult,
+    /// State after.
+    pub after: Option<Value>,
+    /// The error or the reason for a refusal.
+    pub error: Option<String>,
+    /// Merged (top-level keys) into the entry's details.
+    pub details: Option<Value>,
+}
+
+impl AuditOutcome {
+    /// Succeeded, with the state after.
+    pub fn succeeded(after: Option<Value>) -> Self {
+        AuditOutcome { result: AuditResult::Succeeded, after, error: None, details: None }
+    }
+
+    /// Failed with `error` (the state after, if known, can be added with
+    /// [`AuditOutcome::after`]).
+    pub fn failed(error: impl Into<String>) -> Self {
+        AuditOutcome { result: AuditResult::Failed, after: None, error: Some(error.into()), details: None }
+    }
+
+    /// Refused for `reason`.
+    pub fn refused(reason: impl Into<String>) -> Self {
+        AuditOutcome { result: AuditResult::Refused, after: None, error: Some(reason.into()), details: None }
+    }
+
+    /// Sets the state after.
+    pub fn after(mut self, after: Value) -> Self {
+        self.after = Some(after);
+        self
+    }
+
+    /// Details to merge into the entry's.
+    pub fn details(mut self, details: Value) -> Self {
+        self.details = Some(details);
+        self
+    }
+}
+
+/// A row of the audit log.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct AuditRecord {
+    /// Id (offset resets stamp `oncely:reset:<id>` as commit metadata).
+    pub id: i64,
+    /// When it was recorded (before it ran).
+    pub started_at: DateTime<Utc>,
+    /// When its outcome was recorded.
+    pub finished_at: Option<DateTime<Utc>>,
+    /// OS user.
+    pub os_user: String,
+    /// Host.
+    pub host: String,
+    /// Environment.
+    pub environment: String,
+    /// Cluster id.
+    pub cluster_id: Option<String>,
+    /// Command line.
+    pub command_line: String,
+    /// Action.
+    pub action: String,
+    /// Group.
+    pub group: Option<String>,
+    /// State before.
+    pub before: Option<Value>,
+    /// State after.
+    pub after: Option<Value>,
+    /// Details.
+    pub details: Value,
+    /// `started`, `succeeded`, `failed` or `refused`.
+    pub result: String,
+    /// Error or refusal reason.
+    pub error: Option<String>,
+}
+
+/// Which audit records to list.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AuditFilter {
+    /// Started at or after.
+    pub since: Option<DateTime<Utc>>,
+    /// Of this group.
+    pub group: Option<String>,
+    /// Of this action, or of actions starting with it followed by a dot
+    /// (`offsets` matches `offsets.reset`).
+    pub action: Option<String>,
+    /// At most this many (the newest). Default: no limit.
+    pub limit: Option<i64>,
+}
+
 const AUDIT_COLUMNS: &str =
     "id, started_at, finished_at, os_user, host, environment, cluster_id, command_line, action, \
                              group_id, before, after, details, result, error";
@@ -270,23 +506,13 @@ const GROUP_LOCK_SPACE: i32 = 0x006f_6e63;
 
 /// Tries to take the session-level advisory lock of `group` on `conn`
 /// (without waiting); false when another session holds it. Held until
-/// [`unlock_group`] or until the connection closes (a crashed CLI releases it).
+/// the connection closes (a crashed CLI releases it).
 pub async fn try_lock_group(conn: &mut PgConnection, group: &str) -> Result<bool> {
     Ok(sqlx::query_scalar("SELECT pg_try_advisory_lock($1, hashtext($2))")
         .bind(GROUP_LOCK_SPACE)
         .bind(group)
         .fetch_one(&mut *conn)
         .await?)
-}
-
-/// Releases the lock taken by [`try_lock_group`].
-pub async fn unlock_group(conn: &mut PgConnection, group: &str) -> Result<()> {
-    sqlx::query("SELECT pg_advisory_unlock($1, hashtext($2))")
-        .bind(GROUP_LOCK_SPACE)
-        .bind(group)
-        .execute(&mut *conn)
-        .await?;
-    Ok(())
 }
 
 /// Whether the operator tables exist (migration 3 applied).

@@ -86,7 +86,7 @@ pub async fn park(conn: &mut PgConnection, rows: &[NewParked<'_>]) -> Result<()>
                   header_keys, header_values, status, attempts, next_attempt_at, last_error, error_class) "#,
         );
         q.push_values(chunk, |mut b, p| {
-            let (keys, values): (Vec<Vec<u8>>, Vec<Option<Vec<u8>>>) = p.record.headers.iter().cloned().unzip();
+            let (keys, values): (Vec<Vec<u8>>, Vec<Option<Vec<u8>>>) = p.record.headers.to_vec().into_iter().unzip();
             b.push_bind(p.consumer)
                 .push_bind(&p.record.topic)
                 .push_bind(p.record.partition)

@@ -26,7 +26,7 @@ use crate::error::{Error, Result};
 /// before any inbox row is written, so two members racing on a partition are
 /// serialised on that row; a zombie's open batch blocks the new owner's fence
 /// (see [`super::offsets`] for how that wait is bounded), never its claims.
-pub async fn fence_and_claim(
+pub(crate) async fn fence_and_claim(
     conn: &mut PgConnection,
     fence: &super::offsets::Fence<'_>,
     consumer_id: i32,
@@ -68,6 +68,9 @@ pub async fn fence_and_claim(
 
 /// Inserts keys without a fence (the parked-key path, whose transaction has
 /// fenced already); returns the new ones.
+// Test hook: `oncely/tests/inbox.rs` and the test kit's `guards.rs` claim
+// keys directly to check what the inbox keeps; not part of the API.
+#[doc(hidden)]
 pub async fn claim(conn: &mut PgConnection, consumer_id: i32, keys: &[Uuid]) -> Result<HashSet<Uuid>> {
     let rows = sqlx::query(
         "INSERT INTO oncely.inbox (id, consumer_id) SELECT k, $1 FROM unnest($2::uuid[]) AS x(k)
@@ -84,7 +87,7 @@ pub async fn claim(conn: &mut PgConnection, consumer_id: i32, keys: &[Uuid]) -> 
 /// batch that were parked or dead-lettered instead of applied). Callers pass
 /// only keys the claim returned as new, so another lane's committed row is
 /// never touched: `(id, consumer_id)` is one row, and it was inserted here.
-pub async fn unclaim(conn: &mut PgConnection, consumer_id: i32, keys: &[Uuid]) -> Result<()> {
+pub(crate) async fn unclaim(conn: &mut PgConnection, consumer_id: i32, keys: &[Uuid]) -> Result<()> {
     if keys.is_empty() {
         return Ok(());
     }
@@ -97,6 +100,9 @@ pub async fn unclaim(conn: &mut PgConnection, consumer_id: i32, keys: &[Uuid]) -
 }
 
 /// Whether `consumer_id` has claimed `key` (operators: "was event X applied?").
+// Test hook: `oncely/tests/inbox.rs` checks claims a migration carried
+// over; not part of the API.
+#[doc(hidden)]
 pub async fn is_claimed(pool: &PgPool, consumer_id: i32, key: Uuid) -> Result<bool> {
     Ok(sqlx::query("SELECT 1 FROM oncely.inbox WHERE id = $1 AND consumer_id = $2")
         .bind(key)
@@ -108,6 +114,9 @@ pub async fn is_claimed(pool: &PgPool, consumer_id: i32, key: Uuid) -> Result<bo
 
 /// The inbox key computed by the database (`oncely.inbox_key`), for tests
 /// that keep it equal to [`crate::envelope::inbox_key`] and for operators.
+// Test hook: `oncely/tests/inbox.rs` keeps the SQL key equal to the
+// Rust one; not part of the API.
+#[doc(hidden)]
 pub async fn key_in_sql(pool: &PgPool, identity: &[u8]) -> Result<Uuid> {
     Ok(sqlx::query_scalar("SELECT oncely.inbox_key($1)").bind(identity).fetch_one(pool).await?)
 }
@@ -117,10 +126,10 @@ pub async fn key_in_sql(pool: &PgPool, identity: &[u8]) -> Result<Uuid> {
 /// ACCESS EXCLUSIVE lock, and while it waits every new claim queues behind it:
 /// behind one long handler transaction that would freeze every consumer of
 /// the database. So it gives up quickly and tries again later.
-pub const DDL_LOCK_TIMEOUT: Duration = Duration::from_secs(1);
+pub(crate) const DDL_LOCK_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Creates the day partitions from yesterday to `days_ahead` days ahead
-/// (UTC); returns how many were created. Gives up after [`DDL_LOCK_TIMEOUT`]
+/// (UTC); returns how many were created. Gives up after one second (`DDL_LOCK_TIMEOUT`)
 /// if the default partition is busy (an error: try again later).
 pub async fn ensure_days(pool: &PgPool, days_ahead: i32) -> Result<i32> {
     let mut tx = pool.begin_with(begin_with_lock_timeout(DDL_LOCK_TIMEOUT)).await?;
@@ -139,6 +148,9 @@ pub(crate) fn begin_with_lock_timeout(d: Duration) -> String {
 }
 
 /// The days that have a partition, oldest first.
+// Test hook: `oncely/tests/envelope_kafka.rs` checks the day partitions;
+// not part of the API.
+#[doc(hidden)]
 pub async fn days(pool: &PgPool) -> Result<Vec<chrono::NaiveDate>> {
     let rows = sqlx::query(
         r#"SELECT to_date(substr(c.relname, 8), 'YYYYMMDD')
@@ -155,6 +167,8 @@ pub async fn days(pool: &PgPool) -> Result<Vec<chrono::NaiveDate>> {
 }
 
 /// What one retention pass did.
+// Public (hidden) as what the `trim_inbox` test hook returns.
+#[doc(hidden)]
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Trimmed {
     /// Day partitions dropped.
@@ -171,7 +185,7 @@ pub struct Trimmed {
 /// `lock_timeout`, then dropped), and deletes older claims from the timeless
 /// and default partitions. A day whose detach cannot get its lock in time is
 /// left for the next pass (reported in neither list).
-pub async fn trim(pool: &PgPool, retention_days: i32) -> Result<Trimmed> {
+pub(crate) async fn trim(pool: &PgPool, retention_days: i32) -> Result<Trimmed> {
     let mut out = Trimmed::default();
     let rows = sqlx::query(
         r#"SELECT c.relname

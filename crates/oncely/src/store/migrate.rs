@@ -16,6 +16,7 @@ pub const MIGRATIONS: &[(i64, &str, &str)] = &[
     (6, "outbox_bytes", include_str!("migrations/0006_outbox_bytes.sql")),
     (7, "bytes and inbox keys", include_str!("migrations/0007_bytes_and_inbox_keys.sql")),
     (8, "projections", include_str!("migrations/0008_projections.sql")),
+    (9, "projection requests", include_str!("migrations/0009_projection_requests.sql")),
 ];
 
 /// Key of the advisory lock held while migrating (`hashtext('oncely.migrate')` is

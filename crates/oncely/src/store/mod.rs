@@ -3,23 +3,39 @@
 //!
 //! Queries are built at run time (`sqlx::query`), not checked at compile time:
 //! the library builds without a database.
+//!
+//! The store is the library's own: applications reach it through
+//! [`connect`], [`migrate`] and [`MIGRATIONS`] (and [`inbox::ensure_days`],
+//! to prepare the inbox before a first consumer starts); the rest is reached
+//! through the public modules that own each table (dead letters and parked
+//! events through [`crate::failure`], effect intents through
+//! [`crate::effects`], projections through [`crate::projection`], the audit
+//! log and snapshots through [`crate::admin`]). A few functions stay public
+//! but hidden from the docs, each marked as a test hook with the reason.
 
 use sqlx::postgres::{PgConnection, PgPoolOptions};
-use sqlx::{Connection, PgPool, Row};
+use sqlx::{PgPool, Row};
 
 use crate::error::{Error, Result};
 
-pub mod admin;
-pub mod effects;
-pub mod failure;
+pub(crate) mod admin;
+pub(crate) mod effects;
+pub(crate) mod failure;
+/// Public for [`inbox::ensure_days`] only; its other items are the library's
+/// (or test hooks).
 pub mod inbox;
 mod migrate;
-pub mod offsets;
-pub mod outbox;
-pub mod projection;
-pub use migrate::{migrate, migrate_up_to, MIGRATIONS};
+pub(crate) mod offsets;
+pub(crate) mod outbox;
+pub(crate) mod projection;
+#[doc(hidden)]
+pub use migrate::migrate_up_to;
+pub use migrate::{migrate, MIGRATIONS};
 
 /// `url` (a `postgres://` URL) with its database replaced by `db`.
+// Test hook: the test kit and the benchmarks make a database per test or
+// run with it; not part of the API.
+#[doc(hidden)]
 pub fn with_database(url: &str, db: &str) -> String {
     let (base, query) = match url.split_once('?') {
         Some((b, q)) => (b, Some(q)),
@@ -53,7 +69,7 @@ pub async fn connect(url: &str, max: u32) -> Result<PgPool> {
 }
 
 /// `url` with its password replaced by `***`, for messages.
-pub fn redact_url(url: &str) -> String {
+pub(crate) fn redact_url(url: &str) -> String {
     match (url.find("://"), url.rfind('@')) {
         (Some(s), Some(at)) if at > s + 3 => {
             let creds = &url[s + 3..at];
@@ -68,7 +84,7 @@ pub fn redact_url(url: &str) -> String {
 
 /// Version guard: records `version` for the entity if it is newer than the
 /// stored one. Returns false for a stale (or equal) version.
-pub async fn apply_version(
+pub(crate) async fn apply_version(
     conn: &mut PgConnection,
     consumer: &str,
     entity_type: &str,
@@ -93,7 +109,7 @@ pub async fn apply_version(
 
 /// A dead letter to record.
 #[derive(Debug, Clone)]
-pub struct NewDeadLetter<'a> {
+pub(crate) struct NewDeadLetter<'a> {
     /// Consumer name.
     pub consumer: &'a str,
     /// The record.
@@ -112,8 +128,8 @@ pub struct NewDeadLetter<'a> {
 
 /// Indexes a dead letter in `oncely.dead_letters`; returns its id. A second
 /// insert for the same record position is a no-op returning the first id.
-pub async fn insert_dead_letter(conn: &mut PgConnection, dl: &NewDeadLetter<'_>) -> Result<i64> {
-    let (keys, values): (Vec<Vec<u8>>, Vec<Option<Vec<u8>>>) = dl.record.headers.iter().cloned().unzip();
+pub(crate) async fn insert_dead_letter(conn: &mut PgConnection, dl: &NewDeadLetter<'_>) -> Result<i64> {
+    let (keys, values): (Vec<Vec<u8>>, Vec<Option<Vec<u8>>>) = dl.record.headers.to_vec().into_iter().unzip();
     let row = sqlx::query(
         r#"INSERT INTO oncely.dead_letters
              (consumer, topic, partition, "offset", record_ts_ms, event_id, key, payload,
@@ -144,7 +160,7 @@ pub async fn insert_dead_letter(conn: &mut PgConnection, dl: &NewDeadLetter<'_>)
 
 /// Runs `SAVEPOINT`, `RELEASE SAVEPOINT` or `ROLLBACK TO SAVEPOINT` for the
 /// per-event savepoint of a batch.
-pub async fn savepoint(conn: &mut PgConnection, op: Savepoint) -> Result<()> {
+pub(crate) async fn savepoint(conn: &mut PgConnection, op: Savepoint) -> Result<()> {
     let sql = match op {
         Savepoint::Begin => "SAVEPOINT oncely_event",
         Savepoint::Release => "RELEASE SAVEPOINT oncely_event",
@@ -156,7 +172,7 @@ pub async fn savepoint(conn: &mut PgConnection, op: Savepoint) -> Result<()> {
 
 /// A savepoint operation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Savepoint {
+pub(crate) enum Savepoint {
     /// `SAVEPOINT`.
     Begin,
     /// `RELEASE SAVEPOINT`.
@@ -168,13 +184,17 @@ pub enum Savepoint {
 /// Sets `search_path` for the rest of the transaction (`set_config(...,
 /// true)`, the function form of `SET LOCAL`, so the value is a bound
 /// parameter, never SQL text).
-pub async fn set_local_search_path(conn: &mut sqlx::PgConnection, path: &str) -> Result<()> {
+pub(crate) async fn set_local_search_path(conn: &mut sqlx::PgConnection, path: &str) -> Result<()> {
     sqlx::query("SELECT set_config('search_path', $1, true)").bind(path).execute(&mut *conn).await?;
     Ok(())
 }
 
 /// Registers (or updates) a consumer and its inbox retention; returns the
 /// consumer's number (its inbox rows carry it instead of the name).
+// Test hook: the inbox tests (`oncely/tests/inbox.rs`, the test kit's
+// `guards.rs`) and the claim benchmark register consumers without running
+// one; not part of the API.
+#[doc(hidden)]
 pub async fn register_consumer(pool: &PgPool, name: &str, inbox_retention_days: i32) -> Result<i32> {
     Ok(sqlx::query_scalar(
         "INSERT INTO oncely.consumers (name, inbox_retention_days) VALUES ($1, $2)
@@ -188,12 +208,15 @@ pub async fn register_consumer(pool: &PgPool, name: &str, inbox_retention_days: 
 }
 
 /// The number of a registered consumer.
+// Test hook: `oncely/tests/inbox.rs` checks the numbers a migration gave;
+// not part of the API.
+#[doc(hidden)]
 pub async fn consumer_id(pool: &PgPool, name: &str) -> Result<Option<i32>> {
     Ok(sqlx::query_scalar("SELECT id FROM oncely.consumers WHERE name = $1").bind(name).fetch_optional(pool).await?)
 }
 
 /// [`consumer_id`] inside a transaction.
-pub async fn consumer_id_in(conn: &mut sqlx::PgConnection, name: &str) -> Result<Option<i32>> {
+pub(crate) async fn consumer_id_in(conn: &mut sqlx::PgConnection, name: &str) -> Result<Option<i32>> {
     Ok(sqlx::query_scalar("SELECT id FROM oncely.consumers WHERE name = $1")
         .bind(name)
         .fetch_optional(&mut *conn)
@@ -201,18 +224,21 @@ pub async fn consumer_id_in(conn: &mut sqlx::PgConnection, name: &str) -> Result
 }
 
 /// Whether `name` is a consumer registered in this database (an oncely group).
-pub async fn is_consumer(pool: &PgPool, name: &str) -> Result<bool> {
+pub(crate) async fn is_consumer(pool: &PgPool, name: &str) -> Result<bool> {
     Ok(sqlx::query("SELECT 1 FROM oncely.consumers WHERE name = $1").bind(name).fetch_optional(pool).await?.is_some())
 }
 
 /// The longest inbox retention of the registered consumers, in days: how
 /// long the shared inbox keeps a claimed identity (`None`: no consumer).
-pub async fn longest_inbox_retention_days(pool: &PgPool) -> Result<Option<i32>> {
+pub(crate) async fn longest_inbox_retention_days(pool: &PgPool) -> Result<Option<i32>> {
     Ok(sqlx::query_scalar("SELECT max(inbox_retention_days) FROM oncely.consumers").fetch_one(pool).await?)
 }
 
 /// Applies the inbox retention of every registered consumer (the longest
-/// wins: the inbox is shared): see [`inbox::trim`].
+/// wins: the inbox is shared): see `inbox::trim`.
+// Test hook: the retention tests run a pass now instead of waiting for the
+// consumer's hourly one; not part of the API.
+#[doc(hidden)]
 pub async fn trim_inbox(pool: &PgPool) -> Result<inbox::Trimmed> {
     match longest_inbox_retention_days(pool).await? {
         Some(days) => inbox::trim(pool, days).await,
@@ -225,7 +251,7 @@ pub async fn trim_inbox(pool: &PgPool) -> Result<inbox::Trimmed> {
 /// text columns that may receive what a record or a handler carries (error
 /// messages, reasons, identities shown to people); the bytes themselves are
 /// kept in `bytea` columns.
-pub fn pg_text(s: &str) -> std::borrow::Cow<'_, str> {
+pub(crate) fn pg_text(s: &str) -> std::borrow::Cow<'_, str> {
     if s.contains('\0') {
         std::borrow::Cow::Owned(s.replace('\0', "\\0"))
     } else {
@@ -234,14 +260,14 @@ pub fn pg_text(s: &str) -> std::borrow::Cow<'_, str> {
 }
 
 /// Whether `e` is PostgreSQL's `lock_not_available` (a `lock_timeout` ran out).
-pub fn is_lock_timeout(e: &sqlx::Error) -> bool {
+pub(crate) fn is_lock_timeout(e: &sqlx::Error) -> bool {
     has_sqlstate(e, "55P03")
 }
 
 /// Whether `e` is `in_failed_sql_transaction`: an earlier statement of the
 /// transaction failed (and someone swallowed the error), so every later one
 /// fails until a rollback.
-pub fn is_aborted_transaction(e: &sqlx::Error) -> bool {
+pub(crate) fn is_aborted_transaction(e: &sqlx::Error) -> bool {
     has_sqlstate(e, "25P02")
 }
 
@@ -252,15 +278,8 @@ fn has_sqlstate(e: &sqlx::Error, code: &str) -> bool {
 /// A round trip in the caller's transaction that fails if the transaction is
 /// aborted (PostgreSQL answers `COMMIT` of an aborted transaction with a
 /// rollback, not an error).
-pub async fn ping_tx(conn: &mut PgConnection) -> Result<()> {
+pub(crate) async fn ping_tx(conn: &mut PgConnection) -> Result<()> {
     sqlx::query("SELECT 1").execute(&mut *conn).await?;
-    Ok(())
-}
-
-/// Checks that the database answers (used by readiness checks).
-pub async fn ping(pool: &PgPool) -> Result<()> {
-    let mut c = pool.acquire().await?;
-    c.ping().await?;
     Ok(())
 }
 

@@ -169,21 +169,6 @@ pub async fn terminate_backend(pool: &PgPool, pid: i32) -> Result<bool> {
     }
 }
 
-/// The positions of `consumer` for the given partitions of `topic` (only
-/// partitions with a position).
-pub async fn load(pool: &PgPool, consumer: &str, topic: &str, partitions: &[i32]) -> Result<HashMap<i32, i64>> {
-    let rows = sqlx::query(
-        "SELECT partition, next_offset FROM oncely.offsets
-          WHERE consumer = $1 AND topic = $2 AND partition = ANY($3) AND next_offset IS NOT NULL",
-    )
-    .bind(consumer)
-    .bind(topic)
-    .bind(partitions)
-    .fetch_all(pool)
-    .await?;
-    rows.iter().map(|r| Ok((r.try_get::<i32, _>(0)?, r.try_get::<i64, _>(1)?))).collect()
-}
-
 /// All positions of a consumer: `(topic, partition) -> next_offset`.
 pub async fn of_consumer(pool: &PgPool, consumer: &str) -> Result<HashMap<(String, i32), i64>> {
     let rows = sqlx::query(

@@ -97,8 +97,6 @@ pub async fn insert(conn: &mut PgConnection, rows: &[NewOutboxRow<'_>]) -> Resul
 pub struct OutboxRow {
     /// Row id (the publish order within a lane).
     pub id: i64,
-    /// Lane.
-    pub lane: i16,
     /// Destination topic.
     pub topic: String,
     /// Kafka key.
@@ -129,7 +127,7 @@ pub struct OutboxRow {
 /// (47 ms against 0.6 ms for 2,000 of 100,000 pending rows).
 pub async fn claim(pool: &PgPool, lane_ns: i32, lock_pid: i32, limit: i64) -> Result<Vec<OutboxRow>> {
     let rows = sqlx::query(
-        "SELECT o.id, o.lane, o.topic, o.key, o.payload, o.header_keys, o.header_values, o.created_at
+        "SELECT o.id, o.topic, o.key, o.payload, o.header_keys, o.header_values, o.created_at
            FROM oncely.outbox o
           WHERE o.published_at IS NULL AND o.failed_at IS NULL
             AND o.lane = ANY((SELECT array_agg(l.objid::integer)
@@ -151,16 +149,15 @@ pub async fn claim(pool: &PgPool, lane_ns: i32, lock_pid: i32, limit: i64) -> Re
     .await?;
     rows.iter()
         .map(|r| {
-            let keys: Vec<Vec<u8>> = r.try_get(5)?;
-            let values: Vec<Option<Vec<u8>>> = r.try_get(6)?;
+            let keys: Vec<Vec<u8>> = r.try_get(4)?;
+            let values: Vec<Option<Vec<u8>>> = r.try_get(5)?;
             Ok(OutboxRow {
                 id: r.try_get(0)?,
-                lane: r.try_get(1)?,
-                topic: r.try_get(2)?,
-                key: r.try_get(3)?,
-                payload: r.try_get(4)?,
+                topic: r.try_get(1)?,
+                key: r.try_get(2)?,
+                payload: r.try_get(3)?,
                 headers: keys.into_iter().zip(values).collect(),
-                created_at: r.try_get(7)?,
+                created_at: r.try_get(6)?,
             })
         })
         .collect()

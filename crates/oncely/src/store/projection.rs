@@ -162,11 +162,7 @@ async fn prepare_inner(pool: &PgPool, new: &NewRebuild) -> Result<(RebuildRow, b
             new.projection
         )));
     }
-    let exists: bool = sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
-        .bind(&new.target)
-        .fetch_one(&mut *tx)
-        .await?;
-    if exists {
+    if schema_exists(&mut *tx, &new.target).await? {
         return Err(Error::Refused(format!(
             "schema {} exists already and is not a rebuild oncely knows: choose another target",
             new.target
@@ -524,4 +520,176 @@ pub async fn exchange(
     .execute(&mut *conn)
     .await?;
     Ok(Exchanged { inbox_to_live, inbox_to_rebuild })
+}
+
+/// A rebuild an operator asked for (`oncely projection rebuild`), for the
+/// application to run (`Projection::serve`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct RequestRow {
+    /// The rebuild target (schema).
+    pub target: String,
+    /// The live consumer whose projection is rebuilt.
+    pub consumer: String,
+    /// `earliest`, an RFC 3339 time, or `snapshot:<id>`.
+    pub from_spec: String,
+    /// When it was asked for.
+    pub requested_at: DateTime<Utc>,
+    /// The audit record of the request.
+    pub audit_id: Option<i64>,
+}
+
+const REQUEST_COLUMNS: &str = "target, consumer, from_spec, requested_at, audit_id";
+
+fn request_of(r: &sqlx::postgres::PgRow) -> Result<RequestRow> {
+    Ok(RequestRow {
+        target: r.try_get(0)?,
+        consumer: r.try_get(1)?,
+        from_spec: r.try_get(2)?,
+        requested_at: r.try_get(3)?,
+        audit_id: r.try_get(4)?,
+    })
+}
+
+/// Records a rebuild request. Returns `false` (and changes nothing) when
+/// target already has a request or a rebuild.
+pub async fn insert_request(
+    pool: &PgPool,
+    target: &str,
+    consumer: &str,
+    from_spec: &str,
+    audit_id: i64,
+) -> Result<bool> {
+    let inserted = sqlx::query(
+        "INSERT INTO oncely.projection_requests (target, consumer, from_spec, audit_id)
+         SELECT $1, $2, $3, $4
+          WHERE NOT EXISTS (SELECT 1 FROM oncely.projection_rebuilds WHERE target = $1)
+         ON CONFLICT (target) DO NOTHING",
+    )
+    .bind(target)
+    .bind(consumer)
+    .bind(from_spec)
+    .bind(audit_id)
+    .execute(pool)
+    .await?;
+    Ok(inserted.rows_affected() == 1)
+}
+
+/// The request for target, if any.
+pub async fn get_request(pool: &PgPool, target: &str) -> Result<Option<RequestRow>> {
+    sqlx::query(&format!("SELECT {REQUEST_COLUMNS} FROM oncely.projection_requests WHERE target = $1"))
+        .bind(target)
+        .fetch_optional(pool)
+        .await?
+        .as_ref()
+        .map(request_of)
+        .transpose()
+}
+
+/// What an application serving `consumer`'s projection `projection` has to
+/// run: the requests for the consumer, and the rebuilds of the projection
+/// still in state `rebuilding` (to resume after a restart), oldest first.
+pub async fn runnable(pool: &PgPool, consumer: &str, projection: &str) -> Result<Vec<RequestRow>> {
+    sqlx::query(&format!(
+        "SELECT {REQUEST_COLUMNS} FROM (
+             SELECT q.target, q.consumer, q.from_spec, q.requested_at, q.audit_id
+               FROM oncely.projection_requests q
+               LEFT JOIN oncely.projection_rebuilds r ON r.target = q.target
+              WHERE q.consumer = $1 AND (r.target IS NULL OR r.state = 'rebuilding')
+             UNION
+             SELECT r.target, r.consumer, r.from_spec, r.created_at, NULL
+               FROM oncely.projection_rebuilds r
+              WHERE r.consumer = $1 AND r.projection = $2 AND r.state = 'rebuilding'
+                AND NOT EXISTS (SELECT 1 FROM oncely.projection_requests q WHERE q.target = r.target)
+         ) x ORDER BY requested_at, target"
+    ))
+    .bind(consumer)
+    .bind(projection)
+    .fetch_all(pool)
+    .await?
+    .iter()
+    .map(request_of)
+    .collect()
+}
+
+/// Holds the lock that lets one process at a time run rebuild `target`:
+/// a session-level advisory lock on a connection of its own, released
+/// when the connection is dropped (it is taken out of the pool, so it closes)
+/// or its process dies. `None` when another process holds it.
+pub async fn try_lock_running(pool: &PgPool, target: &str) -> Result<Option<PgConnection>> {
+    let mut conn = pool.acquire().await?.detach();
+    let locked: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock(731058204, hashtext($1))")
+        .bind(target)
+        .fetch_one(&mut conn)
+        .await?;
+    if locked {
+        Ok(Some(conn))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Whether schema `name` exists.
+pub async fn schema_exists<'e>(db: impl sqlx::PgExecutor<'e>, name: &str) -> Result<bool> {
+    Ok(sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = $1)")
+        .bind(name)
+        .fetch_one(db)
+        .await?)
+}
+
+/// What a drop removed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Dropped {
+    /// Inbox rows of the rebuild namespace.
+    pub inbox_rows: u64,
+    /// Its positions.
+    pub positions: u64,
+    /// Its (suppressed, or kept previous) effect intents.
+    pub effects: u64,
+}
+
+/// Drops rebuild `row` in one transaction: its schema (the rebuilt tables,
+/// or after a swap the previous projection) and everything of its
+/// namespace (positions, inbox rows, entity versions, effect intents), then
+/// its row and its request. Dead letters are kept (they are history). A
+/// rebuild still running is fenced first: its batches finish or wait, and
+/// fail after, and it stops when it sees its row gone.
+pub async fn drop_rebuild(pool: &PgPool, row: &RebuildRow, lock_timeout: std::time::Duration) -> Result<Dropped> {
+    let mut tx = pool.begin_with(super::inbox::begin_with_lock_timeout(lock_timeout)).await?;
+    sqlx::query("SELECT 1 FROM oncely.projection_rebuilds WHERE target = $1 FOR UPDATE")
+        .bind(&row.target)
+        .execute(&mut *tx)
+        .await?;
+    lock_offsets(&mut tx, &row.rebuild_consumer).await?;
+    sqlx::query(&format!("DROP SCHEMA IF EXISTS {} CASCADE", quote_ident(&row.target))).execute(&mut *tx).await?;
+    let mut dropped = Dropped::default();
+    if let Some(id) = super::consumer_id_in(&mut tx, &row.rebuild_consumer).await? {
+        dropped.inbox_rows = sqlx::query("DELETE FROM oncely.inbox WHERE consumer_id = $1")
+            .bind(id)
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+    }
+    let by_name = |sql: &'static str| sqlx::query(sql).bind(row.rebuild_consumer.clone());
+    dropped.positions =
+        by_name("DELETE FROM oncely.offsets WHERE consumer = $1").execute(&mut *tx).await?.rows_affected();
+    by_name("DELETE FROM oncely.entity_versions WHERE consumer = $1").execute(&mut *tx).await?;
+    dropped.effects =
+        by_name("DELETE FROM oncely.effects WHERE consumer = $1").execute(&mut *tx).await?.rows_affected();
+    sqlx::query("DELETE FROM oncely.projection_rebuilds WHERE target = $1").bind(&row.target).execute(&mut *tx).await?;
+    sqlx::query("DELETE FROM oncely.projection_requests WHERE target = $1").bind(&row.target).execute(&mut *tx).await?;
+    tx.commit().await?;
+    Ok(dropped)
+}
+
+/// Withdraws the request for `target` that no application has started.
+/// Returns whether there was one.
+pub async fn delete_request(pool: &PgPool, target: &str) -> Result<bool> {
+    let deleted = sqlx::query(
+        "DELETE FROM oncely.projection_requests q WHERE q.target = $1
+            AND NOT EXISTS (SELECT 1 FROM oncely.projection_rebuilds r WHERE r.target = q.target)",
+    )
+    .bind(target)
+    .execute(pool)
+    .await?;
+    Ok(deleted.rows_affected() == 1)
 }

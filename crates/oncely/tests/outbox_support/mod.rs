@@ -118,8 +118,11 @@ pub fn read_to_end(topic: &str, partitions: i32) -> Result<Vec<Rec>> {
     let deadline = std::time::Instant::now() + WAIT;
     while done.values().any(|d| !d) {
         anyhow::ensure!(std::time::Instant::now() < deadline, "timed out reading {topic} to its end");
-        let Some(m) = consumer.poll(Duration::from_millis(200)) else { continue };
-        let m = m?;
+        let m = match consumer.poll(Duration::from_millis(200)) {
+            None => continue,
+            Some(Err(e)) if kit::is_transient_read_error(&e) => continue,
+            Some(m) => m?,
+        };
         let headers = m
             .headers()
             .map(|hs| hs.iter().map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec).unwrap_or_default())).collect())

@@ -1,9 +1,11 @@
-//! A small supervisor for the reference application's processes, for the
-//! programs that drive it (the torture harness of `oncely-bench`; `oncely
-//! demo` has its own copy that can move here): start `payments <service>` and
-//! wait for its `READY`, stop it (SIGTERM), kill it (SIGKILL), notice the ones
-//! that exited on their own, and a few helpers around them (fresh databases,
-//! topics, polling with a deadline).
+//! The one process supervisor of the workspace, for every program that runs
+//! services as child processes: the demo (`payments-demo`), the torture run
+//! of `oncely-bench`, and the tests' [`crate::process::TestConsumer`]. Start a
+//! binary and wait for its `READY` line (noting `LISTEN <url>` and
+//! `METRICS <url>` on the way), stop it (SIGTERM, then SIGKILL after a
+//! grace), kill it (SIGKILL), signal it (SIGSTOP/SIGCONT), notice the ones
+//! that exited on their own; and a few helpers around them (fresh
+//! databases, topics, polling with a deadline, running a tool).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -85,49 +87,11 @@ impl Procs {
         self.starts += 1;
         let log = self.dir.join(format!("{:03}-{name}.log", self.starts));
         let stderr = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut child = Command::new(&self.bin)
-            .args(&self.common)
-            .args(args)
-            .env("RUST_LOG", &self.log_filter)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr))
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {} {name}", self.bin.display()))?;
-        let stdout = child.stdout.take().context("the child's stdout")?;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                let _ = tx.send(l);
-            }
-        });
-        let (mut url, mut metrics) = (None, None);
-        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
-        loop {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(l)) if l == "READY" => break,
-                Ok(Some(l)) => {
-                    if let Some(u) = l.strip_prefix("LISTEN ") {
-                        url = Some(u.trim().to_owned());
-                    } else if let Some(u) = l.strip_prefix("METRICS ") {
-                        metrics = Some(u.trim().to_owned());
-                    }
-                }
-                Ok(None) => {
-                    let status = child.wait().await.ok();
-                    bail!("{name} exited before it was ready ({status:?}):\n{}", tail(&log, 15));
-                }
-                Err(_) => {
-                    let _ = child.start_kill();
-                    let _ = child.wait().await;
-                    bail!("{name} was not ready after {START_TIMEOUT:?}:\n{}", tail(&log, 15));
-                }
-            }
-        }
+        let mut cmd = Command::new(&self.bin);
+        cmd.args(&self.common).args(args).env("RUST_LOG", &self.log_filter).stderr(Stdio::from(stderr));
+        let Ready { child, mut lines, url, metrics } = spawn_ready(cmd, name, Some(&log), START_TIMEOUT).await?;
         // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while rx.recv().await.is_some() {} });
+        tokio::spawn(async move { while lines.recv().await.is_some() {} });
         self.running
             .insert(name.to_owned(), Proc { name: name.to_owned(), args: args.to_vec(), child, log, url, metrics });
         Ok(())
@@ -141,6 +105,11 @@ impl Procs {
     /// The `LISTEN` address of `name`.
     pub fn url(&self, name: &str) -> Result<String> {
         self.running.get(name).and_then(|p| p.url.clone()).with_context(|| format!("{name} has no address"))
+    }
+
+    /// The `METRICS` address of `name`.
+    pub fn metrics_url(&self, name: &str) -> Result<String> {
+        self.running.get(name).and_then(|p| p.metrics.clone()).with_context(|| format!("{name} serves no metrics"))
     }
 
     /// The arguments `name` was started with (to start it again).
@@ -203,6 +172,67 @@ impl Procs {
         for n in names {
             if let Err(e) = self.stop(&n, Duration::from_secs(20)).await {
                 tracing::warn!(service = %n, error = %e, "Stopping a service failed.");
+            }
+        }
+    }
+}
+
+/// A child that printed `READY`.
+#[derive(Debug)]
+pub struct Ready {
+    /// The process (killed when dropped).
+    pub child: Child,
+    /// Its stdout lines after `READY`, read continuously so the pipe never
+    /// fills (drain them, or drop the receiver).
+    pub lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    /// `LISTEN <url>`, if it printed one.
+    pub url: Option<String>,
+    /// `METRICS <url>`, if it printed one.
+    pub metrics: Option<String>,
+}
+
+/// Spawns `cmd` (stdin closed, stdout piped, killed on drop; stderr as the
+/// caller set it) and waits up to `timeout` for its `READY` line. A child
+/// that exits or does not get ready fails the call, with the end of `log`
+/// when there is one.
+pub async fn spawn_ready(mut cmd: Command, name: &str, log: Option<&Path>, timeout: Duration) -> Result<Ready> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("starting {name}"))?;
+    let stdout = child.stdout.take().context("the child's stdout")?;
+    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        let mut r = BufReader::new(stdout).lines();
+        while let Ok(Some(l)) = r.next_line().await {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let end_of_log = || log.map(|l| format!(":\n{}", tail(l, 15))).unwrap_or_default();
+    let (mut url, mut metrics) = (None, None);
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        match tokio::time::timeout_at(deadline, lines.recv()).await {
+            Ok(Some(l)) if l == "READY" => return Ok(Ready { child, lines, url, metrics }),
+            Ok(Some(l)) => {
+                if let Some(u) = l.strip_prefix("LISTEN ") {
+                    url = Some(u.trim().to_owned());
+                } else if let Some(u) = l.strip_prefix("METRICS ") {
+                    metrics = Some(u.trim().to_owned());
+                }
+            }
+            Ok(None) => {
+                let status = child.wait().await.ok();
+                bail!("{name} exited before it was ready ({status:?}){}", end_of_log());
+            }
+            Err(_) => {
+                let _ = child.start_kill();
+                let _ = child.wait().await;
+                bail!("{name} was not ready after {timeout:?}{}", end_of_log());
             }
         }
     }
@@ -272,9 +302,20 @@ where
     }
 }
 
-/// `url` with its database replaced by `db`.
-pub fn with_database(url: &str, db: &str) -> String {
-    oncely::store::with_database(url, db)
+pub use crate::with_database;
+
+/// `url` without its password, for messages.
+pub fn redact(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.split_once(':') {
+                Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
+                None => url.to_owned(),
+            }
+        }
+        _ => url.to_owned(),
+    }
 }
 
 /// Creates database `name` on the server of `admin_url`.
@@ -282,7 +323,7 @@ pub async fn create_database(admin_url: &str, name: &str) -> Result<()> {
     let mut conn = tokio::time::timeout(Duration::from_secs(10), PgConnection::connect(admin_url))
         .await
         .map_err(|_| anyhow::anyhow!("connecting to PostgreSQL timed out"))?
-        .with_context(|| format!("connecting to {}", crate::schema::redact(admin_url)))?;
+        .with_context(|| format!("connecting to {}", redact(admin_url)))?;
     let r = sqlx::query(&format!("CREATE DATABASE \"{name}\"")).execute(&mut conn).await;
     let _ = conn.close().await;
     r.with_context(|| format!("creating database {name}"))?;

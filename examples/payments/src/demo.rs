@@ -1,7 +1,8 @@
-//! `oncely demo`: the guided demonstration. Starts the reference application
-//! (`examples/payments`, the `payments` binary next to this one) against the
-//! services of `scripts/services`, each service its own process, and walks
-//! through three parts, checking every expectation:
+//! `payments-demo`: the guided demonstration (run by `scripts/demo`). Starts
+//! the reference application (the `payments` binary next to this one) against
+//! the services of `scripts/services`, each service its own process under the
+//! test kit's [`supervisor`], and walks through four parts, checking every
+//! expectation; the operator's steps run the `oncely` binary next to this one:
 //!
 //! 1. **The practical**: one order is charged once; the same `OrderCreated`
 //!    published again is skipped; the payment-service killed (SIGKILL) after
@@ -14,6 +15,8 @@
 //! 3. **The guard**: `oncely offsets reset` on a protected environment shows
 //!    the preview and refuses without the typed confirmation; an executed
 //!    reset is undone with `oncely offsets undo`.
+//! 4. **The rebuild**: a tax bug fixed with `oncely projection rebuild`,
+//!    `diff` and `swap` under load, with no card charged again.
 //!
 //! Everything it creates is fresh (a database, topics and groups named after a
 //! random run id) and removed at the end, so it can run twice in a row.
@@ -29,18 +32,19 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use clap::Args;
+use clap::Parser;
 use oncely::admin::KafkaAdmin;
 use oncely::kafka::admin::OffsetSpec;
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use oncely_testkit::supervisor::{self, create_topics, redact, with_database, Procs};
+use rdkafka::admin::{AdminClient, AdminOptions};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use sqlx::{Connection as _, PgConnection, PgPool};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
 
 /// Partitions of the demo's topics.
 const PARTITIONS: i32 = 4;
@@ -52,31 +56,43 @@ const CLIENTS: usize = 16;
 const START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a step that waits for the pipeline may take (plus per order).
 const STEP_TIMEOUT: Duration = Duration::from_secs(90);
+/// How long a stopped service may take to exit after SIGTERM.
+const STOP_GRACE: Duration = Duration::from_secs(20);
+/// The tax rate the payment-service should record (part 4)...
+const TAX_PERCENT: i64 = 20;
+/// ...and the one its bug records until the fix is deployed.
+const BUGGY_TAX_PERCENT: i64 = 2;
+/// The schema part 4 rebuilds the payments projection into.
+const REBUILD_TARGET: &str = "payments_v2";
 
-/// `oncely demo`
-#[derive(Debug, Args)]
-pub(crate) struct DemoArgs {
+/// `payments-demo`
+#[derive(Debug, Parser)]
+#[command(name = "payments-demo", about = "oncely's guided demonstration on the payments pipeline")]
+pub struct DemoArgs {
     /// Print one JSON object with the results as the last line.
     #[arg(long)]
-    pub(crate) json: bool,
+    pub json: bool,
     /// Orders (so payments and webhooks) in the incident.
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]
-    pub(crate) payments: u32,
+    pub payments: u32,
     /// Kafka bootstrap servers.
     #[arg(long, env = "ONCELY_KAFKA_BOOTSTRAP", default_value = "127.0.0.1:9092")]
-    pub(crate) bootstrap_servers: String,
+    pub bootstrap_servers: String,
     /// PostgreSQL URL of a database on the server to use; the demo creates its own database beside it.
     #[arg(long, env = "DATABASE_URL", default_value = "postgres://oncely:oncely@127.0.0.1:5432/oncely")]
-    pub(crate) database_url: String,
+    pub database_url: String,
     /// The reference application's binary (default: `payments` next to this binary).
     #[arg(long, env = "ONCELY_PAYMENTS_BIN", value_name = "FILE")]
-    pub(crate) payments_bin: Option<PathBuf>,
+    pub payments_bin: Option<PathBuf>,
+    /// The operator command line (default: `oncely` next to this binary).
+    #[arg(long, env = "ONCELY_BIN", value_name = "FILE")]
+    pub oncely_bin: Option<PathBuf>,
     /// Runs Kafka's own tools (default: `ONCELY_KAFKA_TOOL`, else `scripts/kafka-tool` of this checkout).
     #[arg(long, env = "ONCELY_KAFKA_TOOL", value_name = "FILE")]
-    pub(crate) kafka_tool: Option<PathBuf>,
+    pub kafka_tool: Option<PathBuf>,
     /// Keep the database, topics, groups and logs afterwards (to look at them).
     #[arg(long)]
-    pub(crate) keep: bool,
+    pub keep: bool,
 }
 
 /// One expectation and whether it held.
@@ -128,6 +144,14 @@ struct Report {
     guard_refused: bool,
     guard_executed: bool,
     undo_restored: bool,
+    /// Part 4: calls, publishes and effects that came from the rebuild (null: not reached).
+    rebuild_side_effects: Option<u64>,
+    /// Part 4: every payment has the correct tax after the swap.
+    rebuild_corrected: bool,
+    /// Part 4: orders without their payment after the swap (null: not reached).
+    swap_lost: Option<u64>,
+    /// Part 4: orders applied twice across the swap (null: not reached).
+    swap_duplicates: Option<u64>,
     checks: Vec<Check>,
     seconds: f64,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -135,7 +159,8 @@ struct Report {
 }
 
 /// Runs the demo.
-pub(crate) async fn run(args: &DemoArgs) -> Result<ExitCode> {
+/// Runs the demo; exits 1 if an expectation failed.
+pub async fn run(args: &DemoArgs) -> Result<ExitCode> {
     let started = Instant::now();
     let out = Out;
     let mut report = Report::default();
@@ -191,166 +216,6 @@ impl Out {
         self.line(&format!("  {} {name}: {detail}", if ok { "✓" } else { "✗" }));
         report.checks.push(Check { part, name: name.into(), ok, detail });
     }
-}
-
-/// A running service of the reference application.
-#[derive(Debug)]
-struct Proc {
-    name: String,
-    args: Vec<String>,
-    child: Child,
-    log: PathBuf,
-    url: Option<String>,
-    metrics: Option<String>,
-}
-
-/// Starts and stops the services.
-#[derive(Debug)]
-struct Procs {
-    bin: PathBuf,
-    common: Vec<String>,
-    dir: PathBuf,
-    running: BTreeMap<String, Proc>,
-    starts: usize,
-}
-
-impl Procs {
-    /// Starts `payments <args>` as `name` and waits for its `READY`.
-    async fn start(&mut self, name: &str, args: &[String]) -> Result<()> {
-        self.starts += 1;
-        let log = self.dir.join(format!("{:02}-{name}.log", self.starts));
-        let stderr = std::fs::File::create(&log).with_context(|| format!("creating {}", log.display()))?;
-        let mut child = Command::new(&self.bin)
-            .args(&self.common)
-            .args(args)
-            .env(
-                "RUST_LOG",
-                std::env::var("ONCELY_DEMO_LOG").unwrap_or_else(|_| "warn,oncely=info,payments=info".into()),
-            )
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr))
-            .kill_on_drop(true)
-            .spawn()
-            .with_context(|| format!("starting {} {name}", self.bin.display()))?;
-        let stdout = child.stdout.take().context("the child's stdout")?;
-        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<String>();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Ok(Some(l)) = lines.next_line().await {
-                let _ = tx.send(l);
-            }
-        });
-        let (mut url, mut metrics) = (None, None);
-        let deadline = tokio::time::Instant::now() + START_TIMEOUT;
-        loop {
-            match tokio::time::timeout_at(deadline, rx.recv()).await {
-                Ok(Some(l)) if l == "READY" => break,
-                Ok(Some(l)) => {
-                    if let Some(u) = l.strip_prefix("LISTEN ") {
-                        url = Some(u.trim().to_owned());
-                    } else if let Some(u) = l.strip_prefix("METRICS ") {
-                        metrics = Some(u.trim().to_owned());
-                    }
-                }
-                Ok(None) => {
-                    let status = child.wait().await.ok();
-                    bail!("{name} exited before it was ready ({status:?}):\n{}", tail(&log, 15));
-                }
-                Err(_) => bail!("{name} was not ready after {START_TIMEOUT:?}:\n{}", tail(&log, 15)),
-            }
-        }
-        // Keep draining stdout so the child never blocks on a full pipe.
-        tokio::spawn(async move { while rx.recv().await.is_some() {} });
-        self.running
-            .insert(name.to_owned(), Proc { name: name.to_owned(), args: args.to_vec(), child, log, url, metrics });
-        Ok(())
-    }
-
-    fn url(&self, name: &str) -> Result<String> {
-        self.running.get(name).and_then(|p| p.url.clone()).with_context(|| format!("{name} has no address"))
-    }
-
-    fn metrics_url(&self, name: &str) -> Result<String> {
-        self.running.get(name).and_then(|p| p.metrics.clone()).with_context(|| format!("{name} serves no metrics"))
-    }
-
-    /// Stops `name` gracefully (SIGTERM), killing it if it does not exit in time.
-    async fn stop(&mut self, name: &str) -> Result<()> {
-        let Some(mut p) = self.running.remove(name) else { return Ok(()) };
-        stop_proc(&mut p, Duration::from_secs(20)).await
-    }
-
-    /// Kills `name` with SIGKILL (a crash); returns its arguments, to restart it.
-    async fn kill(&mut self, name: &str) -> Result<Vec<String>> {
-        let mut p = self.running.remove(name).with_context(|| format!("{name} is not running"))?;
-        signal(&p.child, "KILL")?;
-        p.child.wait().await.with_context(|| format!("waiting for {name}"))?;
-        Ok(p.args)
-    }
-
-    /// The arguments `name` was started with (to start it again).
-    async fn args_of(&self, name: &str) -> Result<Vec<String>> {
-        self.running.get(name).map(|p| p.args.clone()).with_context(|| format!("{name} is not running"))
-    }
-
-    fn logs(&self) -> Vec<(String, PathBuf)> {
-        self.running.values().map(|p| (p.name.clone(), p.log.clone())).collect()
-    }
-
-    async fn stop_all(&mut self) {
-        let names: Vec<String> = self.running.keys().cloned().collect();
-        // Consumers first, then the relay and the servers.
-        let order = |n: &str| match n {
-            "fake-gateway" | "naive-merchant" => 3,
-            "order-service" | "relay" => 2,
-            _ => 1,
-        };
-        let mut names = names;
-        names.sort_by_key(|n| order(n));
-        for n in names {
-            if let Err(e) = self.stop(&n).await {
-                tracing::warn!(service = %n, error = %e, "Stopping a service failed.");
-            }
-        }
-    }
-}
-
-async fn stop_proc(p: &mut Proc, grace: Duration) -> Result<()> {
-    if let Ok(Some(_)) = p.child.try_wait() {
-        return Ok(());
-    }
-    signal(&p.child, "TERM")?;
-    match tokio::time::timeout(grace, p.child.wait()).await {
-        Ok(r) => {
-            r.with_context(|| format!("waiting for {}", p.name))?;
-        }
-        Err(_) => {
-            signal(&p.child, "KILL")?;
-            p.child.wait().await.with_context(|| format!("waiting for {}", p.name))?;
-            bail!("{} did not stop within {grace:?} after SIGTERM; killed it", p.name);
-        }
-    }
-    Ok(())
-}
-
-/// Sends `SIG<sig>` to the child (by its process id).
-fn signal(child: &Child, sig: &str) -> Result<()> {
-    let Some(pid) = child.id() else { return Ok(()) }; // already reaped
-    let status = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .context("running kill")?;
-    anyhow::ensure!(status.success(), "kill -{sig} {pid} failed");
-    Ok(())
-}
-
-/// The last `n` lines of a log file, indented.
-fn tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].iter().map(|l| format!("      {l}")).collect::<Vec<_>>().join("\n")
 }
 
 /// Names of everything the run creates.
@@ -410,6 +275,7 @@ struct DemoArgsOwned {
     bootstrap: String,
     admin_db_url: String,
     kafka_tool: PathBuf,
+    oncely_bin: PathBuf,
     keep: bool,
 }
 
@@ -420,6 +286,7 @@ impl Demo {
         out.line("oncely demo: effectively-once Kafka + PostgreSQL, shown on a payments pipeline");
         let bin = payments_bin(args)?;
         let kafka_tool = kafka_tool(args)?;
+        let oncely_bin = oncely_bin(args)?;
 
         // The services.
         let admin = KafkaAdmin::new(&args.bootstrap_servers, &[])
@@ -466,6 +333,7 @@ impl Demo {
             bootstrap: args.bootstrap_servers.clone(),
             admin_db_url: args.database_url.clone(),
             kafka_tool,
+            oncely_bin,
             keep: args.keep,
         };
         let common = vec![
@@ -478,11 +346,12 @@ impl Demo {
             "--payments-topic".into(),
             names.payments.clone(),
         ];
-        let procs = Procs { bin, common, dir: dir.clone(), running: BTreeMap::new(), starts: 0 };
+        let log_filter = std::env::var("ONCELY_DEMO_LOG").unwrap_or_else(|_| "warn,oncely=info,payments=info".into());
+        let procs = Procs::new(bin, common, dir.clone(), &log_filter);
         let pool = match oncely::store::connect(&db_url, 4).await {
             Ok(p) => p,
             Err(e) => {
-                drop_database(&args.database_url, &names.database).await;
+                let _ = supervisor::drop_database(&args.database_url, &names.database).await;
                 let _ = std::fs::remove_dir_all(&dir);
                 return Err(e).context("connecting to the demo's database");
             }
@@ -500,7 +369,7 @@ impl Demo {
     async fn start_app(&mut self, out: &Out) -> Result<()> {
         let t0 = Instant::now();
         self.created_topics = true;
-        create_topics(&self.kafka, &self.admin, &[&self.names.orders, &self.names.payments]).await?;
+        create_topics(&self.args.bootstrap, &[&self.names.orders, &self.names.payments], PARTITIONS).await?;
         out.line(&format!(
             "  run {}: database {}, topics {} and {} ({PARTITIONS} partitions), logs in {}",
             self.id,
@@ -510,7 +379,7 @@ impl Demo {
             self.dir.display()
         ));
         let migrate =
-            Command::new(&self.procs.bin).args(&self.procs.common).arg("migrate").stdin(Stdio::null()).output();
+            Command::new(self.procs.bin()).args(self.procs.common()).arg("migrate").stdin(Stdio::null()).output();
         let m = tokio::time::timeout(START_TIMEOUT, migrate)
             .await
             .map_err(|_| anyhow::anyhow!("payments migrate did not finish in {START_TIMEOUT:?}"))?
@@ -545,7 +414,14 @@ impl Demo {
         self.procs.start("relay", &["relay".into(), "--name".into(), format!("demo-{}", self.id)]).await?;
         let gateway = self.procs.url("fake-gateway")?;
         let naive_merchant = self.procs.url("naive-merchant")?;
-        let mut a = vec!["payment-service".into(), "--gateway-url".into(), gateway.clone()];
+        // With the tax bug of part 4 (2 % instead of 20 %) from the start.
+        let mut a = vec![
+            "payment-service".into(),
+            "--gateway-url".into(),
+            gateway.clone(),
+            "--tax-percent".into(),
+            BUGGY_TAX_PERCENT.to_string(),
+        ];
         a.extend(consumer(&n.payment_group));
         self.procs.start("payment-service", &a).await?;
         // The oncely dispatcher follows a rewind (`replay`), so that it
@@ -582,6 +458,7 @@ impl Demo {
         self.part1(out, report).await?;
         self.part2(out, report).await?;
         self.part3(out, report).await?;
+        self.part4(out, report).await?;
         Ok(())
     }
 
@@ -622,7 +499,7 @@ impl Demo {
         let (rec, ce_id) = self.find_record(&self.names.orders.clone(), &first).await?;
         let publisher = oncely::Publisher::new(&self.args.bootstrap, "/oncely/demo")?;
         let headers: Vec<(Vec<u8>, Vec<u8>)> =
-            rec.headers.iter().filter_map(|(k, v)| v.as_ref().map(|v| (k.clone(), v.clone()))).collect();
+            rec.headers.iter().filter_map(|(k, v)| v.map(|v| (k.to_vec(), v.to_vec()))).collect();
         let (partition, offset) = publisher
             .publish_raw(&self.names.orders, rec.key.as_deref(), rec.payload.as_deref(), &headers)
             .await
@@ -833,10 +710,10 @@ impl Demo {
         // The incident: both dispatchers stopped, their groups rewound with Kafka's tool.
         let payments_topic = self.names.payments.clone();
         let groups = [self.names.naive_group.clone(), self.names.webhook_group.clone()];
-        let naive_args = self.procs.args_of("naive-dispatcher").await?;
-        let oncely_args = self.procs.args_of("webhook-dispatcher").await?;
-        self.procs.stop("naive-dispatcher").await?;
-        self.procs.stop("webhook-dispatcher").await?;
+        let naive_args = self.procs.args_of("naive-dispatcher")?;
+        let oncely_args = self.procs.args_of("webhook-dispatcher")?;
+        self.procs.stop("naive-dispatcher", STOP_GRACE).await?;
+        self.procs.stop("webhook-dispatcher", STOP_GRACE).await?;
         for g in &groups {
             self.wait_inactive(g).await?;
         }
@@ -969,7 +846,7 @@ impl Demo {
         out.line("\n3. The guard: the same reset with `oncely offsets` on a protected environment");
         let group = self.names.webhook_group.clone();
         let topic = self.names.payments.clone();
-        self.procs.stop("webhook-dispatcher").await?;
+        self.procs.stop("webhook-dispatcher", STOP_GRACE).await?;
         self.wait_inactive(&group).await?;
         let cluster = self.admin.describe_cluster().await.map_err(anyhow::Error::from)?.cluster_id;
         let env = "demo-prod";
@@ -1051,6 +928,179 @@ impl Demo {
             report.undo_restored,
             format!("before {} → reset {} → undo {}", fmt_offsets(&before), fmt_offsets(&moved), fmt_offsets(&after)),
         );
+        Ok(())
+    }
+
+    // ------------------------------------------------------------- part 4
+
+    async fn part4(&mut self, out: &Out, report: &mut Report) -> Result<()> {
+        out.line("\n4. The rebuild: a tax bug fixed without charging anyone again");
+        let group = self.names.payment_group.clone();
+        let env = "demo-prod";
+        let config = self.dir.join("oncely.toml");
+        let wrong_sql =
+            format!("SELECT count(*) FROM public.payments WHERE tax_cents <> amount_cents * {TAX_PERCENT} / 100");
+        let wrong = self.count_all(&wrong_sql).await?;
+        let paid = self.count_all("SELECT count(*) FROM public.payments").await?;
+        out.line(&format!(
+            "  the payment-service has recorded tax at {BUGGY_TAX_PERCENT} % instead of {TAX_PERCENT} % from the start: \
+             {wrong} of {paid} payments are wrong. Replaying into the live table would charge {paid} cards again."
+        ));
+
+        // The fix is deployed: the same service without the bug, which also
+        // serves the rebuilds of its projection.
+        let mut args = self.procs.args_of("payment-service")?;
+        if let Some(i) = args.iter().position(|a| a == "--tax-percent") {
+            args.drain(i..i + 2);
+        }
+        self.procs.stop("payment-service", STOP_GRACE).await?;
+        self.procs.start("payment-service", &args).await?;
+        out.line(
+            "  deployed the fix: payment-service restarted with the correct rate (it serves its projection's rebuilds)",
+        );
+
+        // Orders keep arriving through the rebuild and the swap.
+        let gw_url = self.procs.url("fake-gateway")?;
+        let before = self.stats(&gw_url).await?;
+        let outbox_sql =
+            format!("SELECT count(*) FROM oncely.outbox WHERE topic = '{}'", self.names.payments.replace('\'', "''"));
+        let outbox_before = self.count_all(&outbox_sql).await?;
+        let dead_sql = "SELECT count(*) FROM oncely.dead_letters WHERE consumer = $1";
+        let dead_before = self.count(dead_sql, &group).await?;
+        let load = OrderLoad::start(self.http.clone(), self.procs.url("order-service")?, self.id.clone());
+
+        let confirm = format!("REBUILD {env} {REBUILD_TARGET}");
+        let rebuild =
+            ["projection", "rebuild", "--consumer", group.as_str(), "--into", REBUILD_TARGET, "--from", "earliest"];
+        out.line(&format!("    $ oncely --env {env} {} --confirm '{confirm}'", rebuild.join(" ")));
+        let mut a = rebuild.to_vec();
+        a.extend(["--confirm", confirm.as_str()]);
+        let requested = self.oncely(&config, &a).await?;
+        show(out, &requested.stdout, 6);
+        anyhow::ensure!(requested.code == Some(0), "oncely projection rebuild failed: {}", requested.stderr);
+
+        let t0 = Instant::now();
+        let pool = self.pool.clone();
+        wait_for("the rebuild to catch up with the live consumer", STEP_TIMEOUT, || {
+            let pool = pool.clone();
+            async move {
+                let Ok(s) = oncely::projection::status(&pool, REBUILD_TARGET).await else { return Ok(None) };
+                Ok((s.lag.behind <= 50 && s.lag.missing.is_empty() && s.rebuild.state == "rebuilding").then_some(()))
+            }
+        })
+        .await?;
+        out.line(&format!("  the application ran the rebuild; it caught up in {:.1} s", t0.elapsed().as_secs_f64()));
+        out.line(&format!("    $ oncely --env {env} projection status {REBUILD_TARGET}"));
+        let status = self.oncely(&config, &["projection", "status", REBUILD_TARGET, "--rate-window", "1"]).await?;
+        show(out, &status.stdout, 6);
+
+        out.line(&format!("    $ oncely --env {env} projection diff {REBUILD_TARGET} --sample 2"));
+        let diff = self.oncely(&config, &["projection", "diff", REBUILD_TARGET, "--sample", "2"]).await?;
+        show(out, &diff.stdout, 12);
+        anyhow::ensure!(diff.code == Some(0), "oncely projection diff failed: {}", diff.stderr);
+
+        let confirm = format!("SWAP {env} {REBUILD_TARGET}");
+        out.line(&format!("    $ oncely --env {env} projection swap {REBUILD_TARGET} --execute --confirm '{confirm}'"));
+        let swap = self
+            .oncely(&config, &["projection", "swap", REBUILD_TARGET, "--execute", "--confirm", confirm.as_str()])
+            .await?;
+        show_tail(out, &swap.stdout, 3);
+        if swap.code != Some(0) {
+            show(out, &swap.stderr, 6);
+        }
+        let swapped = swap.code == Some(0);
+
+        // A little more load after the swap, then everything settles.
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        let created = load.stop().await?;
+        let settle_deadline = Instant::now() + STEP_TIMEOUT;
+        let orders_sql = "SELECT count(*) FROM public.orders";
+        loop {
+            let orders = self.count_all(orders_sql).await?;
+            let paid = self.count_all("SELECT count(*) FROM public.payments").await?;
+            let open = self
+                .count(
+                    "SELECT count(*) FROM oncely.effects WHERE consumer = $1 AND status IN ('pending', 'running')",
+                    &group,
+                )
+                .await?;
+            if (paid >= orders && open == 0) || Instant::now() > settle_deadline {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let after = self.stats(&gw_url).await?;
+        let outbox_after = self.count_all(&outbox_sql).await?;
+        let rebuild_consumer = oncely::projection::rebuild_consumer_name(&group, REBUILD_TARGET);
+        let unsuppressed = self
+            .count(
+                "SELECT count(*) FROM oncely.effects WHERE consumer = $1 AND status <> 'suppressed'",
+                &rebuild_consumer,
+            )
+            .await?;
+        let suppressed = self
+            .count(
+                "SELECT count(*) FROM oncely.effects WHERE consumer = $1 AND status = 'suppressed'",
+                &rebuild_consumer,
+            )
+            .await?;
+        let new = created as i64;
+        let extra_calls = (after.charge_calls - before.charge_calls) as i64 - new;
+        let extra_published = outbox_after - outbox_before - new;
+        let side = extra_calls.max(0) + extra_published.max(0) + unsuppressed;
+        report.rebuild_side_effects = Some(side as u64);
+        out.check(
+            report,
+            4,
+            "the rebuild fired no side effect",
+            side == 0 && extra_calls == 0 && extra_published == 0,
+            format!(
+                "{} gateway calls and {} PaymentSucceeded published for {new} new orders; the rebuild's {suppressed} \
+                 charges recorded as suppressed, {unsuppressed} not",
+                after.charge_calls - before.charge_calls,
+                outbox_after - outbox_before
+            ),
+        );
+        let wrong_after = self.count_all(&wrong_sql).await?;
+        let paid = self.count_all("SELECT count(*) FROM public.payments").await?;
+        report.rebuild_corrected = swapped && wrong_after == 0 && paid > 0;
+        out.check(
+            report,
+            4,
+            "the swapped-in projection has the correct tax",
+            report.rebuild_corrected,
+            format!("{wrong_after} of {paid} payments with a wrong tax (before: {wrong})"),
+        );
+        let lost = self
+            .count_all(
+                "SELECT count(*) FROM public.orders o WHERE NOT EXISTS (SELECT 1 FROM public.payments p WHERE p.order_id = o.id)",
+            )
+            .await?;
+        let twice = self
+            .count_all(
+                "SELECT count(*) FROM public.payments WHERE cardinality(array_positions(history, 'OrderCreated')) > 1",
+            )
+            .await?;
+        let dead = self.count(dead_sql, &group).await? - dead_before;
+        let charged_twice = (after.charge_calls - after.distinct_charges) as i64
+            - (before.charge_calls - before.distinct_charges) as i64;
+        let duplicates = twice + dead + charged_twice.max(0);
+        report.swap_lost = Some(lost as u64);
+        report.swap_duplicates = Some(duplicates as u64);
+        out.check(
+            report,
+            4,
+            "across the swap nothing is lost and nothing applied twice",
+            swapped && lost == 0 && duplicates == 0,
+            format!(
+                "{new} orders during the rebuild and the swap; {lost} without a payment, {twice} applied twice, \
+                 {dead} dead-lettered, {} charged again",
+                charged_twice.max(0)
+            ),
+        );
+        out.line(&format!(
+            "  back out with: oncely --env {env} projection swap-back payments --execute (kept 7 days in schema {REBUILD_TARGET})"
+        ));
         Ok(())
     }
 
@@ -1172,12 +1222,11 @@ impl Demo {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Runs this `oncely` binary with `--config FILE` and `args`, stdin closed (no terminal).
+    /// Runs the `oncely` binary with `--config FILE` and `args`, stdin closed (no terminal).
     async fn oncely(&self, config: &Path, args: &[&str]) -> Result<Ran> {
-        let exe = std::env::current_exe().context("locating the oncely binary")?;
         let out = tokio::time::timeout(
             Duration::from_secs(120),
-            Command::new(exe)
+            Command::new(&self.args.oncely_bin)
                 .arg("--config")
                 .arg(config)
                 .args(args)
@@ -1201,7 +1250,14 @@ impl Demo {
 
     /// Stops the services and removes what the run created (unless `--keep`).
     async fn teardown(&mut self, out: &Out, failed: bool) {
-        self.procs.stop_all().await;
+        // Consumers first, then the relay and the servers.
+        self.procs
+            .stop_all(|n| match n {
+                "fake-gateway" | "naive-merchant" => 3,
+                "order-service" | "relay" => 2,
+                _ => 1,
+            })
+            .await;
         if self.args.keep {
             out.line(&format!(
                 "\n  kept: database {}, topics {}-*, groups, logs in {}",
@@ -1218,7 +1274,9 @@ impl Demo {
             }
         }
         self.pool.close().await;
-        drop_database(&self.args.admin_db_url, &self.names.database).await;
+        if let Err(e) = supervisor::drop_database(&self.args.admin_db_url, &self.names.database).await {
+            problems.push(format!("database: {e:#}"));
+        }
         if failed {
             out.line(&format!("\n  logs kept in {}", self.dir.display()));
         } else if let Err(e) = std::fs::remove_dir_all(&self.dir) {
@@ -1261,22 +1319,43 @@ impl Demo {
     }
 }
 
+/// Orders arriving at the order-service (one every 40 ms) until stopped.
+struct OrderLoad {
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<Result<u64>>,
+}
+
+impl OrderLoad {
+    fn start(http: reqwest::Client, order_service: String, run_id: String) -> Self {
+        let stop = CancellationToken::new();
+        let token = stop.clone();
+        let task = tokio::spawn(async move {
+            let mut n = 0u64;
+            while !token.is_cancelled() {
+                let body = json!({ "orderId": format!("order-{run_id}-r{n}"), "customer": "grace", "amountCents": 1000 + n as i64 });
+                post(&http, &format!("{order_service}/orders"), &body).await?;
+                n += 1;
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+            Ok(n)
+        });
+        OrderLoad { stop, task }
+    }
+
+    /// Stops; returns how many orders it created.
+    async fn stop(self) -> Result<u64> {
+        self.stop.cancel();
+        self.task.await.context("the order load")?
+    }
+}
+
 /// Polls `f` every 100 ms until it returns `Some`, failing after `timeout`.
-async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, mut f: F) -> Result<T>
+async fn wait_for<T, F, Fut>(what: &str, timeout: Duration, f: F) -> Result<T>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<Option<T>>>,
 {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(v) = f().await? {
-            return Ok(v);
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    supervisor::wait_for(what, timeout, Duration::from_millis(100), f).await
 }
 
 /// The outcome of a command.
@@ -1359,73 +1438,29 @@ async fn post(http: &reqwest::Client, url: &str, body: &Value) -> Result<()> {
     Ok(())
 }
 
-async fn create_topics(kafka: &AdminClient<DefaultClientContext>, admin: &KafkaAdmin, names: &[&str]) -> Result<()> {
-    let topics: Vec<NewTopic<'_>> =
-        names.iter().map(|n| NewTopic::new(n, PARTITIONS, TopicReplication::Fixed(1))).collect();
-    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)));
-    for r in kafka.create_topics(&topics, &opts).await.context("creating the topics")? {
-        if let Err((t, e)) = r {
-            bail!("creating topic {t}: {e}");
-        }
-    }
-    let deadline = Instant::now() + Duration::from_secs(30);
-    for n in names {
-        loop {
-            if admin.topic_partitions(n).await.map(|p| p.len() as i32 == PARTITIONS).unwrap_or(false) {
-                break;
-            }
-            if Instant::now() > deadline {
-                bail!("topic {n} did not appear in the metadata within 30 s");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    Ok(())
-}
-
-async fn drop_database(admin_url: &str, name: &str) {
-    match PgConnection::connect(admin_url).await {
-        Ok(mut c) => {
-            if let Err(e) =
-                sqlx::query(&format!("DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)")).execute(&mut c).await
-            {
-                tracing::warn!(error = %e, database = name, "Dropping the demo's database failed.");
-            }
-            let _ = c.close().await;
-        }
-        Err(e) => tracing::warn!(error = %e, "Cannot connect to drop the demo's database."),
-    }
-}
-
-/// `url` with its database replaced by `db`.
-fn with_database(url: &str, db: &str) -> String {
-    oncely::store::with_database(url, db)
-}
-
-/// `url` without its password.
-fn redact(url: &str) -> String {
-    match (url.find("://"), url.rfind('@')) {
-        (Some(s), Some(at)) if at > s => match url[s + 3..at].split_once(':') {
-            Some((user, _)) => format!("{}{user}:***{}", &url[..s + 3], &url[at..]),
-            None => url.to_owned(),
-        },
-        _ => url.to_owned(),
-    }
-}
-
 /// The `payments` binary: `--payments-bin`, else next to this binary.
 fn payments_bin(args: &DemoArgs) -> Result<PathBuf> {
-    if let Some(p) = &args.payments_bin {
-        anyhow::ensure!(p.is_file(), "--payments-bin {} does not exist", p.display());
-        return Ok(p.clone());
+    beside_this_binary(args.payments_bin.as_deref(), "payments", "--payments-bin", "cargo build -p payments")
+}
+
+/// The operator command line: `--oncely-bin`, else `oncely` next to this binary.
+fn oncely_bin(args: &DemoArgs) -> Result<PathBuf> {
+    beside_this_binary(args.oncely_bin.as_deref(), "oncely", "--oncely-bin", "cargo build -p oncely-cli")
+}
+
+/// `given` if set (it must exist), else the binary `name` in this binary's
+/// directory (the same cargo profile).
+fn beside_this_binary(given: Option<&Path>, name: &str, flag: &str, build: &str) -> Result<PathBuf> {
+    if let Some(p) = given {
+        anyhow::ensure!(p.is_file(), "{flag} {} does not exist", p.display());
+        return Ok(p.to_owned());
     }
-    let exe = std::env::current_exe().context("locating the oncely binary")?;
-    let dir = exe.parent().context("the oncely binary has no directory")?;
-    let p = dir.join("payments");
+    let exe = std::env::current_exe().context("locating this binary")?;
+    let dir = exe.parent().context("this binary has no directory")?;
+    let p = dir.join(name);
     anyhow::ensure!(
         p.is_file(),
-        "the reference application's binary {} does not exist: build it with `cargo build -p payments` \
-         (same profile as oncely), or pass --payments-bin",
+        "{} does not exist: build it with `{build}` (same profile as payments-demo), or pass {flag}",
         p.display()
     );
     Ok(p)
@@ -1437,7 +1472,7 @@ fn kafka_tool(args: &DemoArgs) -> Result<PathBuf> {
         anyhow::ensure!(p.is_file(), "--kafka-tool {} does not exist", p.display());
         return Ok(p.clone());
     }
-    let exe = std::env::current_exe().context("locating the oncely binary")?;
+    let exe = std::env::current_exe().context("locating this binary")?;
     for dir in exe.ancestors().skip(1) {
         let p = dir.join("scripts/kafka-tool");
         if p.is_file() {
@@ -1474,6 +1509,15 @@ fn print_summary(out: &Out, r: &Report) {
         yes(r.guard_preview_shown),
         yes(r.guard_refused),
         yes(r.undo_restored)
+    );
+    let opt_n = |v: Option<u64>| v.map_or_else(|| "not reached".to_owned(), fmt_n);
+    let _ = writeln!(
+        t,
+        "  projection rebuild: side effects {}, taxes corrected {}, lost across the swap {}, applied twice {}",
+        opt_n(r.rebuild_side_effects),
+        yes(r.rebuild_corrected),
+        opt_n(r.swap_lost),
+        opt_n(r.swap_duplicates)
     );
     let failed: Vec<&Check> = r.checks.iter().filter(|c| !c.ok).collect();
     if r.ok {
