@@ -147,9 +147,14 @@ impl Rec {
 }
 
 /// Everything a reader with this isolation level sees in `topic` now, in
-/// (partition, offset) order: a fresh reader reads every partition to its
-/// end (the last stable offset for `read_committed`: an open transaction's
-/// records are beyond it) and stops at the end-of-partition event.
+/// (partition, offset) order. The reader first takes each partition's end as
+/// this isolation level sees it (the last stable offset for
+/// `read_committed`: an open transaction's records are beyond it), then
+/// reads from the beginning until every partition is past that end: a record
+/// at or beyond it, or the end-of-partition event. The end of a partition
+/// that keeps being written moves all the time; waiting only for the event
+/// there can outlast any deadline (it comes only from a fetch that found
+/// nothing new), so the snapshot is what "now" means.
 pub async fn visible(topic: &str, read_committed: bool) -> Result<Vec<Rec>> {
     let topic = topic.to_owned();
     tokio::task::spawn_blocking(move || read_visible(&topic, read_committed)).await?
@@ -174,21 +179,39 @@ fn read_visible(topic: &str, read_committed: bool) -> Result<Vec<Rec>> {
         // Not created yet (the processor creates its dead-letter topics at start).
         return Ok(Vec::new());
     }
+    // The end each partition has now, for this isolation level (librdkafka
+    // lists offsets with the consumer's own isolation level). An empty
+    // partition is read already.
+    let mut end: HashMap<i32, i64> = HashMap::new();
+    let mut done: HashSet<i32> = HashSet::new();
+    for p in &parts {
+        let (low, high) = c
+            .fetch_watermarks(topic, *p, Duration::from_secs(10))
+            .with_context(|| format!("the end of {topic} [{p}]"))?;
+        end.insert(*p, high);
+        if high <= low {
+            done.insert(*p);
+        }
+    }
     let mut tpl = TopicPartitionList::new();
     for p in &parts {
         tpl.add_partition_offset(topic, *p, Offset::Beginning)?;
     }
     c.assign(&tpl)?;
-    let mut at_end: HashSet<i32> = HashSet::new();
     let mut out = Vec::new();
     let deadline = Instant::now() + Duration::from_secs(60);
-    while at_end.len() < parts.len() {
+    while done.len() < parts.len() {
         if Instant::now() > deadline {
-            bail!("reading {topic}: only partitions {at_end:?} of {parts:?} reached their end in 60 s");
+            bail!("reading {topic}: only partitions {done:?} of {parts:?} reached their ends {end:?} in 60 s");
         }
         match c.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
-                at_end.remove(&m.partition());
+                // The last record before the end, or one written after it.
+                // (When the end is a transaction marker, which a reader never
+                // sees, the next record or the end-of-partition event says it.)
+                if m.offset() + 1 >= end[&m.partition()] {
+                    done.insert(m.partition());
+                }
                 out.push(Rec {
                     partition: m.partition(),
                     offset: m.offset(),
@@ -198,7 +221,7 @@ fn read_visible(topic: &str, read_committed: bool) -> Result<Vec<Rec>> {
                 });
             }
             Some(Err(KafkaError::PartitionEOF(p))) => {
-                at_end.insert(p);
+                done.insert(p);
             }
             Some(Err(e)) if crate::is_transient_read_error(&e) => {}
             Some(Err(e)) => bail!("reading {topic}: {e}"),
