@@ -14,8 +14,10 @@ use rdkafka::message::BorrowedHeaders;
 
 pub mod admin;
 mod connection;
+mod headers;
 pub use admin::KafkaAdmin;
 pub use connection::{is_secret, KafkaConnection, PropertyValue};
+pub use headers::{escape_bytes, Headers, HeadersIter};
 
 /// Commit metadata oncely's consumers write with their Kafka commits; an
 /// offset committed with any other metadata was moved by someone else.
@@ -25,7 +27,6 @@ pub const RESET_METADATA_PREFIX: &str = "oncely:reset:";
 
 use rdkafka::message::{BorrowedMessage, OwnedHeaders};
 
-use crate::envelope::Headers;
 use crate::error::{Error, Result};
 use rdkafka_sys as rdsys;
 
