@@ -1,5 +1,6 @@
 //! One backoff for every retry in oncely: the lanes (parked keys,
-//! infrastructure failures), side effects and the outbox relay.
+//! infrastructure failures), side effects, the outbox relay, the Admin API's
+//! retriable group requests and the processor's start.
 //!
 //! Retry `n` (0-based: `n = 0` is the wait before the first retry) waits a
 //! random time in `[step / 10, step]`, where `step = base · 2ⁿ`, capped at

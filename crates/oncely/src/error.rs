@@ -48,10 +48,10 @@ pub enum Error {
     },
     /// JSON (de)serialisation of a payload or a stored value failed.
     #[error("json error: {0}")]
-    Json(#[from] serde_json::Error),
+    Json(serde_json::Error),
     /// An I/O error (metrics endpoint, config file).
     #[error("i/o error: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
     /// A processor's transactional producer was fenced: another producer
     /// initialised the same `transactional.id`. Never retried.
     #[error("fenced: another instance started with transactional.id `{transactional_id}`: {detail}")]
@@ -83,6 +83,18 @@ impl From<rdkafka::error::KafkaError> for Error {
     }
 }
 
+impl From<serde_json::Error> for Error {
+    fn from(e: serde_json::Error) -> Self {
+        Error::Json(e)
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        Error::Io(e)
+    }
+}
+
 impl Error {
     /// Whether this is PostgreSQL's "current transaction is aborted": an
     /// earlier statement of the transaction failed.
@@ -93,3 +105,36 @@ impl Error {
 
 /// `Result` with oncely's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use std::error::Error as _;
+
+    use super::*;
+    use crate::kafka::admin::AdminError;
+    use rdkafka::error::KafkaError;
+
+    /// A chain printer (`anyhow`'s `{:#}`, the CLI's output) prints the
+    /// message and then every `source()`: a cause that is in the message and
+    /// also a source is printed twice.
+    #[test]
+    fn a_wrapped_cause_is_in_the_message_and_not_also_its_source() {
+        let task = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .expect("runtime")
+            .block_on(async { tokio::spawn(async { panic!("boom") }).await.expect_err("it panicked") });
+        let errors: Vec<(Error, &str)> = vec![
+            (std::io::Error::other("disk full").into(), "disk full"),
+            (serde_json::from_str::<u8>("x").expect_err("not json").into(), "expected value"),
+            (KafkaError::Subscription("no such topic".into()).into(), "no such topic"),
+            (sqlx::Error::PoolTimedOut.into(), "pool timed out"),
+            (AdminError::Client(KafkaError::Subscription("no such topic".into())).into(), "no such topic"),
+            (AdminError::Task { op: "ListOffsets", error: task }.into(), "panic"),
+        ];
+        for (e, cause) in errors {
+            let text = e.to_string();
+            assert!(text.to_lowercase().contains(cause), "the message names the cause: {text}");
+            assert!(e.source().is_none(), "{text}: the cause is also its source {:?}", e.source());
+        }
+    }
+}

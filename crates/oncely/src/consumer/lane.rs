@@ -347,6 +347,7 @@ impl Lane {
             self.position.store(o, Ordering::Release);
         }
         // The new owner takes over the partition's parked keys.
+        let mut failures = 0u32;
         loop {
             match parked_store::parked_keys(&s.pool, &s.name, &self.topic, self.partition).await {
                 Ok(keys) => {
@@ -360,7 +361,8 @@ impl Lane {
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "Cannot read the parked keys; retrying.");
-                    if !self.sleep(Duration::from_secs(1)).await {
+                    failures = failures.saturating_add(1);
+                    if !self.sleep(s.backoff.delay(failures.min(6))).await {
                         return false;
                     }
                 }

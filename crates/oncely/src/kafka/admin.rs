@@ -44,6 +44,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use crate::backoff::{Backoff, Retries};
 use rdkafka::admin::{AdminClient, AdminOptions, OwnedResourceSpecifier, ResourceSpecifier};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::KafkaError;
@@ -152,7 +153,7 @@ fn join_failures(failures: &[PartitionError]) -> String {
 pub enum AdminError {
     /// The client could not be created, or an `rdkafka` call failed.
     #[error("kafka client error: {0}")]
-    Client(#[source] KafkaError),
+    Client(KafkaError),
     /// An argument was rejected before anything was sent.
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
@@ -215,13 +216,12 @@ pub enum AdminError {
         detail: String,
     },
     /// The blocking task that ran the request panicked or was cancelled.
-    #[error("{op}: the blocking task failed: {source}")]
+    #[error("{op}: the blocking task failed: {error}")]
     Task {
         /// The Admin API operation.
         op: &'static str,
         /// Why.
-        #[source]
-        source: tokio::task::JoinError,
+        error: tokio::task::JoinError,
     },
 }
 
@@ -506,13 +506,13 @@ impl KafkaAdmin {
         Fut: std::future::Future<Output = AdminResult<T>>,
     {
         let deadline = tokio::time::Instant::now() + self.settings.timeout;
-        let mut delay = Duration::from_millis(100);
+        let mut retries = Retries::new(Backoff::new(Duration::from_millis(100), Duration::from_secs(1)));
         loop {
+            let delay = retries.peek();
             match f().await {
                 Err(e) if e.is_retriable() && tokio::time::Instant::now() + delay < deadline => {
                     tracing::debug!(error = %e, retry_in = ?delay, "Retrying an Admin API request.");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
+                    tokio::time::sleep(retries.next_delay()).await;
                 }
                 r => return r,
             }
@@ -529,7 +529,7 @@ impl KafkaAdmin {
         let settings = self.settings;
         tokio::task::spawn_blocking(move || f(&client, settings))
             .await
-            .map_err(|source| AdminError::Task { op, source })?
+            .map_err(|error| AdminError::Task { op, error })?
     }
 
     /// The cluster id, controller and brokers (DescribeCluster).

@@ -11,6 +11,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
 
+use crate::backoff::{Backoff, Retries};
 use crate::error::{Error, Result};
 
 /// How the processor reaches Kafka: the connection every client is built
@@ -104,12 +105,13 @@ pub(crate) async fn topic_limits(
     topics: &[String],
 ) -> Result<HashMap<String, usize>> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    let mut retries = Retries::new(Backoff::new(Duration::from_millis(100), Duration::from_secs(1)));
     loop {
         match topic_limits_once(admin, topics).await {
             Ok(l) => return Ok(l),
             Err(e) if tokio::time::Instant::now() < deadline => {
                 tracing::debug!(error = %e, "Topic configuration not readable yet; asking again.");
-                tokio::time::sleep(Duration::from_millis(200)).await;
+                tokio::time::sleep(retries.next_delay()).await;
             }
             Err(e) => return Err(e),
         }

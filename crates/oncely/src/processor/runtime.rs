@@ -42,6 +42,7 @@ use super::clients::{self, Connection, Role};
 use super::events::{self, DeadLettered};
 use super::out::{Out, OutRecord};
 use super::wire::{self, Input};
+use crate::backoff::{Backoff, Retries};
 use crate::consumer::{FailureClass, HandlerError};
 use crate::envelope::{EventId, IdentitySource};
 use crate::error::{Error, Result};
@@ -246,6 +247,7 @@ fn run_instance(shared: &Arc<Shared>) -> Result<Exit> {
 /// the transaction it left open. Retried while the coordinator is not ready.
 fn init_transactions(shared: &Shared, producer: &TxnProducer) -> Result<()> {
     let mut attempt = 0u32;
+    let mut retries = Retries::new(Backoff::new(Duration::from_millis(200), Duration::from_secs(2)));
     loop {
         match producer.init_transactions(shared.settings.op_timeout) {
             Ok(()) => {
@@ -255,7 +257,7 @@ fn init_transactions(shared: &Shared, producer: &TxnProducer) -> Result<()> {
             Err(KafkaError::Transaction(e)) if e.is_retriable() && attempt < 10 && !shared.shutdown.is_cancelled() => {
                 attempt += 1;
                 tracing::warn!(processor = %shared.name, error = %e, attempt, "init_transactions failed; retrying.");
-                std::thread::sleep(Duration::from_millis(200 * u64::from(attempt)));
+                std::thread::sleep(retries.next_delay());
             }
             Err(e) => {
                 return Err(Error::ProducerFatal {
