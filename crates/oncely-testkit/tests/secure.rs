@@ -1,7 +1,8 @@
 //! oncely against a secured cluster: the test broker's SASL_SSL listener
 //! (SCRAM-SHA-512, certificates from a local CA). Every client the consumer
 //! and the relay create goes through the one connection; a wrong password
-//! or an untrusted certificate fails at start, naming the cause.
+//! or an untrusted certificate fails the consumer, the relay and the
+//! processor at start, naming the cause.
 
 use std::time::{Duration, Instant};
 
@@ -90,35 +91,60 @@ async fn a_consumer_and_the_relay_run_against_a_sasl_ssl_listener() -> Result<()
     Ok(())
 }
 
-/// Runs a consumer that should fail at start; returns its error and how long it took.
-async fn start_fails(conn: oncely::kafka::KafkaConnection) -> Result<(String, Duration)> {
+/// What should fail at start with `conn`: a consumer, the relay and a
+/// processor, each run to its error. Returns each one's error and how long it
+/// took.
+async fn each_start_fails(conn: oncely::kafka::KafkaConnection) -> Result<Vec<(&'static str, String, Duration)>> {
     let db = kit::TestDb::new().await?;
-    let t = Instant::now();
-    let run = app::consumer(&kit::unique("g"), "any-topic", db.pool.clone(), app::Behaviour::tagged("x"))
-        .connection(conn)
-        .run(tokio_util::sync::CancellationToken::new());
-    let err = tokio::time::timeout(Duration::from_secs(60), run).await?.expect_err("it must not start");
-    Ok((err.to_string(), t.elapsed()))
+    let never = tokio_util::sync::CancellationToken::new;
+    let consumer = app::consumer(&kit::unique("g"), "any-topic", db.pool.clone(), app::Behaviour::tagged("x"))
+        .connection(conn.clone())
+        .run(never());
+    let relay = Relay::builder(db.pool.clone(), conn.clone()).name(kit::unique("relay")).build()?.run(never());
+    let processor = oncely_testkit::processor::processor(
+        &kit::unique("p"),
+        "any-topic",
+        "i1",
+        oncely_testkit::processor::Behaviour::new(&["any-output"], "x"),
+    )
+    .connection(conn)
+    .run(never());
+    let runs: Vec<(&str, futures::future::BoxFuture<'static, oncely::Result<()>>)> =
+        vec![("consumer", consumer), ("relay", Box::pin(relay)), ("processor", processor)];
+    let mut out = Vec::new();
+    for (what, run) in runs {
+        let t = Instant::now();
+        let err = tokio::time::timeout(Duration::from_secs(60), run)
+            .await
+            .map_err(|_| anyhow::anyhow!("the {what} was still running after 60 s"))?
+            .expect_err("it must not start");
+        out.push((what, err.to_string(), t.elapsed()));
+    }
+    Ok(out)
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_wrong_password_fails_within_seconds_and_says_authentication() -> Result<()> {
+async fn a_wrong_password_fails_the_consumer_the_relay_and_the_processor_within_seconds_and_says_authentication(
+) -> Result<()> {
     kit::init_tracing();
     let ca = std::env::var("ONCELY_KAFKA_SECURE_CA")?;
-    let (msg, took) = start_fails(kit::secure_connection_with("not-the-password", &ca)?).await?;
-    assert!(msg.contains("authentication"), "{msg}");
-    assert!(!msg.contains("not-the-password"), "the password is never shown: {msg}");
-    assert!(took < Duration::from_secs(20), "failed after {took:?}");
+    for (what, msg, took) in each_start_fails(kit::secure_connection_with("not-the-password", &ca)?).await? {
+        assert!(msg.contains("authentication"), "{what}: {msg}");
+        assert!(!msg.contains("not-the-password"), "{what}: the password is never shown: {msg}");
+        assert!(took < Duration::from_secs(20), "{what} failed after {took:?}");
+    }
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn an_untrusted_certificate_fails_within_seconds_and_says_certificate() -> Result<()> {
+async fn an_untrusted_certificate_fails_the_consumer_the_relay_and_the_processor_within_seconds_and_says_certificate(
+) -> Result<()> {
     kit::init_tracing();
     let password = std::env::var("ONCELY_KAFKA_SECURE_PASSWORD")?;
     let untrusted = std::env::var("ONCELY_KAFKA_UNTRUSTED_CA")?;
-    let (msg, took) = start_fails(kit::secure_connection_with(&password, &untrusted)?).await?;
-    assert!(msg.contains("certificate"), "{msg}");
-    assert!(took < Duration::from_secs(20), "failed after {took:?}");
+    for (what, msg, took) in each_start_fails(kit::secure_connection_with(&password, &untrusted)?).await? {
+        assert!(msg.contains("certificate"), "{what}: {msg}");
+        assert!(took < Duration::from_secs(20), "{what} failed after {took:?}");
+    }
     Ok(())
 }

@@ -31,10 +31,7 @@ impl Session {
         let connection = env.config.connection();
         // A wrong password or an untrusted certificate: a clear error now,
         // not a hang while librdkafka retries.
-        let check = connection.clone();
-        tokio::task::spawn_blocking(move || check.check(std::time::Duration::from_secs(15)))
-            .await
-            .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))??;
+        connection.check_at_start().await?;
         let admin = KafkaAdmin::new(connection, &[])?;
         let cluster = admin.describe_cluster().await?;
         env.check_cluster_id(&cluster.cluster_id)?;

@@ -31,10 +31,7 @@ impl Parts {
             self.connection.ok_or_else(|| Error::Config("bootstrap_servers (or a connection) is required".into()))?;
         // A wrong password or an untrusted certificate fails here, naming the
         // cause, instead of librdkafka retrying it forever.
-        let check = connection.clone();
-        tokio::task::spawn_blocking(move || check.check(Duration::from_secs(15)))
-            .await
-            .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))??;
+        connection.check_at_start().await?;
         if self.topics.is_empty() {
             return Err(Error::Config("at least one topic is required".into()));
         }

@@ -248,6 +248,17 @@ impl KafkaConnection {
         }
     }
 
+    /// [`check`](Self::check) with the 15 s every oncely client gives it at
+    /// start, on a blocking thread: what the consumer, the processor, the
+    /// relay and the CLI session call before anything else, so a wrong
+    /// password or an untrusted certificate fails there, naming the cause.
+    pub async fn check_at_start(&self) -> Result<()> {
+        let check = self.clone();
+        tokio::task::spawn_blocking(move || check.check(Duration::from_secs(15)))
+            .await
+            .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))?
+    }
+
     fn explain(&self, e: KafkaError, errors: &[(RDKafkaErrorCode, String)]) -> Error {
         let detail: Vec<&str> = errors.iter().map(|(_, m)| m.as_str()).collect();
         let all = format!("{e}; {}", detail.join("; "));

@@ -436,10 +436,7 @@ impl Relay {
         let Relay { pool, s, producer } = self;
         // A wrong password or an untrusted certificate: an error naming the
         // cause now, not batches waiting forever on librdkafka's retries.
-        let check = s.connection.clone();
-        tokio::task::spawn_blocking(move || check.check(Duration::from_secs(15)))
-            .await
-            .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))??;
+        s.connection.check_at_start().await?;
         let wake = Arc::new(Notify::new());
         let stop_helpers = CancellationToken::new();
         let listener = s.listen.then(|| {

@@ -419,6 +419,9 @@ impl ProcessorBuilder {
         };
         check_instance_id(&instance)?;
         let txn_id = transactional_id(&self.name, &instance);
+        // A wrong password or an untrusted certificate: an error naming the
+        // cause now, not a transaction waiting on librdkafka's retries.
+        self.conn.kafka.check_at_start().await?;
 
         let admin = clients::admin(&self.conn)?;
         for t in &self.inputs {
