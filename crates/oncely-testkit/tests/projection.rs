@@ -19,6 +19,11 @@ use tokio_util::sync::CancellationToken;
 
 const WAIT: Duration = Duration::from_secs(120);
 
+/// The audited diff an operator runs (the one a swap requires).
+async fn diff(db: &TestDb, target: &str, sample: i64) -> Result<oncely::projection::DiffReport> {
+    Ok(oncely::projection::ops::diff(&session(db).await?, target, sample, Origin::cli()).await?.0)
+}
+
 async fn session(db: &TestDb) -> Result<Session> {
     let env = Environment {
         name: "test".into(),
@@ -228,7 +233,7 @@ async fn the_tax_bug_is_rebuilt_with_zero_side_effects_and_swapped_in_under_load
     for (order, amount, t) in rebuilt.iter().filter(|(o, _, _)| o[1..].parse::<usize>().is_ok_and(|n| n < N)) {
         assert_eq!(*t, billing::tax(*amount, TAX_PERCENT), "rebuilt order {order}");
     }
-    let report = projection::diff(&pool, target, 5).await?;
+    let report = diff(&db, target, 5).await?;
     let inv = report.tables.iter().find(|t| t.table == "invoices").context("invoices in the diff")?;
     assert!(!inv.equal && !inv.only_live.is_empty(), "the diff shows the wrong taxes: {inv:?}");
     for row in &inv.only_live {
@@ -308,7 +313,7 @@ async fn a_lagging_rebuild_is_refused_and_swap_back_restores_the_projection_and_
     // The live consumer goes on; the stopped rebuild falls behind.
     billing::publish_orders(&topic, 100, 400).await?;
     run::wait_count(&pool, "SELECT count(*) FROM public.invoice_log", 400).await?;
-    projection::diff(&pool, target, 3).await?;
+    diff(&db, target, 3).await?;
     let req = SwapRequest { max_lag: 50, ..SwapRequest::new(target) };
     let preview = preview_swap(&s, &req, Origin::cli()).await?;
     assert!(preview.refusals().iter().any(|r| r.contains("lags 300 records")), "{:?}", preview.refusals());
@@ -417,6 +422,14 @@ async fn a_rebuild_killed_with_sigkill_midway_resumes_to_the_same_result_as_an_u
     billing::check_corrected(&pool, "billing_k", N).await?;
     billing::check_corrected(&pool, "billing_u", N).await?;
     assert_eq!(billing::invoices(&pool, "billing_k").await?, billing::invoices(&pool, "billing_u").await?);
+    // The diff's checksum says so too: the same rows, written in another
+    // order by another run, give the same checksum; the buggy live ones not.
+    let invoices = |r: projection::DiffReport| r.tables.into_iter().find(|t| t.table == "invoices");
+    let k = invoices(projection::compare(&pool, "billing_k", 0).await?).context("invoices")?;
+    let u = invoices(projection::compare(&pool, "billing_u", 0).await?).context("invoices")?;
+    assert_eq!((k.rebuilt_rows, &k.rebuilt_checksum), (u.rebuilt_rows, &u.rebuilt_checksum));
+    assert_eq!((k.live_rows, &k.live_checksum), (u.live_rows, &u.live_checksum));
+    assert!(!k.equal && k.live_checksum != k.rebuilt_checksum, "the buggy live taxes differ: {k:?}");
     let not_suppressed = count(
         &pool,
         &format!(
@@ -452,7 +465,7 @@ async fn the_live_consumer_sigkilled_during_the_swap_loses_nothing_and_applies_n
     let load = Load::start(&topic, N);
     let rebuild = billing_process(&db, "rebuild", &group, &topic, &envs).await?;
     wait_lag_at_most(&pool, "billing_v2", 100).await?;
-    projection::diff(&pool, "billing_v2", 5).await?;
+    diff(&db, "billing_v2", 5).await?;
 
     // Freeze the rebuild, so that the swap has to wait for it with the live
     // consumer paused behind its fence; a burst makes sure the live
@@ -612,7 +625,7 @@ async fn hostile_records_in_the_history_are_dead_lettered_by_the_rebuild_without
     let st = projection::status(&pool, "billing_h").await?;
     assert_eq!(st.dead_letters, 3, "the rebuild dead-letters the same three records, in its own namespace");
     assert_eq!(st.parked, 0);
-    projection::diff(&pool, "billing_h", 3).await?;
+    diff(&db, "billing_h", 3).await?;
     let s = session(&db).await?;
     let preview = preview_swap(&s, &SwapRequest::new("billing_h"), Origin::cli()).await?;
     assert!(preview.refusals().is_empty(), "{:?}", preview.refusals());

@@ -21,7 +21,7 @@
 //! Its offsets are in `oncely.offsets` like any consumer's: killed, it
 //! resumes where its last batch committed.
 //!
-//! [`diff`] compares live and rebuilt tables (row counts, checksums, a
+//! [`compare`] (and its audited form [`ops::diff`]) compares live and rebuilt tables (row counts, checksums, a
 //! sample of differing rows). The swap ([`ops`]) is an operator action
 //! (preview → confirm → execute, audited): in one PostgreSQL transaction
 //! that holds every partition's offsets row of both consumers (the fence:
@@ -112,7 +112,7 @@ impl Projection {
         self
     }
 
-    /// A column [`diff`] leaves out of its checksums and samples (a
+    /// A column [`compare`] leaves out of its checksums and samples (a
     /// timestamp of when a row was written, which process wrote it).
     /// Default: none.
     pub fn diff_ignore(mut self, column: impl Into<String>) -> Self {
@@ -659,10 +659,13 @@ pub struct DiffReport {
 
 /// Compares live and rebuilt tables of rebuild `target`: row counts,
 /// checksums (MD5 over each row's JSON, ignored columns left out), and up
-/// to `sample` differing rows each way. Records that diff ran (a swap
-/// requires it). While the state is `swapped` the target holds the previous
-/// projection, so the diff compares the new live tables with the old.
-pub async fn diff(pool: &PgPool, target: &str, sample: i64) -> Result<DiffReport> {
+/// to `sample` differing rows each way. While the state is `swapped` the
+/// target holds the previous projection, so this compares the new live
+/// tables with the old.
+///
+/// Reads only: it is not the diff a swap requires. That one is
+/// [`ops::diff`], which records in the audit log who compared what, when.
+pub async fn compare(pool: &PgPool, target: &str, sample: i64) -> Result<DiffReport> {
     let row =
         store::projection::get(pool, target).await?.ok_or_else(|| Error::Refused(format!("no rebuild {target}")))?;
     let mut tables = Vec::new();
@@ -694,9 +697,7 @@ pub async fn diff(pool: &PgPool, target: &str, sample: i64) -> Result<DiffReport
         });
     }
     let equal = tables.iter().all(|t| t.equal);
-    let report = DiffReport { target: target.to_owned(), tables, equal };
-    store::projection::record_diff(pool, target, &diff_summary(&report)).await?;
-    Ok(report)
+    Ok(DiffReport { target: target.to_owned(), tables, equal })
 }
 
 /// What is kept of a diff (on the rebuild's row and in the audit log):

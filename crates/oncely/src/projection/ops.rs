@@ -572,10 +572,11 @@ impl Operation for DropPlan {
     }
 }
 
-/// [`diff`](super::diff), recorded in the audit log (`projection.diff`,
-/// with the summary as its outcome): a swap relies on it, so who compared
-/// what, when, shows in `oncely audit`. Changes nothing but the rebuild's
-/// last-diff record, so no confirmation is asked.
+/// [`compare`](super::compare), recorded in the audit log
+/// (`projection.diff`, with the summary as its outcome) and as the rebuild's
+/// last diff: a swap requires one since the last swap, so who compared what,
+/// when, shows in `oncely audit`. Changes nothing but that record, so no
+/// confirmation is asked. The only way to satisfy the swap's diff check.
 pub async fn diff(session: &Session, target: &str, sample: i64, origin: Origin) -> Result<(DiffReport, i64)> {
     session.require_operator_schema().await?;
     let pool = session.pool();
@@ -588,7 +589,10 @@ pub async fn diff(session: &Session, target: &str, sample: i64, origin: Origin) 
         .group(&row.consumer)
         .details(json!({"target": target, "projection": row.projection, "state": row.state}));
     let audit_id = audit::record_start(pool, &entry).await?;
-    let report = super::diff(pool, target, sample).await;
+    let report = match super::compare(pool, target, sample).await {
+        Ok(r) => store::projection::record_diff(pool, target, &super::diff_summary(&r)).await.map(|()| r),
+        Err(e) => Err(e),
+    };
     let outcome = match &report {
         Ok(r) => AuditOutcome::succeeded(Some(super::diff_summary(r))),
         Err(e) => AuditOutcome::failed(e.to_string()),

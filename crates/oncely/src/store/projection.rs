@@ -315,11 +315,17 @@ pub async fn effect_counts(pool: &PgPool, consumer: &str) -> Result<Vec<(String,
     .await?)
 }
 
-/// Row count and checksum of one table: the MD5 of its rows' JSON (without
-/// the `ignore` columns), in a stable order.
+/// Row count and checksum of one table: each row's JSON (without the
+/// `ignore` columns) hashed with MD5, and the hashes summed as two 60-bit
+/// numbers (exact `numeric` sums: the same multiset of rows gives the same
+/// checksum in any order). Constant memory whatever the table's size: the
+/// concatenation of the row hashes this replaces is a `text`, which
+/// PostgreSQL caps at 1 GB (about 33 million rows).
 pub async fn table_checksum(pool: &PgPool, schema: &str, table: &str, ignore: &[String]) -> Result<(i64, String)> {
     let sql = format!(
-        "SELECT count(*)::int8, coalesce(md5(string_agg(h, '' ORDER BY h)), '')
+        "SELECT count(*)::int8,
+                coalesce(md5(sum(('x' || substr(h, 1, 15))::bit(60)::int8::numeric)::text || ':'
+                          || sum(('x' || substr(h, 16, 15))::bit(60)::int8::numeric)::text), '')
            FROM (SELECT md5((to_jsonb(t) - $1::text[])::text) AS h FROM {}.{} t) x",
         quote_ident(schema),
         quote_ident(table)
@@ -442,7 +448,9 @@ pub async fn exchange(
         .await?
         .ok_or_else(|| Error::Refused(format!("the rebuild {} never ran", row.rebuild_consumer)))?;
     // Tables, through a schema of the transaction's own.
-    let tmp = format!("oncely_swap_{}", std::process::id());
+    // Unique per swap: two swaps in one process (or two processes with the
+    // same pid, in containers) never meet here.
+    let tmp = format!("oncely_swap_{}", uuid::Uuid::now_v7().simple());
     sqlx::query(&format!("CREATE SCHEMA {}", quote_ident(&tmp))).execute(&mut *conn).await?;
     for t in &row.tables {
         for (from, to) in [(&row.live_schema, &tmp), (&row.target, &row.live_schema), (&tmp, &row.target)] {
@@ -519,6 +527,13 @@ pub async fn exchange(
     .bind(audit_id)
     .execute(&mut *conn)
     .await?;
+    // The live tables changed: a diff another rebuild of the same consumer
+    // made against them says nothing about the new ones.
+    sqlx::query("UPDATE oncely.projection_rebuilds SET diffed_at = NULL WHERE consumer = $1 AND target <> $2")
+        .bind(&row.consumer)
+        .bind(&row.target)
+        .execute(&mut *conn)
+        .await?;
     Ok(Exchanged { inbox_to_live, inbox_to_rebuild })
 }
 
