@@ -66,6 +66,13 @@ async fn a_consumer_and_the_relay_run_against_a_sasl_ssl_listener() -> Result<()
     let dlt = oncely::failure::dlt_topic(&topic, &group);
     let admin = KafkaAdmin::new(conn.clone(), &[])?;
     assert_eq!(admin.topic_partitions(&dlt).await?.len(), 2, "the dead-letter topic was created");
+    // With room for the input's largest record plus the dead-letter headers.
+    let limit = |t: String| {
+        let admin = admin.clone();
+        async move { Ok::<_, anyhow::Error>(admin.describe_topic_configs(&[t]).await?[0].max_message_bytes()) }
+    };
+    let (input_limit, dlt_limit) = (limit(topic.clone()).await?, limit(dlt.clone()).await?);
+    assert_eq!(dlt_limit, input_limit.map(|l| l + 64 * 1024), "the dead-letter topic's max.message.bytes");
     // The relay publishes the dead-letter copy over SASL_SSL.
     let token = tokio_util::sync::CancellationToken::new();
     let relay = Relay::builder(db.pool.clone(), conn.clone()).name(kit::unique("relay")).build()?;

@@ -7,8 +7,6 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, ResourceSpecifier};
-use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{CommitMode, Consumer as _};
 use rdkafka::error::KafkaError;
 use rdkafka::{Offset, TopicPartitionList};
@@ -312,33 +310,19 @@ async fn maintain_inbox(pool: PgPool, shutdown: CancellationToken) {
     }
 }
 
-/// Creates the missing dead-letter topics of `consumer` for `topics`.
+/// Creates the missing dead-letter topics of `consumer` for `topics`
+/// ([`failure::ensure_dlt_topic`](crate::failure::ensure_dlt_topic), as the
+/// processor does).
 fn ensure_dlt_topics<'a>(
     connection: &'a KafkaConnection,
     topics: &'a [String],
     consumer: &'a str,
 ) -> futures::future::BoxFuture<'a, Result<()>> {
     Box::pin(async move {
-        use rdkafka::admin::{NewTopic, TopicReplication};
-        use rdkafka::types::RDKafkaErrorCode;
         let admin = crate::kafka::admin::KafkaAdmin::new(connection, &[])?;
-        let client: AdminClient<DefaultClientContext> = connection.client_config()?.create()?;
         for topic in topics {
-            let partitions = admin.topic_partitions(topic).await?.len() as i32;
-            let dlt = crate::failure::dlt_topic(topic, consumer);
-            let new = NewTopic::new(&dlt, partitions.max(1), TopicReplication::Fixed(-1));
-            let res = client
-                .create_topics([&new], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30))))
+            crate::failure::ensure_dlt_topic(&admin, topic, &crate::failure::dlt_topic(topic, consumer), consumer)
                 .await?;
-            for r in res {
-                match r {
-                    Ok(t) => tracing::info!(consumer, topic = %t, "Created the dead-letter topic."),
-                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-                    Err((t, e)) => {
-                        return Err(Error::Config(format!("cannot create the dead-letter topic {t}: {e}")));
-                    }
-                }
-            }
         }
         Ok(())
     })
@@ -365,24 +349,18 @@ async fn check_retention_inner(
     force: bool,
     consumer: &str,
 ) -> Result<()> {
-    let admin: AdminClient<DefaultClientContext> = connection.client_config()?.create()?;
-    let specs: Vec<ResourceSpecifier<'_>> = topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
-    let results = admin
-        .describe_configs(specs.iter(), &AdminOptions::new().request_timeout(Some(Duration::from_secs(30))))
-        .await?;
-    for (topic, r) in topics.iter().zip(results) {
-        let res = r.map_err(|e| Error::Config(format!("cannot read the configuration of topic {topic}: {e}")))?;
-        let retention_ms: i64 =
-            res.get("retention.ms").and_then(|e| e.value.as_deref()).and_then(|v| v.parse().ok()).unwrap_or(-1);
+    let admin = crate::kafka::admin::KafkaAdmin::new(connection, &[])?.request_timeout(Duration::from_secs(30));
+    let configs = admin
+        .describe_topic_configs(topics)
+        .await
+        .map_err(|e| Error::Config(format!("cannot read the configuration of topics {topics:?}: {e}")))?;
+    for (topic, res) in topics.iter().zip(&configs) {
+        let retention_ms: i64 = res.retention_ms().unwrap_or(-1);
         // Kafka's default segment.ms is 7 days; a topic config always reports
         // one, but assume the default if it does not parse.
-        let segment_ms: i64 = res
-            .get("segment.ms")
-            .and_then(|e| e.value.as_deref())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(7 * 86_400_000);
+        let segment_ms: i64 = res.number("segment.ms").unwrap_or(7 * 86_400_000);
         let readable_ms = retention_ms.saturating_add(segment_ms.max(0));
-        let compact = res.get("cleanup.policy").and_then(|e| e.value.as_deref()).is_some_and(|v| v.contains("compact"));
+        let compact = res.entries.get("cleanup.policy").is_some_and(|v| v.contains("compact"));
         let problem = if compact {
             Some(format!("topic {topic} is compacted: its records are kept indefinitely"))
         } else if retention_ms < 0 {

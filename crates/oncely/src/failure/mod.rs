@@ -11,6 +11,7 @@ use sqlx::PgConnection;
 
 use crate::envelope::{EventId, RawRecord};
 use crate::error::Result;
+use crate::kafka::admin::{KafkaAdmin, TopicConfig};
 use crate::store::{self, NewDeadLetter};
 
 pub mod redrive;
@@ -59,6 +60,37 @@ pub const H_REASON: &str = "oncely-reason";
 /// The dead-letter topic of a consumer for `topic`.
 pub fn dlt_topic(topic: &str, consumer: &str) -> String {
     format!("{topic}.{consumer}.dlt")
+}
+
+/// Headroom of a dead-letter topic over its input topic's limit: a dead
+/// letter is the input record plus the `kafka_dlt-*` and `oncely-*` headers
+/// (the error message among them).
+pub(crate) const DLT_HEADROOM: usize = 64 * 1024;
+
+/// Kafka's default `max.message.bytes`, for an input topic whose
+/// configuration cannot be read.
+const DEFAULT_MAX_MESSAGE_BYTES: usize = 1_048_588;
+
+/// Creates the dead-letter topic `dlt` of `input` if it is missing: as many
+/// partitions as `input`, the broker's default replication, and room for
+/// `input`'s largest record plus the dead-letter headers ([`DLT_HEADROOM`]),
+/// so that a record at its topic's limit can still be dead-lettered. The
+/// consumer and the processor both create theirs here; `owner` names which
+/// one, for the log.
+pub(crate) async fn ensure_dlt_topic(admin: &KafkaAdmin, input: &str, dlt: &str, owner: &str) -> Result<()> {
+    let partitions = i32::try_from(admin.topic_partitions(input).await?.len()).unwrap_or(i32::MAX).max(1);
+    let input_limit = match admin.describe_topic_configs(&[input]).await {
+        Ok(c) => c.first().and_then(TopicConfig::max_message_bytes).unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
+        Err(e) => {
+            tracing::warn!(owner, topic = input, error = %e, "Cannot read the topic's max.message.bytes; sizing its dead-letter topic for Kafka's default.");
+            DEFAULT_MAX_MESSAGE_BYTES
+        }
+    };
+    let limit = (input_limit + DLT_HEADROOM).to_string();
+    if admin.create_topic(dlt, partitions, &[("max.message.bytes", &limit)]).await? {
+        tracing::info!(owner, topic = dlt, max_message_bytes = %limit, "Created the dead-letter topic.");
+    }
+    Ok(())
 }
 
 /// A record to dead-letter and why.

@@ -45,9 +45,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::backoff::{Backoff, Retries};
-use rdkafka::admin::{AdminClient, AdminOptions, OwnedResourceSpecifier, ResourceSpecifier};
+use rdkafka::admin::{
+    AdminClient, AdminOptions, NewTopic, OwnedResourceSpecifier, ResourceSpecifier, TopicReplication,
+};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::error::KafkaError;
+use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
 
 /// `Result` of this module.
@@ -441,6 +444,17 @@ impl TopicConfig {
     pub fn retention_ms(&self) -> Option<i64> {
         self.entries.get("retention.ms").and_then(|v| v.parse().ok())
     }
+
+    /// `max.message.bytes`: the largest record batch the topic accepts (the
+    /// topic's own value, else the broker's default).
+    pub fn max_message_bytes(&self) -> Option<usize> {
+        self.entries.get("max.message.bytes").and_then(|v| v.parse().ok())
+    }
+
+    /// The value of `name` as a number, if it has one.
+    pub fn number(&self, name: &str) -> Option<i64> {
+        self.entries.get(name).and_then(|v| v.parse().ok())
+    }
 }
 
 /// Per-request settings, copied into each blocking task.
@@ -735,6 +749,40 @@ impl KafkaAdmin {
             Ok(ids)
         })
         .await
+    }
+
+    /// Creates topic `name` (CreateTopics, through `rdkafka`) with
+    /// `partitions` partitions, the broker's default replication factor and
+    /// the topic `configs`. `Ok(false)`: it exists already (and is left as
+    /// it is).
+    pub async fn create_topic(&self, name: &str, partitions: i32, configs: &[(&str, &str)]) -> AdminResult<bool> {
+        const OP: &str = "CreateTopics";
+        let mut new = NewTopic::new(name, partitions, TopicReplication::Fixed(-1));
+        for (k, v) in configs {
+            new = new.set(k, v);
+        }
+        let opts = AdminOptions::new()
+            .operation_timeout(Some(self.settings.timeout))
+            .request_timeout(Some(self.settings.timeout));
+        match self.client.create_topics([&new], &opts).await?.into_iter().next() {
+            Some(Ok(_)) => Ok(true),
+            Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => Ok(false),
+            Some(Err((topic, code))) => {
+                let code = ErrorCode(code as i32);
+                Err(AdminError::Target { op: OP, target: topic, code, message: code.description() })
+            }
+            None => Err(AdminError::UnexpectedResult { op: OP, detail: "no result".into() }),
+        }
+    }
+
+    /// Whether `topic` exists (from metadata; an unknown topic is not
+    /// created).
+    pub async fn topic_exists(&self, topic: &str) -> AdminResult<bool> {
+        match self.topic_partitions(topic).await {
+            Ok(p) => Ok(!p.is_empty()),
+            Err(AdminError::Target { code: ErrorCode::UNKNOWN_TOPIC_OR_PARTITION, .. }) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// The topics' configurations (DescribeConfigs, through `rdkafka`), in

@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures::future::BoxFuture;
 use tokio_util::sync::CancellationToken;
 
-use super::clients::{self, Connection, DLT_HEADROOM};
+use super::clients::{self, Connection};
 use super::out::Out;
 use super::runtime::{self, Settings, Shared};
 use crate::consumer::HandlerError;
@@ -20,6 +20,7 @@ use crate::envelope::{
     decode_event, DecodeError, DecodePayload, Event, EventId, IdentitySource, RawPayload, RawRecord,
 };
 use crate::error::{Error, Result};
+use crate::failure::DLT_HEADROOM;
 
 /// What a fenced processor does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -425,26 +426,23 @@ impl ProcessorBuilder {
 
         let admin = clients::admin(&self.conn)?;
         for t in &self.inputs {
-            if clients::partition_count(&admin, t).await?.is_none() {
+            if !admin.topic_exists(t).await? {
                 return Err(Error::Config(format!("input topic `{t}` does not exist")));
             }
         }
         for t in &self.outputs {
-            if clients::partition_count(&admin, t).await?.is_none() {
+            if !admin.topic_exists(t).await? {
                 return Err(Error::Config(format!(
                     "output topic `{t}` does not exist (the processor does not create its outputs)"
                 )));
             }
         }
         let outputs = clients::topic_limits(&admin, &self.outputs).await?;
-        let input_limits = clients::topic_limits(&admin, &self.inputs).await?;
         let dlts: Vec<String> = self.inputs.iter().map(|t| crate::failure::dlt_topic(t, &self.name)).collect();
         for (input, dlt) in self.inputs.iter().zip(&dlts) {
             if self.create_dlt_topics {
-                let parts = clients::partition_count(&admin, input).await?.unwrap_or(1);
-                let limit = input_limits.get(input).copied().unwrap_or(1_048_588);
-                clients::ensure_dlt_topic(&admin, dlt, parts, limit, &self.name).await?;
-            } else if clients::partition_count(&admin, dlt).await?.is_none() {
+                crate::failure::ensure_dlt_topic(&admin, input, dlt, &self.name).await?;
+            } else if !admin.topic_exists(dlt).await? {
                 return Err(Error::Config(format!("dead-letter topic `{dlt}` does not exist")));
             }
         }

@@ -1,18 +1,15 @@
 //! Every Kafka client the processor creates, configured in one place
-//! ([`client_config`]) from the caller's connection settings, and the admin
-//! lookups it makes at start (topic limits, partitions, dead-letter topics).
+//! ([`client_config`]) from the caller's connection settings, and the topic
+//! limits it looks up at start (through the Kafka floor's [`KafkaAdmin`]).
 
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, ResourceSpecifier, TopicReplication};
-use rdkafka::client::DefaultClientContext;
-use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientConfig;
 
 use crate::backoff::{Backoff, Retries};
 use crate::error::{Error, Result};
+use crate::kafka::KafkaAdmin;
 
 /// How the processor reaches Kafka: the connection every client is built
 /// from (bootstrap servers, security settings), and the caller's properties
@@ -36,8 +33,6 @@ pub(crate) enum Role<'a> {
     /// message size limits the runtime derived from the topics' limits
     /// (used unless the caller set them).
     Producer { transactional_id: &'a str, batch_size: usize, message_max_bytes: usize },
-    /// The admin client used at start.
-    Admin,
 }
 
 /// Settings the processor forces on its consumer, whatever the caller says:
@@ -73,11 +68,6 @@ pub(crate) fn client_config(conn: &Connection, role: Role<'_>) -> Result<ClientC
             forced.push(("enable.idempotence", "true".to_owned()));
             &conn.producer
         }
-        Role::Admin => {
-            // A metadata lookup of a mistyped topic must not create it.
-            cfg.set("allow.auto.create.topics", "false");
-            &[]
-        }
     };
     for (k, v) in own {
         cfg.set(k, v);
@@ -91,19 +81,17 @@ pub(crate) fn client_config(conn: &Connection, role: Role<'_>) -> Result<ClientC
     Ok(cfg)
 }
 
-/// The admin client of a connection.
-pub(crate) fn admin(conn: &Connection) -> Result<Arc<AdminClient<DefaultClientContext>>> {
-    Ok(Arc::new(client_config(conn, Role::Admin)?.create()?))
+/// The admin client of a connection (the Kafka floor's: the connection,
+/// and a metadata lookup never creates a topic).
+pub(crate) fn admin(conn: &Connection) -> Result<KafkaAdmin> {
+    Ok(KafkaAdmin::new(conn.kafka.clone(), &[])?.request_timeout(Duration::from_secs(30)))
 }
 
 /// `max.message.bytes` of each topic (the effective value: the topic's
 /// own, else the broker's default). A topic created a moment ago may not
 /// show its configuration yet: asked again for up to 15 s, then an error
 /// that names the topic.
-pub(crate) async fn topic_limits(
-    admin: &AdminClient<DefaultClientContext>,
-    topics: &[String],
-) -> Result<HashMap<String, usize>> {
+pub(crate) async fn topic_limits(admin: &KafkaAdmin, topics: &[String]) -> Result<HashMap<String, usize>> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
     let mut retries = Retries::new(Backoff::new(Duration::from_millis(100), Duration::from_secs(1)));
     loop {
@@ -118,77 +106,19 @@ pub(crate) async fn topic_limits(
     }
 }
 
-async fn topic_limits_once(
-    admin: &AdminClient<DefaultClientContext>,
-    topics: &[String],
-) -> Result<HashMap<String, usize>> {
-    if topics.is_empty() {
-        return Ok(HashMap::new());
-    }
-    let specs: Vec<ResourceSpecifier<'_>> = topics.iter().map(|t| ResourceSpecifier::Topic(t)).collect();
-    let results = admin
-        .describe_configs(specs.iter(), &AdminOptions::new().request_timeout(Some(Duration::from_secs(30))))
-        .await?;
+async fn topic_limits_once(admin: &KafkaAdmin, topics: &[String]) -> Result<HashMap<String, usize>> {
+    let configs = admin
+        .describe_topic_configs(topics)
+        .await
+        .map_err(|e| Error::Config(format!("cannot read the configuration of topics {topics:?}: {e}")))?;
     let mut out = HashMap::new();
-    for (topic, r) in topics.iter().zip(results) {
-        let res = r.map_err(|e| Error::Config(format!("cannot read the configuration of topic `{topic}`: {e}")))?;
-        let limit = res
-            .get("max.message.bytes")
-            .and_then(|e| e.value.as_deref())
-            .and_then(|v| v.parse::<usize>().ok())
+    for (topic, c) in topics.iter().zip(configs) {
+        let limit = c
+            .max_message_bytes()
             .ok_or_else(|| Error::Config(format!("topic `{topic}` has no readable max.message.bytes")))?;
         out.insert(topic.clone(), limit);
     }
     Ok(out)
-}
-
-/// The partition count of `topic`, or `None` if it does not exist.
-pub(crate) async fn partition_count(
-    admin: &Arc<AdminClient<DefaultClientContext>>,
-    topic: &str,
-) -> Result<Option<i32>> {
-    let admin = admin.clone();
-    let topic = topic.to_owned();
-    tokio::task::spawn_blocking(move || -> Result<Option<i32>> {
-        let md = admin.inner().fetch_metadata(Some(&topic), Duration::from_secs(30))?;
-        Ok(md
-            .topics()
-            .iter()
-            .find(|t| t.name() == topic && t.error().is_none())
-            .map(|t| t.partitions().len() as i32)
-            .filter(|n| *n > 0))
-    })
-    .await
-    .map_err(|e| Error::Config(format!("metadata lookup failed: {e}")))?
-}
-
-/// Headroom of a dead-letter topic over its input topic's limit: a dead
-/// letter is the input record plus the `kafka_dlt-*` and `oncely-*` headers
-/// (the error message among them).
-pub(crate) const DLT_HEADROOM: usize = 64 * 1024;
-
-/// Creates the dead-letter topic `dlt` if it is missing: as many partitions
-/// as its input topic, the broker's default replication, and room for the
-/// largest input record plus the dead-letter headers.
-pub(crate) async fn ensure_dlt_topic(
-    admin: &AdminClient<DefaultClientContext>,
-    dlt: &str,
-    partitions: i32,
-    input_limit: usize,
-    processor: &str,
-) -> Result<()> {
-    let limit = (input_limit + DLT_HEADROOM).to_string();
-    let new = NewTopic::new(dlt, partitions.max(1), TopicReplication::Fixed(-1)).set("max.message.bytes", &limit);
-    let res =
-        admin.create_topics([&new], &AdminOptions::new().operation_timeout(Some(Duration::from_secs(30)))).await?;
-    for r in res {
-        match r {
-            Ok(t) => tracing::info!(processor, topic = %t, "Created the dead-letter topic."),
-            Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => {}
-            Err((t, e)) => return Err(Error::Config(format!("cannot create the dead-letter topic `{t}`: {e}"))),
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]
@@ -211,8 +141,7 @@ mod tests {
         let c = client_config(&conn, Role::Consumer { group: "g" }).expect("consumer");
         let p = client_config(&conn, Role::Producer { transactional_id: "p/1", batch_size: 10, message_max_bytes: 20 })
             .expect("producer");
-        let a = client_config(&conn, Role::Admin).expect("admin");
-        for cfg in [&c, &p, &a] {
+        for cfg in [&c, &p] {
             assert_eq!(get(cfg, "bootstrap.servers").as_deref(), Some("b:9092"));
             assert_eq!(get(cfg, "security.protocol").as_deref(), Some("SASL_SSL"));
         }

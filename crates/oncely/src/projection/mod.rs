@@ -379,34 +379,30 @@ impl<S: Send + Sync + 'static> Rebuild<S> {
     /// Writes the rebuild's first positions: per partition, the first
     /// offset at or after `t` (the log end where there is none).
     async fn seed_positions(&self, pool: &PgPool, name: &str, t: DateTime<Utc>) -> Result<()> {
-        use rdkafka::consumer::{BaseConsumer, Consumer as _};
+        use crate::kafka::admin::{KafkaAdmin, OffsetSpec};
         let connection = self
             .consumer
             .kafka_connection()
             .cloned()
             .ok_or_else(|| Error::Config("bootstrap_servers (or a connection) is required".into()))?;
-        let admin = crate::kafka::admin::KafkaAdmin::new(&connection, &[])?;
-        let mut tpl = rdkafka::TopicPartitionList::new();
+        let admin = KafkaAdmin::new(&connection, &[])?.read_committed(true);
+        let mut partitions = Vec::new();
         for topic in self.consumer.topics() {
             for p in admin.topic_partitions(topic).await? {
-                tpl.add_partition_offset(topic, p, rdkafka::Offset::Offset(t.timestamp_millis()))?;
+                partitions.push((topic.clone(), p));
             }
         }
-        let client: BaseConsumer = connection.client_config()?.create()?;
-        let found = tokio::task::spawn_blocking(move || {
-            let found = client.offsets_for_times(tpl, Duration::from_secs(30))?;
-            let mut out = Vec::new();
-            for e in found.elements() {
-                let off = match e.offset() {
-                    rdkafka::Offset::Offset(o) => o,
-                    _ => client.fetch_watermarks(e.topic(), e.partition(), Duration::from_secs(30))?.1,
-                };
-                out.push((e.topic().to_owned(), e.partition(), off));
-            }
-            Ok::<_, rdkafka::error::KafkaError>(out)
-        })
-        .await
-        .map_err(|e| Error::Io(std::io::Error::other(e.to_string())))??;
+        let at = admin.list_offsets(&partitions, OffsetSpec::Timestamp(t.timestamp_millis())).await?;
+        let ends = admin.list_offsets(&partitions, OffsetSpec::Latest).await?;
+        let mut found = Vec::new();
+        for (at, end) in at.into_iter().zip(ends) {
+            // No record at or after `t` yet: the partition's end.
+            let offset = at
+                .offset()
+                .or(end.offset())
+                .ok_or_else(|| Error::Config(format!("no end offset for {} [{}]", end.topic, end.partition)))?;
+            found.push((at.topic, at.partition, offset));
+        }
         for (topic, partition, offset) in found {
             store::projection::seed_position(pool, name, &topic, partition, offset).await?;
         }
