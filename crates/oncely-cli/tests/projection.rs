@@ -167,7 +167,21 @@ async fn an_operator_rebuilds_diffs_swaps_and_swaps_back_from_the_command_line_a
     let preview = oncely(&db, &[], &["projection", "swap", "billing_v2"])?;
     assert!(preview.status.success() && text(&preview).contains("PREVIEW"), "{}", text(&preview));
     assert_eq!(billing::invoices(&pool, "public").await?[0].2, billing::tax(1000, BUGGY_TAX_PERCENT), "unchanged");
-    let swapped = oncely(&db, &[], &["-o", "json", "projection", "swap", "billing_v2", "--execute"])?;
+    // On a protected environment the swap needs its typed confirmation:
+    // none, or the text of another action, is refused and changes nothing.
+    for wrong in [None, Some("REBUILD prod billing_v2")] {
+        let mut args = vec!["projection", "swap", "billing_v2", "--execute"];
+        args.extend(wrong.iter().flat_map(|w| ["--confirm", *w]));
+        let refused = oncely(&db, &protected, &args)?;
+        assert_eq!(refused.status.code(), Some(2), "{wrong:?}: {}", text(&refused));
+        assert!(text(&refused).contains("SWAP prod billing_v2"), "{}", text(&refused));
+        assert_eq!(billing::invoices(&pool, "public").await?[0].2, billing::tax(1000, BUGGY_TAX_PERCENT));
+    }
+    let swapped = oncely(
+        &db,
+        &protected,
+        &["-o", "json", "projection", "swap", "billing_v2", "--execute", "--confirm", "SWAP prod billing_v2"],
+    )?;
     assert!(swapped.status.success(), "{}", text(&swapped));
     billing::check_corrected(&pool, "public", N).await?;
     assert_eq!(gw.stats().charge_calls, calls_before, "the rebuild called nobody");
@@ -182,14 +196,43 @@ async fn an_operator_rebuilds_diffs_swaps_and_swaps_back_from_the_command_line_a
     assert_eq!(kept.status.code(), Some(2), "{}", text(&kept));
     assert!(text(&kept).contains("kept for swap-back"), "{}", text(&kept));
 
-    // Back out: the previous projection and its position return.
-    let back = oncely(&db, &[], &["projection", "swap-back", billing::projection().name(), "--execute"])?;
+    // Back out: the previous projection and its position return (on a
+    // protected environment, with the swap-back's own confirmation).
+    let name = billing::projection().name().to_owned();
+    let unconfirmed = oncely(&db, &protected, &["projection", "swap-back", &name, "--execute"])?;
+    assert_eq!(unconfirmed.status.code(), Some(2), "{}", text(&unconfirmed));
+    assert!(text(&unconfirmed).contains(&format!("SWAP-BACK prod {name}")), "{}", text(&unconfirmed));
+    billing::check_corrected(&pool, "public", N + 20).await?;
+    let back = oncely(&db, &[], &["projection", "swap-back", &name, "--execute"])?;
     assert!(back.status.success(), "{}", text(&back));
     let old = billing::invoices(&pool, "public").await?;
     let historical = |o: &str| o[1..].parse::<usize>().is_ok_and(|n| n < N);
     let back_rows: Vec<_> = old.iter().filter(|(o, _, _)| historical(o)).collect();
     assert_eq!(back_rows.len(), N);
     assert!(back_rows.iter().all(|(_, a, t)| *t == billing::tax(*a, BUGGY_TAX_PERCENT)), "the buggy rows are back");
+
+    // The restored position is the one of the swap: the live consumer
+    // applies the orders that came after it again, to the old projection.
+    run::wait_offsets(&pool, &group, (N + 20) as i64).await?;
+
+    // A swap-back clears the diff: swapping again needs a new one, or the
+    // override, which the audit log records.
+    let again = oncely(&db, &[], &["projection", "swap", "billing_v2", "--execute"])?;
+    assert_eq!(again.status.code(), Some(2), "{}", text(&again));
+    assert!(text(&again).contains("diff has not been run"), "{}", text(&again));
+    let overridden =
+        oncely(&db, &[], &["-o", "json", "projection", "swap", "billing_v2", "--execute", "--allow-without-diff"])?;
+    assert!(overridden.status.success(), "{}", text(&overridden));
+    billing::check_corrected(&pool, "public", N + 20).await?;
+    let audit = json(&oncely(&db, &[], &["-o", "json", "audit"])?)?;
+    let with_override = audit.as_array().context("audit rows")?.iter().any(|r| {
+        r["action"] == "projection.swap"
+            && r["result"] == "succeeded"
+            && r.to_string().contains("swapped without a diff since the last swap")
+    });
+    assert!(with_override, "the override is in the audit log: {audit}");
+    let back = oncely(&db, &[], &["projection", "swap-back", &name, "--execute"])?;
+    assert!(back.status.success(), "{}", text(&back));
 
     // After the swap-back the target is a rebuild again (served again);
     // abandoning it drops its schema and namespace and stops it, and the

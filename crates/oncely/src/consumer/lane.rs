@@ -75,6 +75,10 @@ const HELD_KEY_CHECK: Duration = Duration::from_secs(2);
 /// has no fallback wake-up for partition queues: this bounds a lost wake-up.
 const QUEUE_POLL: Duration = Duration::from_secs(1);
 
+/// How long a lane waits for records before it looks whether its offsets
+/// row changed under it ([`Lane::check_idle_position`]).
+const IDLE_POSITION_CHECK: Duration = Duration::from_secs(2);
+
 pub(crate) fn spawn(
     shared: Arc<Shared>,
     topic: String,
@@ -105,6 +109,7 @@ pub(crate) fn spawn(
         parked: HashSet::new(),
         held: HashSet::new(),
         parked_check: None,
+        idle_check_due: false,
     };
     let span = tracing::info_span!("lane", consumer = &*shared.name, topic = %topic, partition);
     let join = shared.rt.spawn(lane.run().instrument(span));
@@ -123,6 +128,9 @@ struct Lane {
     epoch: i64,
     /// The database offset the next batch must find (the fence).
     db_next: Option<i64>,
+    /// The lane waited [`IDLE_POSITION_CHECK`] with nothing to do: look at
+    /// the offsets row.
+    idle_check_due: bool,
     /// The next offset expected from Kafka; records below it are leftovers.
     next_read: Option<i64>,
     /// Records received and not yet committed, in offset order.
@@ -232,6 +240,10 @@ impl Lane {
                 return;
             }
             if !self.fill().await {
+                return;
+            }
+            if std::mem::take(&mut self.idle_check_due) && self.pending.is_empty() && !self.check_idle_position().await
+            {
                 return;
             }
             if self.pending.is_empty() {
@@ -550,6 +562,13 @@ impl Lane {
             zombie: row.is_none_or(|r| r.epoch != self.epoch),
         }
         .emit();
+        self.follow_row(row).await
+    }
+
+    /// Goes on from the partition's offsets row as it is now: from its
+    /// position if this lane still owns it (its epoch), else idles as a
+    /// zombie until the revoke. False if the lane must stop.
+    async fn follow_row(&mut self, row: Option<offsets::Owned>) -> bool {
         match row {
             Some(r) if r.epoch == self.epoch => {
                 self.db_next = r.next_offset;
@@ -570,6 +589,32 @@ impl Lane {
                 self.pending_bytes = 0;
                 self.stop.cancelled().await;
                 false
+            }
+        }
+    }
+
+    /// An idle lane looks at its offsets row every [`IDLE_POSITION_CHECK`]:
+    /// the row can change with no record arriving to run into the fence (a
+    /// projection swap-back gives the live consumer back the position it had
+    /// at the swap; an operator can edit the row; another member can take
+    /// the partition over). A moved position is followed at once instead of
+    /// when the next record comes. False if the lane must stop.
+    async fn check_idle_position(&mut self) -> bool {
+        let s = self.shared.clone();
+        match offsets::read(&s.pool, &s.name, &self.topic, self.partition).await {
+            Ok(Some(r)) if r.epoch == self.epoch && r.next_offset == self.db_next => true,
+            Ok(row) => {
+                tracing::warn!(
+                    expected = ?self.db_next,
+                    found = ?row.and_then(|r| r.next_offset),
+                    zombie = row.is_none_or(|r| r.epoch != self.epoch),
+                    "The partition's database offsets row changed while the lane was idle; following it."
+                );
+                self.follow_row(row).await
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "Cannot read the partition's offsets row while idle; trying again later.");
+                true
             }
         }
     }
@@ -613,6 +658,7 @@ impl Lane {
         let mut deadline: Option<tokio::time::Instant> =
             (!self.pending.is_empty()).then(|| tokio::time::Instant::now() + s.settings.max_wait);
         let parked_due = self.parked_check.map(tokio::time::Instant::from_std);
+        let position_due = self.pending.is_empty().then(|| tokio::time::Instant::now() + IDLE_POSITION_CHECK);
         while self.pending.len() < max && self.pending_bytes < s.settings.max_batch_bytes {
             let received = tokio::select! {
                 biased;
@@ -620,6 +666,10 @@ impl Lane {
                 m = tokio::time::timeout(QUEUE_POLL, self.queue.recv()) => m,
                 _ = sleep_until_opt(deadline) => break,
                 _ = sleep_until_opt(parked_due), if self.pending.is_empty() => break,
+                _ = sleep_until_opt(position_due), if self.pending.is_empty() => {
+                    self.idle_check_due = true;
+                    break;
+                }
             };
             match received {
                 Err(_elapsed) => {
