@@ -110,6 +110,7 @@ pub(crate) fn spawn(
         held: HashSet::new(),
         parked_check: None,
         idle_check_due: false,
+        idle_check_at: None,
     };
     let span = tracing::info_span!("lane", consumer = &*shared.name, topic = %topic, partition);
     let join = shared.rt.spawn(lane.run().instrument(span));
@@ -131,6 +132,8 @@ struct Lane {
     /// The lane waited [`IDLE_POSITION_CHECK`] with nothing to do: look at
     /// the offsets row.
     idle_check_due: bool,
+    /// When it looks next if it still has nothing to do.
+    idle_check_at: Option<tokio::time::Instant>,
     /// The next offset expected from Kafka; records below it are leftovers.
     next_read: Option<i64>,
     /// Records received and not yet committed, in offset order.
@@ -572,11 +575,20 @@ impl Lane {
         match row {
             Some(r) if r.epoch == self.epoch => {
                 self.db_next = r.next_offset;
+                // No position (a row a swap-back created for a partition the
+                // restored side never read): from where a new lane starts.
+                let target = r.next_offset.map_or(self.shared.settings.initial, Offset::Offset);
+                if !self.seek_to(target).await {
+                    return false;
+                }
+                self.pending.clear();
+                self.pending_bytes = 0;
+                self.next_read = r.next_offset;
                 if let Some(at) = r.next_offset {
-                    if !self.seek(at).await {
-                        return false;
-                    }
                     self.position.store(at, Ordering::Release);
+                    // Kafka's copy follows, so that a restart does not find
+                    // Kafka ahead of the database and take it for a skip.
+                    self.commit_kafka();
                 }
                 true
             }
@@ -601,7 +613,11 @@ impl Lane {
     /// when the next record comes. False if the lane must stop.
     async fn check_idle_position(&mut self) -> bool {
         let s = self.shared.clone();
-        match offsets::read(&s.pool, &s.name, &self.topic, self.partition).await {
+        let read = tokio::select! {
+            _ = self.stop.cancelled() => return false,
+            r = offsets::read(&s.pool, &s.name, &self.topic, self.partition) => r,
+        };
+        match read {
             Ok(Some(r)) if r.epoch == self.epoch && r.next_offset == self.db_next => true,
             Ok(row) => {
                 tracing::warn!(
@@ -645,6 +661,7 @@ impl Lane {
             }
         }
         self.next_read = Some(rec.offset + 1);
+        self.idle_check_at = None;
         self.pending_bytes += rec.size();
         self.pending.push_back(Arc::new(rec));
     }
@@ -658,7 +675,12 @@ impl Lane {
         let mut deadline: Option<tokio::time::Instant> =
             (!self.pending.is_empty()).then(|| tokio::time::Instant::now() + s.settings.max_wait);
         let parked_due = self.parked_check.map(tokio::time::Instant::from_std);
-        let position_due = self.pending.is_empty().then(|| tokio::time::Instant::now() + IDLE_POSITION_CHECK);
+        // Kept across calls (a parked-key check that comes first must not
+        // push it back); cleared when a record arrives.
+        if self.pending.is_empty() && self.idle_check_at.is_none() {
+            self.idle_check_at = Some(tokio::time::Instant::now() + IDLE_POSITION_CHECK);
+        }
+        let position_due = self.idle_check_at;
         while self.pending.len() < max && self.pending_bytes < s.settings.max_batch_bytes {
             let received = tokio::select! {
                 biased;
@@ -667,6 +689,7 @@ impl Lane {
                 _ = sleep_until_opt(deadline) => break,
                 _ = sleep_until_opt(parked_due), if self.pending.is_empty() => break,
                 _ = sleep_until_opt(position_due), if self.pending.is_empty() => {
+                    self.idle_check_at = None;
                     self.idle_check_due = true;
                     break;
                 }
