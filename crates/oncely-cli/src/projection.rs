@@ -115,6 +115,9 @@ pub(crate) struct SwapArgs {
     /// Swap although diff has not been run since the last swap (recorded in the audit log).
     #[arg(long)]
     allow_without_diff: bool,
+    /// Swap although one side dead-lettered records the other applied (recorded in the audit log).
+    #[arg(long)]
+    allow_dead_letter_mismatch: bool,
     /// Days the previous projection is kept for swap-back.
     #[arg(long, default_value_t = 7, value_name = "DAYS")]
     keep_days: i32,
@@ -154,6 +157,7 @@ pub(crate) async fn run(cli: &Cli, cmd: &ProjectionCmd) -> anyhow::Result<ExitCo
             let req = SwapRequest {
                 max_lag: a.max_lag,
                 allow_without_diff: a.allow_without_diff,
+                allow_dead_letter_mismatch: a.allow_dead_letter_mismatch,
                 keep_days: a.keep_days,
                 catch_up_timeout: Duration::from_secs(a.catch_up_timeout),
                 ..SwapRequest::new(&a.target)
@@ -455,8 +459,8 @@ fn print_swap_preview(p: &Preview<SwapPlan>, execute: bool) {
         r.target
     );
     println!(
-        "  rebuild lag {} record(s) (bound {}), parked: live {}, rebuild {}",
-        p.lag.behind, p.max_lag, p.parked.live, p.parked.rebuild
+        "  rebuild lag {} record(s) (bound {}), parked: live {}, rebuild {}; dead letters only one side has: live {}, rebuild {}",
+        p.lag.behind, p.max_lag, p.unsettled.parked_live, p.unsettled.parked_rebuild, p.unsettled.dead_live_only, p.unsettled.dead_rebuild_only
     );
     println!("  last diff: {}", opt(r.diffed_at.map(|d| d.to_rfc3339())));
     let mut t = Table::new(&["topic", "partition", "live", "rebuild"]);

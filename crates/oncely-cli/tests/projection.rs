@@ -40,7 +40,7 @@ fn text(o: &Output) -> String {
 }
 
 fn code(tax_percent: i64, tag: &str, invoiced: &str) -> Billing {
-    Billing { tax_percent, tag: tag.into(), invoiced_topic: invoiced.into() }
+    Billing { tax_percent, tag: tag.into(), invoiced_topic: invoiced.into(), reject_orders: Vec::new() }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

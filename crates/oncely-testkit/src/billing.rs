@@ -31,6 +31,9 @@ pub struct Billing {
     pub tag: String,
     /// Topic the `invoiced` events go to.
     pub invoiced_topic: String,
+    /// Orders this code rejects (they are dead-lettered): a bug of another
+    /// kind than the tax rate.
+    pub reject_orders: Vec<String>,
 }
 
 /// The correct tax rate; the bug applies [`BUGGY_TAX_PERCENT`].
@@ -80,6 +83,9 @@ pub const CHARGE: &str = "charge-card";
 /// The handler: the invoice, the charge, the `invoiced` event.
 pub async fn on_order(ev: Event<Order>, cx: &mut Cx, b: State<Billing>) -> Result<(), HandlerError> {
     let o = &ev.data;
+    if b.reject_orders.contains(&o.order_id) {
+        return Err(HandlerError::reject(format!("order {} is rejected by code {}", o.order_id, b.tag)));
+    }
     let tax = tax(o.amount, b.tax_percent);
     sqlx::query("INSERT INTO invoices (order_id, amount, tax, applied_by) VALUES ($1, $2, $3, $4)")
         .bind(&o.order_id)

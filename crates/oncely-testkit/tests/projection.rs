@@ -40,7 +40,7 @@ async fn session(db: &TestDb) -> Result<Session> {
 }
 
 fn code(tax_percent: i64, tag: &str, invoiced: &str) -> Billing {
-    Billing { tax_percent, tag: tag.into(), invoiced_topic: invoiced.into() }
+    Billing { tax_percent, tag: tag.into(), invoiced_topic: invoiced.into(), reject_orders: Vec::new() }
 }
 
 async fn count(pool: &PgPool, sql: &str) -> Result<i64> {
@@ -720,5 +720,52 @@ async fn a_second_run_of_a_running_target_is_refused_and_takes_over_once_the_fir
     again.stop().await?;
     live.stop().await?;
     billing::check_corrected(&pool, "billing_x", N).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn dead_letters_only_one_side_has_refuse_the_swap_unless_overridden() -> Result<()> {
+    let w = World::new(2).await?;
+    const N: usize = 40;
+    billing::publish_orders(&w.topic, 0, N).await?;
+    // The live code dead-letters o3 (so o3 was never charged); the fixed
+    // code has a bug of its own and dead-letters o5, which live applied.
+    let live_code = Billing { reject_orders: vec!["o3".into()], ..code(BUGGY_TAX_PERCENT, "v1", &w.invoiced) };
+    let live = run::start(billing::consumer(&w.group, &w.topic, w.pool.clone(), live_code, &w.gw.url())?);
+    run::wait_offsets(&w.pool, &w.group, N as i64).await?;
+    let World { db, pool, topic, invoiced, group, gw } = w;
+    let fixed = Billing { reject_orders: vec!["o5".into()], ..code(TAX_PERCENT, "rebuild", &invoiced) };
+    let rebuild = RunningRebuild::start(
+        billing::projection().rebuild(billing::consumer(&group, &topic, pool.clone(), fixed, &gw.url())?, "billing_d"),
+    );
+    wait_lag_at_most(&pool, "billing_d", 0).await?;
+    diff(&db, "billing_d", 1).await?;
+
+    let s = session(&db).await?;
+    let preview = preview_swap(&s, &SwapRequest::new("billing_d"), Origin::cli()).await?;
+    assert_eq!((preview.unsettled.dead_live_only, preview.unsettled.dead_rebuild_only), (1, 1));
+    let refusals = preview.refusals().join("; ");
+    assert!(refusals.contains("1 record(s) the live consumer dead-lettered were applied by the rebuild"), "{refusals}");
+    assert!(refusals.contains("1 record(s) the rebuild dead-lettered were applied by the live consumer"), "{refusals}");
+    assert!(preview.confirm(&s, None).await.is_err(), "a refused swap cannot be confirmed");
+    let live_rows = billing::invoices(&pool, "public").await?;
+    assert!(live_rows.iter().all(|(o, _, _)| o != "o3") && live_rows.len() == N - 1, "nothing swapped");
+
+    // With the override the swap goes ahead, and says what it overrode.
+    let req = SwapRequest { allow_dead_letter_mismatch: true, ..SwapRequest::new("billing_d") };
+    let preview = preview_swap(&s, &req, Origin::cli()).await?;
+    assert!(preview.refusals().is_empty(), "{:?}", preview.refusals());
+    assert!(
+        preview.overrides.iter().any(|o| o.contains("1 dead letter(s) of the live consumer")),
+        "{:?}",
+        preview.overrides
+    );
+    preview.confirm(&s, None).await?.execute(&s).await?;
+    tokio::time::timeout(Duration::from_secs(30), rebuild.join)
+        .await
+        .context("the swapped rebuild did not stop")???;
+    live.stop().await?;
+    let swapped: Vec<String> = billing::invoices(&pool, "public").await?.into_iter().map(|(o, _, _)| o).collect();
+    assert!(swapped.contains(&"o3".to_owned()) && !swapped.contains(&"o5".to_owned()), "{swapped:?}");
     Ok(())
 }

@@ -66,7 +66,12 @@ fn fixed(
     max_batch: Option<usize>,
     tag: &str,
 ) -> anyhow::Result<oncely::ConsumerBuilder<Billing>> {
-    let code = Billing { tax_percent: TAX_PERCENT, tag: tag.into(), invoiced_topic: format!("{topic}.invoiced") };
+    let code = Billing {
+        tax_percent: TAX_PERCENT,
+        tag: tag.into(),
+        invoiced_topic: format!("{topic}.invoiced"),
+        reject_orders: Vec::new(),
+    };
     let c = billing::consumer(group, topic, pool, code, gateway)?;
     Ok(match max_batch {
         Some(n) => c.max_batch(n),

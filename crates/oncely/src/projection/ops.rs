@@ -41,6 +41,9 @@ pub struct SwapRequest {
     /// Swap even though diff has not been run since the last swap (recorded
     /// in the audit log as an override).
     pub allow_without_diff: bool,
+    /// Swap even though one side dead-lettered records the other applied
+    /// ([`Unsettled`]; recorded in the audit log as an override).
+    pub allow_dead_letter_mismatch: bool,
     /// How long swap-back stays possible, in days. Default 7.
     pub keep_days: i32,
     /// How long the swap waits for a lock (an open batch). Default 30 s.
@@ -60,6 +63,7 @@ impl SwapRequest {
             target: target.into(),
             max_lag: 1000,
             allow_without_diff: false,
+            allow_dead_letter_mismatch: false,
             keep_days: 7,
             lock_timeout: std::time::Duration::from_secs(30),
             catch_up_timeout: std::time::Duration::from_secs(20),
@@ -67,13 +71,35 @@ impl SwapRequest {
     }
 }
 
-/// Parked events of both sides.
+/// What one side has not settled, which a swap would lose: parked events of
+/// both sides, and dead letters only one side has.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct Parked {
-    /// The live consumer's.
-    pub live: i64,
-    /// The rebuild's.
-    pub rebuild: i64,
+pub struct Unsettled {
+    /// Events the live consumer has parked.
+    pub parked_live: i64,
+    /// Events the rebuild has parked.
+    pub parked_rebuild: i64,
+    /// Records the live consumer dead-lettered (and nobody redrove) that the
+    /// rebuild has passed without dead-lettering: it applied them, with their
+    /// effects suppressed.
+    pub dead_live_only: i64,
+    /// Records the rebuild dead-lettered that the live consumer has passed
+    /// without dead-lettering: it applied them; the rebuilt projection lacks
+    /// them.
+    pub dead_rebuild_only: i64,
+}
+
+impl Unsettled {
+    async fn read(conn: &mut sqlx::PgConnection, row: &RebuildRow) -> Result<Self> {
+        let (dead_live_only, dead_rebuild_only) =
+            store::projection::dead_letter_mismatch(conn, &row.consumer, &row.rebuild_consumer).await?;
+        Ok(Unsettled {
+            parked_live: store::projection::parked_count(conn, &row.consumer).await?,
+            parked_rebuild: store::projection::parked_count(conn, &row.rebuild_consumer).await?,
+            dead_live_only,
+            dead_rebuild_only,
+        })
+    }
 }
 
 /// Why a swap (or swap-back) may not go ahead, and the overrides it goes
@@ -82,7 +108,7 @@ pub fn swap_refusals(
     kind: SwapKind,
     row: &RebuildRow,
     lag: &Lag,
-    parked: Parked,
+    unsettled: Unsettled,
     req: &SwapRequest,
     now: DateTime<Utc>,
 ) -> (Vec<String>, Vec<String>) {
@@ -126,18 +152,42 @@ pub fn swap_refusals(
                     lag.ahead
                 ));
             }
-            if parked.rebuild > 0 {
+            if unsettled.parked_rebuild > 0 {
                 refusals.push(format!(
                     "the rebuild has {} parked event(s): they are not in the rebuilt projection yet",
-                    parked.rebuild
+                    unsettled.parked_rebuild
                 ));
             }
-            if parked.live > 0 {
+            if unsettled.parked_live > 0 {
                 refusals.push(format!(
                     "the live consumer has {} parked event(s): the rebuild applied them with effects suppressed, \
                      so after a swap their effects would never run; let them drain or resolve them first",
-                    parked.live
+                    unsettled.parked_live
                 ));
+            }
+            let dead = unsettled.dead_live_only + unsettled.dead_rebuild_only;
+            if dead > 0 && req.allow_dead_letter_mismatch {
+                overrides.push(format!(
+                    "swapped with {} dead letter(s) of the live consumer the rebuild applied and {} of the rebuild \
+                     the live consumer applied",
+                    unsettled.dead_live_only, unsettled.dead_rebuild_only
+                ));
+            } else {
+                if unsettled.dead_live_only > 0 {
+                    refusals.push(format!(
+                        "{} record(s) the live consumer dead-lettered were applied by the rebuild with effects \
+                         suppressed: after a swap their effects would never run, and redriving them would be a \
+                         duplicate; redrive them before the swap (`oncely dlq redrive --all --consumer {}`), or override",
+                        unsettled.dead_live_only, row.consumer
+                    ));
+                }
+                if unsettled.dead_rebuild_only > 0 {
+                    refusals.push(format!(
+                        "{} record(s) the rebuild dead-lettered were applied by the live consumer: the rebuilt \
+                         projection lacks them (`oncely dlq list --consumer {}`); fix and rebuild, or override",
+                        unsettled.dead_rebuild_only, row.rebuild_consumer
+                    ));
+                }
             }
         }
         SwapKind::SwapBack => {
@@ -167,8 +217,8 @@ pub struct SwapPlan {
     pub positions: Vec<PartitionPositions>,
     /// The rebuild's lag behind live.
     pub lag: Lag,
-    /// Parked events, live and rebuild.
-    pub parked: Parked,
+    /// Parked events and one-sided dead letters.
+    pub unsettled: Unsettled,
     /// Why it would be refused (empty: it may go ahead).
     pub refusals: Vec<String>,
     /// The overrides it goes ahead with (audited).
@@ -197,18 +247,15 @@ async fn plan(session: &Session, kind: SwapKind, row: RebuildRow, req: SwapReque
     let positions = store::projection::positions(pool, &row.consumer, &row.rebuild_consumer).await?;
     let lag = lag_of(&positions);
     let mut conn = pool.acquire().await?;
-    let parked = Parked {
-        live: store::projection::parked_count(&mut conn, &row.consumer).await?,
-        rebuild: store::projection::parked_count(&mut conn, &row.rebuild_consumer).await?,
-    };
+    let unsettled = Unsettled::read(&mut conn, &row).await?;
     drop(conn);
-    let (refusals, overrides) = swap_refusals(kind, &row, &lag, parked, &req, Utc::now());
+    let (refusals, overrides) = swap_refusals(kind, &row, &lag, unsettled, &req, Utc::now());
     Ok(SwapPlan {
         kind,
         rebuild: row,
         positions,
         lag,
-        parked,
+        unsettled,
         refusals,
         overrides,
         max_lag: req.max_lag,
@@ -305,11 +352,8 @@ impl Operation for SwapPlan {
         // Under the locks: what the preview saw may have changed.
         let positions = store::projection::positions_in(&mut tx, &row.consumer, &row.rebuild_consumer).await?;
         let lag = lag_of(&positions);
-        let parked = Parked {
-            live: store::projection::parked_count(&mut tx, &row.consumer).await?,
-            rebuild: store::projection::parked_count(&mut tx, &row.rebuild_consumer).await?,
-        };
-        let (mut refusals, _) = swap_refusals(self.kind, &row, &lag, parked, req, Utc::now());
+        let unsettled = Unsettled::read(&mut tx, &row).await?;
+        let (mut refusals, _) = swap_refusals(self.kind, &row, &lag, unsettled, req, Utc::now());
         if self.kind == SwapKind::Swap && lag.behind > 0 && refusals.is_empty() {
             refusals.push(format!(
                 "the rebuild did not catch up with the paused live consumer within {:?} ({} records behind): is it running?",
@@ -643,7 +687,7 @@ mod tests {
             SwapKind::Swap,
             &row("rebuilding", true),
             &lag(3, 0),
-            Parked::default(),
+            Unsettled::default(),
             &SwapRequest::new("x"),
             Utc::now(),
         );
@@ -653,15 +697,21 @@ mod tests {
     #[test]
     fn a_lagging_rebuild_is_refused_until_the_bound_allows_it() {
         let req = SwapRequest::new("x");
-        let (r, _) =
-            swap_refusals(SwapKind::Swap, &row("rebuilding", true), &lag(5000, 0), Parked::default(), &req, Utc::now());
+        let (r, _) = swap_refusals(
+            SwapKind::Swap,
+            &row("rebuilding", true),
+            &lag(5000, 0),
+            Unsettled::default(),
+            &req,
+            Utc::now(),
+        );
         assert!(r.len() == 1 && r[0].contains("lags 5000 records"), "{r:?}");
         let wide = SwapRequest { max_lag: 10_000, ..req };
         assert!(swap_refusals(
             SwapKind::Swap,
             &row("rebuilding", true),
             &lag(5000, 0),
-            Parked::default(),
+            Unsettled::default(),
             &wide,
             Utc::now()
         )
@@ -672,15 +722,21 @@ mod tests {
     #[test]
     fn without_a_diff_the_swap_is_refused_unless_overridden_and_the_override_is_kept() {
         let req = SwapRequest::new("x");
-        let (r, _) =
-            swap_refusals(SwapKind::Swap, &row("rebuilding", false), &lag(0, 0), Parked::default(), &req, Utc::now());
+        let (r, _) = swap_refusals(
+            SwapKind::Swap,
+            &row("rebuilding", false),
+            &lag(0, 0),
+            Unsettled::default(),
+            &req,
+            Utc::now(),
+        );
         assert!(r.len() == 1 && r[0].contains("diff has not been run"), "{r:?}");
         let forced = SwapRequest { allow_without_diff: true, ..req };
         let (r, o) = swap_refusals(
             SwapKind::Swap,
             &row("rebuilding", false),
             &lag(0, 0),
-            Parked::default(),
+            Unsettled::default(),
             &forced,
             Utc::now(),
         );
@@ -692,23 +748,25 @@ mod tests {
     fn ahead_missing_parked_and_swapped_rebuilds_are_refused() {
         let req = SwapRequest::new("x");
         let now = Utc::now();
-        assert!(swap_refusals(SwapKind::Swap, &row("rebuilding", true), &lag(0, 2), Parked::default(), &req, now).0[0]
-            .contains("ahead"));
+        assert!(swap_refusals(SwapKind::Swap, &row("rebuilding", true), &lag(0, 2), Unsettled::default(), &req, now).0
+            [0]
+        .contains("ahead"));
         assert!(swap_refusals(
             SwapKind::Swap,
             &row("rebuilding", true),
             &lag(0, 0),
-            Parked { live: 0, rebuild: 1 },
+            Unsettled { parked_rebuild: 1, ..Default::default() },
             &req,
             now
         )
         .0[0]
             .contains("rebuild has 1 parked"));
-        assert!(swap_refusals(SwapKind::Swap, &row("swapped", true), &lag(0, 0), Parked::default(), &req, now).0[0]
+        assert!(swap_refusals(SwapKind::Swap, &row("swapped", true), &lag(0, 0), Unsettled::default(), &req, now).0[0]
             .contains("swapped in already"));
         let missing = Lag { behind: 0, ahead: 0, missing: vec![("t".into(), 1)] };
-        assert!(swap_refusals(SwapKind::Swap, &row("rebuilding", true), &missing, Parked::default(), &req, now).0[0]
-            .contains("no position"));
+        assert!(swap_refusals(SwapKind::Swap, &row("rebuilding", true), &missing, Unsettled::default(), &req, now).0
+            [0]
+        .contains("no position"));
     }
 
     #[test]
@@ -717,7 +775,7 @@ mod tests {
             SwapKind::Swap,
             &row("rebuilding", true),
             &lag(0, 0),
-            Parked { live: 2, rebuild: 0 },
+            Unsettled { parked_live: 2, ..Default::default() },
             &SwapRequest::new("x"),
             Utc::now(),
         )
@@ -726,18 +784,65 @@ mod tests {
     }
 
     #[test]
+    fn dead_letters_only_one_side_has_refuse_the_swap_unless_overridden() {
+        let unsettled = Unsettled { dead_live_only: 2, dead_rebuild_only: 1, ..Default::default() };
+        let refuse = |req: &SwapRequest| {
+            swap_refusals(SwapKind::Swap, &row("rebuilding", true), &lag(0, 0), unsettled, req, Utc::now())
+        };
+        let (r, o) = refuse(&SwapRequest::new("x"));
+        assert_eq!(r.len(), 2, "{r:?}");
+        assert!(r[0].starts_with("2 record(s) the live consumer dead-lettered"), "{r:?}");
+        assert!(r[1].starts_with("1 record(s) the rebuild dead-lettered"), "{r:?}");
+        assert!(o.is_empty());
+        let (r, o) = refuse(&SwapRequest { allow_dead_letter_mismatch: true, ..SwapRequest::new("x") });
+        assert!(r.is_empty(), "{r:?}");
+        assert!(o.len() == 1 && o[0].contains("2 dead letter(s) of the live consumer"), "{o:?}");
+        // Nothing one-sided: nothing to override, no override recorded.
+        let none = swap_refusals(
+            SwapKind::Swap,
+            &row("rebuilding", true),
+            &lag(0, 0),
+            Unsettled::default(),
+            &SwapRequest { allow_dead_letter_mismatch: true, ..SwapRequest::new("x") },
+            Utc::now(),
+        );
+        assert_eq!(none, (vec![], vec![]));
+    }
+
+    #[test]
     fn swap_back_needs_a_swap_within_its_retention() {
         let req = SwapRequest::new("x");
         let now = Utc::now();
-        assert!(swap_refusals(SwapKind::SwapBack, &row("swapped", false), &lag(9999, 0), Parked::default(), &req, now)
-            .0
-            .is_empty());
-        assert!(!swap_refusals(SwapKind::SwapBack, &row("rebuilding", true), &lag(0, 0), Parked::default(), &req, now)
-            .0
-            .is_empty());
+        assert!(swap_refusals(
+            SwapKind::SwapBack,
+            &row("swapped", false),
+            &lag(9999, 0),
+            Unsettled::default(),
+            &req,
+            now
+        )
+        .0
+        .is_empty());
+        assert!(!swap_refusals(
+            SwapKind::SwapBack,
+            &row("rebuilding", true),
+            &lag(0, 0),
+            Unsettled::default(),
+            &req,
+            now
+        )
+        .0
+        .is_empty());
         let late = now + chrono::Duration::days(8);
-        assert!(swap_refusals(SwapKind::SwapBack, &row("swapped", false), &lag(0, 0), Parked::default(), &req, late).0
-            [0]
-        .contains("no longer"));
+        assert!(swap_refusals(
+            SwapKind::SwapBack,
+            &row("swapped", false),
+            &lag(0, 0),
+            Unsettled::default(),
+            &req,
+            late
+        )
+        .0[0]
+            .contains("no longer"));
     }
 }

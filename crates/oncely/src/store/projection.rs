@@ -297,6 +297,33 @@ pub async fn parked_count(conn: &mut PgConnection, consumer: &str) -> Result<i64
         .await?)
 }
 
+/// Dead letters only one of two consumers of the same topics has: `(of
+/// `a` only, of `b` only)`. A dead letter of one counts when the other has
+/// passed its offset (its position is beyond it) without dead-lettering the
+/// record, and it was not redriven (a redriven record came back as a new
+/// one, which both sides see). Over-counts, never under-counts: the other
+/// side may have started after the record (a rebuild from a time or a
+/// snapshot).
+pub async fn dead_letter_mismatch(conn: &mut PgConnection, a: &str, b: &str) -> Result<(i64, i64)> {
+    let one_sided = |of: &str, other: &str| {
+        sqlx::query_scalar::<_, i64>(
+            r#"SELECT count(*) FROM oncely.dead_letters d
+                WHERE d.consumer = $1 AND d.redriven_at IS NULL
+                  AND EXISTS (SELECT 1 FROM oncely.offsets o
+                               WHERE o.consumer = $2 AND o.topic = d.topic AND o.partition = d.partition
+                                 AND o.next_offset > d."offset")
+                  AND NOT EXISTS (SELECT 1 FROM oncely.dead_letters x
+                                   WHERE x.consumer = $2 AND x.topic = d.topic AND x.partition = d.partition
+                                     AND x."offset" = d."offset")"#,
+        )
+        .bind(of.to_owned())
+        .bind(other.to_owned())
+    };
+    let a_only = one_sided(a, b).fetch_one(&mut *conn).await?;
+    let b_only = one_sided(b, a).fetch_one(&mut *conn).await?;
+    Ok((a_only, b_only))
+}
+
 /// Records of `consumer` dead-lettered.
 pub async fn dead_letter_count(pool: &PgPool, consumer: &str) -> Result<i64> {
     Ok(sqlx::query_scalar("SELECT count(*) FROM oncely.dead_letters WHERE consumer = $1")
