@@ -5,9 +5,8 @@
 use std::collections::{HashMap, HashSet};
 use std::io::Write as _;
 use std::path::Path;
-use std::process::{ExitStatus, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -19,8 +18,7 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 use crate::app::SeqEvent;
 
@@ -273,108 +271,30 @@ pub fn check_exactly_once_in_order(recs: &[Rec], published: &[oncely::envelope::
 
 // ------------------------------------------------------------- process
 
-/// A running `test-processor` (killed when dropped), its stdout lines
+/// A running `test-processor` (killed when dropped): its stdout lines
 /// (`READY`, `HANGING`) and its stderr kept for the test to read.
-#[derive(Debug)]
-pub struct TestProcessor {
-    /// The process.
-    pub child: Child,
-    lines: tokio::sync::mpsc::UnboundedReceiver<String>,
-    stderr: Arc<Mutex<Vec<String>>>,
-}
+pub type TestProcessor = crate::process::TestProcess;
 
-impl TestProcessor {
-    /// Starts `exe NAME INPUT OUTPUTS` with `INSTANCE=instance` and extra
-    /// variables, and waits for `READY`. Its stderr is kept (and echoed).
-    pub async fn spawn(
-        exe: &Path,
-        name: &str,
-        input: &str,
-        outputs: &[&str],
-        instance: &str,
-        envs: &[(&str, &str)],
-    ) -> Result<Self> {
-        let mut cmd = Command::new(exe);
-        cmd.arg(name)
-            .arg(input)
-            .arg(outputs.join(","))
-            .env("INSTANCE", instance)
-            .env("ONCELY_KAFKA_BOOTSTRAP", crate::bootstrap())
-            .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,oncely=info".into()));
-        for (k, v) in envs {
-            cmd.env(k, v);
-        }
-        let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true).spawn()?;
-        let stdout = child.stdout.take().context("stdout")?;
-        let stderr_pipe = child.stderr.take().context("stderr")?;
-        let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(async move {
-            let mut r = BufReader::new(stdout).lines();
-            while let Ok(Some(l)) = r.next_line().await {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        let stderr = Arc::new(Mutex::new(Vec::new()));
-        let keep = stderr.clone();
-        let tag = instance.to_owned();
-        tokio::spawn(async move {
-            let mut r = BufReader::new(stderr_pipe).lines();
-            while let Ok(Some(l)) = r.next_line().await {
-                eprintln!("[{tag}] {l}");
-                if let Ok(mut k) = keep.lock() {
-                    k.push(l);
-                }
-            }
-        });
-        let first = tokio::time::timeout(Duration::from_secs(90), lines.recv()).await.context("no READY")?;
-        anyhow::ensure!(first.as_deref() == Some("READY"), "unexpected first line {first:?}");
-        Ok(TestProcessor { child, lines, stderr })
+/// Starts `exe NAME INPUT OUTPUTS` with `INSTANCE=instance` and extra
+/// variables, and waits for `READY`. Its stderr is kept (and echoed, tagged
+/// with the instance).
+pub async fn spawn_processor(
+    exe: &Path,
+    name: &str,
+    input: &str,
+    outputs: &[&str],
+    instance: &str,
+    envs: &[(&str, &str)],
+) -> Result<TestProcessor> {
+    let mut cmd = Command::new(exe);
+    cmd.arg(name)
+        .arg(input)
+        .arg(outputs.join(","))
+        .env("INSTANCE", instance)
+        .env("ONCELY_KAFKA_BOOTSTRAP", crate::bootstrap())
+        .env("RUST_LOG", std::env::var("RUST_LOG").unwrap_or_else(|_| "warn,oncely=info".into()));
+    for (k, v) in envs {
+        cmd.env(k, v);
     }
-
-    /// Waits for a stdout line equal to `want`.
-    pub async fn wait_line(&mut self, want: &str, timeout: Duration) -> Result<()> {
-        loop {
-            let line = tokio::time::timeout(timeout, self.lines.recv()).await.with_context(|| format!("no {want}"))?;
-            match line {
-                Some(l) if l == want => return Ok(()),
-                Some(_) => {}
-                None => bail!("the processor exited before printing {want}"),
-            }
-        }
-    }
-
-    /// The stderr lines so far (its logs).
-    pub fn stderr(&self) -> Vec<String> {
-        self.stderr.lock().map(|l| l.clone()).unwrap_or_default()
-    }
-
-    /// Sends a signal (`-KILL`, `-TERM`) with the system's `kill`.
-    pub fn signal(&self, sig: &str) -> Result<()> {
-        let pid = self.child.id().context("the process has exited")?;
-        let st = std::process::Command::new("kill").args([sig, &pid.to_string()]).status()?;
-        anyhow::ensure!(st.success(), "kill {sig} {pid} failed");
-        Ok(())
-    }
-
-    /// SIGKILL, then reap.
-    pub async fn kill9(mut self) -> Result<()> {
-        self.signal("-KILL")?;
-        self.child.wait().await?;
-        Ok(())
-    }
-
-    /// SIGTERM (commit and leave), then wait for a successful exit.
-    pub async fn terminate(mut self, timeout: Duration) -> Result<()> {
-        self.signal("-TERM")?;
-        let st = tokio::time::timeout(timeout, self.child.wait()).await.context("did not stop after SIGTERM")??;
-        anyhow::ensure!(st.success(), "exited with {st} after SIGTERM");
-        Ok(())
-    }
-
-    /// Waits for the process to exit on its own.
-    pub async fn wait_exit(&mut self, timeout: Duration) -> Result<ExitStatus> {
-        Ok(tokio::time::timeout(timeout, self.child.wait()).await.context("the processor did not exit")??)
-    }
+    crate::process::TestProcess::start(cmd, "test-processor", Some(instance)).await
 }

@@ -195,7 +195,15 @@ pub struct Ready {
 /// caller set it) and waits up to `timeout` for its `READY` line. A child
 /// that exits or does not get ready fails the call, with the end of `log`
 /// when there is one.
-pub async fn spawn_ready(mut cmd: Command, name: &str, log: Option<&Path>, timeout: Duration) -> Result<Ready> {
+pub async fn spawn_ready(cmd: Command, name: &str, log: Option<&Path>, timeout: Duration) -> Result<Ready> {
+    let (child, lines) = spawn_piped(cmd, name)?;
+    wait_ready(child, lines, name, log, timeout).await
+}
+
+/// The first half of [`spawn_ready`]: spawns `cmd` (stdin closed, stdout
+/// piped and read into the returned lines, killed on drop). For a caller that
+/// takes the child's stderr pipe before it waits for `READY`.
+pub fn spawn_piped(mut cmd: Command, name: &str) -> Result<(Child, tokio::sync::mpsc::UnboundedReceiver<String>)> {
     let mut child = cmd
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -203,7 +211,7 @@ pub async fn spawn_ready(mut cmd: Command, name: &str, log: Option<&Path>, timeo
         .spawn()
         .with_context(|| format!("starting {name}"))?;
     let stdout = child.stdout.take().context("the child's stdout")?;
-    let (tx, mut lines) = tokio::sync::mpsc::unbounded_channel::<String>();
+    let (tx, lines) = tokio::sync::mpsc::unbounded_channel::<String>();
     tokio::spawn(async move {
         let mut r = BufReader::new(stdout).lines();
         while let Ok(Some(l)) = r.next_line().await {
@@ -212,6 +220,17 @@ pub async fn spawn_ready(mut cmd: Command, name: &str, log: Option<&Path>, timeo
             }
         }
     });
+    Ok((child, lines))
+}
+
+/// The second half of [`spawn_ready`]: waits for a child's `READY` line.
+pub async fn wait_ready(
+    mut child: Child,
+    mut lines: tokio::sync::mpsc::UnboundedReceiver<String>,
+    name: &str,
+    log: Option<&Path>,
+    timeout: Duration,
+) -> Result<Ready> {
     let end_of_log = || log.map(|l| format!(":\n{}", tail(l, 15))).unwrap_or_default();
     let (mut url, mut metrics) = (None, None);
     let deadline = tokio::time::Instant::now() + timeout;

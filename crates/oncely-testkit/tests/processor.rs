@@ -16,7 +16,7 @@ use oncely::kafka::headers_with_nulls;
 use oncely::processor::{events, FencedPolicy, Out};
 use oncely::{Event, HandlerError, Publisher};
 use oncely_testkit::app::{self, SeqEvent};
-use oncely_testkit::processor::{self as proc, visible, Behaviour, Rec, TestProcessor};
+use oncely_testkit::processor::{self as proc, visible, Behaviour, Rec};
 use oncely_testkit::{self as kit};
 use rdkafka::consumer::{BaseConsumer, Consumer as _};
 use rdkafka::producer::{FutureProducer, FutureRecord};
@@ -95,7 +95,7 @@ async fn sigkill_inside_an_open_transaction_then_restart_emits_every_output_exac
     // the 137th event, some transactions committed, the open one holding
     // records that are in the log but not committed.
     let envs = [("HANG_AFTER", "136"), ("COMMIT_EVERY", "50"), ("COMMIT_MS", "600000")];
-    let mut first = TestProcessor::spawn(exe(), &name, &input, &[&out, &audit], "i-0", &envs).await?;
+    let mut first = proc::spawn_processor(exe(), &name, &input, &[&out, &audit], "i-0", &envs).await?;
     first.wait_line("HANGING", WAIT).await?;
     kit::wait_until(WAIT, "uncommitted outputs in the log", || async {
         Ok(visible(&out, false).await?.len() > visible(&out, true).await?.len())
@@ -106,7 +106,7 @@ async fn sigkill_inside_an_open_transaction_then_restart_emits_every_output_exac
     assert!((50..136).contains(&committed), "{committed} committed before the hang");
     first.kill9().await?;
 
-    let second = TestProcessor::spawn(exe(), &name, &input, &[&out, &audit], "i-0", &[]).await?;
+    let second = proc::spawn_processor(exe(), &name, &input, &[&out, &audit], "i-0", &[]).await?;
     let outs = wait_visible(&out, true, 300).await?;
     let audits = wait_visible(&audit, true, 300).await?;
     second.terminate(WAIT).await?;
@@ -142,9 +142,9 @@ async fn a_second_instance_with_the_same_transactional_id_fences_the_first_which
     // it is mid-stream, inside a transaction, when the second one starts
     // with its id.
     let slow = [("DELAY_MS", "5"), ("COMMIT_MS", "200")];
-    let mut older = TestProcessor::spawn(exe(), &name, &input, &[&out], "same", &slow).await?;
+    let mut older = proc::spawn_processor(exe(), &name, &input, &[&out], "same", &slow).await?;
     wait_visible(&out, true, 100).await?;
-    let newer = TestProcessor::spawn(exe(), &name, &input, &[&out], "same", &[]).await?;
+    let newer = proc::spawn_processor(exe(), &name, &input, &[&out], "same", &[]).await?;
 
     let status = older.wait_exit(Duration::from_secs(60)).await.context("the fenced instance must stop, not loop")?;
     assert_eq!(status.code(), Some(3), "fenced is a non-zero exit: {status}");
@@ -171,10 +171,10 @@ async fn an_idle_instance_fenced_by_a_second_one_learns_it_within_the_liveness_c
     kit::create_topic(&input, 2).await?;
     kit::create_topic(&out, 2).await?;
     let published = app::publish_seq(&input, 4, 5).await?;
-    let mut older = TestProcessor::spawn(exe(), &name, &input, &[&out], "same", &[]).await?;
+    let mut older = proc::spawn_processor(exe(), &name, &input, &[&out], "same", &[]).await?;
     // The backlog is done: the older instance has nothing left to commit.
     wait_visible(&out, true, published.len()).await?;
-    let newer = TestProcessor::spawn(exe(), &name, &input, &[&out], "same", &[]).await?;
+    let newer = proc::spawn_processor(exe(), &name, &input, &[&out], "same", &[]).await?;
     // No traffic reaches it, yet it stops: its liveness transaction (every
     // 5 s when idle) is refused with the fencing error.
     let status = older.wait_exit(Duration::from_secs(60)).await.context("an idle zombie must find out")?;
@@ -222,7 +222,7 @@ async fn a_rolling_restart_of_three_instances_under_load_keeps_exactly_once_and_
     let ids = ["a", "b", "c"];
     let mut running = Vec::new();
     for id in ids {
-        running.push(TestProcessor::spawn(exe(), &name, &input, &[&out], id, &[]).await?);
+        running.push(proc::spawn_processor(exe(), &name, &input, &[&out], id, &[]).await?);
     }
     let admin = oncely::kafka::admin::KafkaAdmin::new(kit::bootstrap(), &[])?;
     let all_members = || async {
@@ -236,7 +236,7 @@ async fn a_rolling_restart_of_three_instances_under_load_keeps_exactly_once_and_
     for (i, id) in ids.iter().enumerate() {
         let before = visible(&out, true).await?.len();
         running.remove(0).terminate(WAIT).await.with_context(|| format!("stopping {id}"))?;
-        running.push(TestProcessor::spawn(exe(), &name, &input, &[&out], id, &[]).await?);
+        running.push(proc::spawn_processor(exe(), &name, &input, &[&out], id, &[]).await?);
         kit::wait_until(WAIT, "three members owning partitions", all_members).await?;
         wait_visible(&out, true, before + 200).await.with_context(|| format!("progress after restart {i}"))?;
     }
@@ -267,7 +267,7 @@ async fn a_poison_record_is_dead_lettered_in_the_transaction_that_commits_its_of
     published.push(publisher.publish(&input, "poison", "test.seq", &SeqEvent { key: "poison".into(), seq: 1 }).await?);
 
     let envs = [("HANG_KEY", "poison"), ("COMMIT_MS", "600000"), ("COMMIT_EVERY", "100000")];
-    let mut first = TestProcessor::spawn(exe(), &name, &input, &[&out], "i-0", &envs).await?;
+    let mut first = proc::spawn_processor(exe(), &name, &input, &[&out], "i-0", &envs).await?;
     first.wait_line("HANGING", WAIT).await?;
     let uncommitted = wait_visible(&dlt(&input, &name), false, 1).await?;
     assert_eq!(uncommitted[0].payload.as_deref(), Some(&b"{not json"[..]));
@@ -275,7 +275,7 @@ async fn a_poison_record_is_dead_lettered_in_the_transaction_that_commits_its_of
     assert_eq!(committed_offsets(&name, &input, 2)?[pp as usize], None, "no offset committed past it either");
     first.kill9().await?;
 
-    let second = TestProcessor::spawn(exe(), &name, &input, &[&out], "i-0", &[]).await?;
+    let second = proc::spawn_processor(exe(), &name, &input, &[&out], "i-0", &[]).await?;
     let outs = wait_visible(&out, true, published.len()).await?;
     let dead = wait_visible(&dlt(&input, &name), true, 1).await?;
     second.terminate(WAIT).await?;
