@@ -112,7 +112,7 @@ pub(crate) struct SwapArgs {
     /// Refuse when the rebuild lags more than N records behind live (it bounds the live pause).
     #[arg(long, default_value_t = 1000, value_name = "N")]
     max_lag: i64,
-    /// Swap although diff has not been run since the last swap (recorded in the audit log).
+    /// Swap although diff has not been run since the last swap, or ran while the rebuild lagged beyond --max-lag (recorded in the audit log).
     #[arg(long)]
     allow_without_diff: bool,
     /// Swap although one side dead-lettered records the other applied (recorded in the audit log).

@@ -317,6 +317,15 @@ async fn a_lagging_rebuild_is_refused_and_swap_back_restores_the_projection_and_
     let req = SwapRequest { max_lag: 50, ..SwapRequest::new(target) };
     let preview = preview_swap(&s, &req, Origin::cli()).await?;
     assert!(preview.refusals().iter().any(|r| r.contains("lags 300 records")), "{:?}", preview.refusals());
+    // And the diff, taken that far behind, compared little of it.
+    assert!(
+        preview
+            .refusals()
+            .iter()
+            .any(|r| r.contains("ran while the rebuild lagged 300 records behind live (bound 50)")),
+        "{:?}",
+        preview.refusals()
+    );
     let refused = preview.confirm(&s, None).await.expect_err("a lagging rebuild must not swap");
     assert!(matches!(refused, oncely::Error::Refused(_)), "{refused}");
     // Within the bound but not running: the paused live consumer waits for

@@ -697,10 +697,13 @@ pub async fn compare(pool: &PgPool, target: &str, sample: i64) -> Result<DiffRep
 }
 
 /// What is kept of a diff (on the rebuild's row and in the audit log):
-/// per table the row counts and whether they are equal.
-fn diff_summary(report: &DiffReport) -> Value {
+/// per table the row counts and whether they are equal, and how far the
+/// rebuild lagged behind live when it ran (`lag_behind`: a diff of a
+/// rebuild far behind compares little of what a swap would bring in).
+fn diff_summary(report: &DiffReport, lag_behind: i64) -> Value {
     serde_json::json!({
         "equal": report.equal,
+        "lag_behind": lag_behind,
         "tables": report.tables.iter().map(|t| serde_json::json!({
             "table": t.table, "live_rows": t.live_rows, "rebuilt_rows": t.rebuilt_rows, "equal": t.equal,
         })).collect::<Vec<_>>(),

@@ -38,8 +38,9 @@ pub struct SwapRequest {
     /// start a swap. The swap pauses the live consumer until the rebuild
     /// has caught up exactly, so this bounds the pause. Default 1000.
     pub max_lag: i64,
-    /// Swap even though diff has not been run since the last swap (recorded
-    /// in the audit log as an override).
+    /// Swap even though diff has not been run since the last swap, or ran
+    /// while the rebuild lagged more than `max_lag` behind live (recorded in
+    /// the audit log as an override).
     pub allow_without_diff: bool,
     /// Swap even though one side dead-lettered records the other applied
     /// ([`Unsettled`]; recorded in the audit log as an override).
@@ -122,6 +123,8 @@ pub fn swap_refusals(
                     row.target
                 ));
             }
+            // The last diff's lag (absent from diffs recorded before it was kept).
+            let diff_lag = row.diff.as_ref().and_then(|d| d["lag_behind"].as_i64()).unwrap_or(0);
             if row.diffed_at.is_none() {
                 if req.allow_without_diff {
                     overrides.push("swapped without a diff since the last swap".to_owned());
@@ -129,6 +132,16 @@ pub fn swap_refusals(
                     refusals.push(format!(
                         "diff has not been run for {} (since the last swap): run `oncely projection diff {}`, or override",
                         row.target, row.target
+                    ));
+                }
+            } else if diff_lag > req.max_lag {
+                if req.allow_without_diff {
+                    overrides.push(format!("swapped with a diff taken {diff_lag} records behind live"));
+                } else {
+                    refusals.push(format!(
+                        "the last diff of {} ran while the rebuild lagged {diff_lag} records behind live (bound {}): \
+                         it compared little of what the swap brings in; run `oncely projection diff {}` again, or override",
+                        row.target, req.max_lag, row.target
                     ));
                 }
             }
@@ -633,12 +646,13 @@ pub async fn diff(session: &Session, target: &str, sample: i64, origin: Origin) 
         .group(&row.consumer)
         .details(json!({"target": target, "projection": row.projection, "state": row.state}));
     let audit_id = audit::record_start(pool, &entry).await?;
+    let lag = super::lag_of(&store::projection::positions(pool, &row.consumer, &row.rebuild_consumer).await?).behind;
     let report = match super::compare(pool, target, sample).await {
-        Ok(r) => store::projection::record_diff(pool, target, &super::diff_summary(&r)).await.map(|()| r),
+        Ok(r) => store::projection::record_diff(pool, target, &super::diff_summary(&r, lag)).await.map(|()| r),
         Err(e) => Err(e),
     };
     let outcome = match &report {
-        Ok(r) => AuditOutcome::succeeded(Some(super::diff_summary(r))),
+        Ok(r) => AuditOutcome::succeeded(Some(super::diff_summary(r, lag))),
         Err(e) => AuditOutcome::failed(e.to_string()),
     };
     if let Err(e) = audit::record_result(pool, audit_id, &outcome).await {
@@ -781,6 +795,21 @@ mod tests {
         )
         .0;
         assert!(r.len() == 1 && r[0].contains("live consumer has 2 parked"), "{r:?}");
+    }
+
+    #[test]
+    fn a_diff_taken_while_the_rebuild_lagged_beyond_the_bound_refuses_the_swap_unless_overridden() {
+        let mut early = row("rebuilding", true);
+        early.diff = Some(serde_json::json!({"equal": false, "lag_behind": 5000}));
+        let req = SwapRequest::new("x");
+        let (r, _) = swap_refusals(SwapKind::Swap, &early, &lag(0, 0), Unsettled::default(), &req, Utc::now());
+        assert!(r.len() == 1 && r[0].contains("lagged 5000 records behind live (bound 1000)"), "{r:?}");
+        let over = SwapRequest { allow_without_diff: true, ..SwapRequest::new("x") };
+        let (r, o) = swap_refusals(SwapKind::Swap, &early, &lag(0, 0), Unsettled::default(), &over, Utc::now());
+        assert!(r.is_empty() && o == ["swapped with a diff taken 5000 records behind live"], "{r:?} {o:?}");
+        let mut close = row("rebuilding", true);
+        close.diff = Some(serde_json::json!({"equal": false, "lag_behind": 1000}));
+        assert!(swap_refusals(SwapKind::Swap, &close, &lag(0, 0), Unsettled::default(), &req, Utc::now()).0.is_empty());
     }
 
     #[test]
