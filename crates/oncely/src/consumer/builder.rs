@@ -102,17 +102,9 @@ impl<S> std::fmt::Debug for ConsumerBuilder<S> {
     }
 }
 
-/// Settings oncely forces, whatever [`ConsumerBuilder::kafka`] says.
-pub const FORCED_KAFKA_SETTINGS: &[(&str, &str)] = &[
-    // The database is the source of truth; Kafka offsets are committed by
-    // oncely after each database commit, never by a timer.
-    ("enable.auto.commit", "false"),
-    ("enable.auto.offset.store", "false"),
-    // Incremental rebalances: partitions that stay keep their lanes.
-    ("partition.assignment.strategy", "cooperative-sticky"),
-    // Never process records of aborted transactions.
-    ("isolation.level", "read_committed"),
-];
+/// Settings oncely forces, whatever [`ConsumerBuilder::kafka`] says (the
+/// Kafka floor's [`FORCED_CONSUMER_SETTINGS`](crate::kafka::FORCED_CONSUMER_SETTINGS)).
+pub const FORCED_KAFKA_SETTINGS: &[(&str, &str)] = crate::kafka::FORCED_CONSUMER_SETTINGS;
 
 impl ConsumerBuilder<()> {
     fn new(name: String) -> Self {

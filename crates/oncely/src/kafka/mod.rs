@@ -19,6 +19,26 @@ pub use admin::KafkaAdmin;
 pub use connection::{is_secret, KafkaConnection, PropertyValue};
 pub use headers::{escape_bytes, Headers, HeadersIter};
 
+/// Settings every oncely consumer forces (the consumer runtime's and the
+/// processor's), whatever the caller says: offsets are committed by oncely
+/// (after the database commit, or inside the Kafka transaction), never by a
+/// timer; records of aborted transactions are never read; incremental
+/// rebalances let the partitions that stay keep flowing.
+pub const FORCED_CONSUMER_SETTINGS: &[(&str, &str)] = &[
+    ("enable.auto.commit", "false"),
+    ("enable.auto.offset.store", "false"),
+    ("isolation.level", "read_committed"),
+    ("partition.assignment.strategy", "cooperative-sticky"),
+];
+
+/// Settings the outbox relay forces on its producer (a caller's value for
+/// any of them, or for `request.required.acks`, is refused): idempotent,
+/// acknowledged by every in-sync replica, and a gap in a partition's
+/// sequence is fatal instead of silently skipped, so that rows are
+/// published once and in key order.
+pub const FORCED_RELAY_PRODUCER_SETTINGS: &[(&str, &str)] =
+    &[("enable.idempotence", "true"), ("acks", "all"), ("enable.gapless.guarantee", "true")];
+
 /// Commit metadata oncely's consumers write with their Kafka commits; an
 /// offset committed with any other metadata was moved by someone else.
 pub const COMMIT_METADATA: &str = "oncely:consumer";

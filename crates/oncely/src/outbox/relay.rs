@@ -277,19 +277,18 @@ fn make_producer(s: &Settings) -> Result<FutureProducer> {
     c.set("client.id", format!("oncely-relay-{}", s.name))
         .set("linger.ms", s.linger.as_millis().to_string())
         .set("message.timeout.ms", s.message_timeout.as_millis().to_string());
+    let forced = crate::kafka::FORCED_RELAY_PRODUCER_SETTINGS;
     for (k, v) in &s.producer_config {
-        match k.as_str() {
-            "enable.idempotence" | "acks" | "request.required.acks" | "enable.gapless.guarantee" => {
-                return Err(Error::Config(format!(
-                    "the outbox relay sets `{k}` itself: its ordering and no-duplicate guarantees depend on it"
-                )))
-            }
-            _ => {
-                c.set(k, v);
-            }
+        if k == "request.required.acks" || forced.iter().any(|(f, _)| f == k) {
+            return Err(Error::Config(format!(
+                "the outbox relay sets `{k}` itself: its ordering and no-duplicate guarantees depend on it"
+            )));
         }
+        c.set(k, v);
     }
-    c.set("enable.idempotence", "true").set("acks", "all").set("enable.gapless.guarantee", "true");
+    for (k, v) in forced {
+        c.set(*k, *v);
+    }
     Ok(c.create()?)
 }
 

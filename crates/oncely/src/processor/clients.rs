@@ -35,16 +35,9 @@ pub(crate) enum Role<'a> {
     Producer { transactional_id: &'a str, batch_size: usize, message_max_bytes: usize },
 }
 
-/// Settings the processor forces on its consumer, whatever the caller says:
-/// offsets are committed only inside transactions, records of aborted
-/// transactions are never read, and incremental rebalances let partitions
-/// that stay keep flowing.
-pub const FORCED_CONSUMER_SETTINGS: &[(&str, &str)] = &[
-    ("enable.auto.commit", "false"),
-    ("enable.auto.offset.store", "false"),
-    ("isolation.level", "read_committed"),
-    ("partition.assignment.strategy", "cooperative-sticky"),
-];
+/// Settings the processor forces on its consumer, whatever the caller says
+/// (the Kafka floor's, shared with the consumer runtime).
+pub const FORCED_CONSUMER_SETTINGS: &[(&str, &str)] = crate::kafka::FORCED_CONSUMER_SETTINGS;
 
 /// The only place the processor builds a [`ClientConfig`]: the connection,
 /// the role's defaults, the caller's properties for the role, then the
