@@ -819,9 +819,15 @@ impl Pump {
         if let Some((first, error)) = res.transient.first() {
             // Record the attempt on the rows before announcing it: whoever
             // reads the failure counter then finds the rows' attempts too.
+            // A database that is down too must not hold a shutdown here (the
+            // pool waits up to its acquire timeout): the attempt is then not
+            // recorded, which costs only its count.
             let ids: Vec<i64> = res.transient.iter().map(|(i, _)| rows[*i].id).collect();
-            if let Err(e) = store::record_failure(&self.pool, &ids, error).await {
-                tracing::debug!(error = %e, "Could not record the failed attempt.");
+            tokio::select! {
+                r = store::record_failure(&self.pool, &ids, error) => if let Err(e) = r {
+                    tracing::debug!(error = %e, "Could not record the failed attempt.");
+                },
+                _ = shutdown.cancelled() => return Ok(BatchOutcome::Cancelled),
             }
             let retry_in = self.backoff.peek();
             events::PublishFailed {
