@@ -776,5 +776,21 @@ async fn dead_letters_only_one_side_has_refuse_the_swap_unless_overridden() -> R
     live.stop().await?;
     let swapped: Vec<String> = billing::invoices(&pool, "public").await?.into_iter().map(|(o, _, _)| o).collect();
     assert!(swapped.contains(&"o3".to_owned()) && !swapped.contains(&"o5".to_owned()), "{swapped:?}");
+    // The dead letters went with their tables: the live consumer's list is
+    // what the live tables lack now.
+    let dead_keys = |consumer: String| {
+        let pool = pool.clone();
+        async move {
+            let keys: Vec<String> = sqlx::query_scalar(
+                "SELECT convert_from(key, 'UTF8') FROM oncely.dead_letters WHERE consumer = $1 ORDER BY 1",
+            )
+            .bind(consumer)
+            .fetch_all(&pool)
+            .await?;
+            Ok::<_, anyhow::Error>(keys)
+        }
+    };
+    assert_eq!(dead_keys(group.clone()).await?, ["o5"]);
+    assert_eq!(dead_keys(rebuild_consumer_name(&group, "billing_d")).await?, ["o3"]);
     Ok(())
 }

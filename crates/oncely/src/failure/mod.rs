@@ -74,23 +74,64 @@ const DEFAULT_MAX_MESSAGE_BYTES: usize = 1_048_588;
 /// Creates the dead-letter topic `dlt` of `input` if it is missing: as many
 /// partitions as `input`, the broker's default replication, and room for
 /// `input`'s largest record plus the dead-letter headers ([`DLT_HEADROOM`]),
-/// so that a record at its topic's limit can still be dead-lettered. The
-/// consumer and the processor both create theirs here; `owner` names which
-/// one, for the log.
+/// so that a record at its topic's limit can still be dead-lettered. An
+/// existing one is left as it is, with a warning when it is smaller than
+/// that. The consumer and the processor both create theirs here; `owner`
+/// names which one, for the log.
 pub(crate) async fn ensure_dlt_topic(admin: &KafkaAdmin, input: &str, dlt: &str, owner: &str) -> Result<()> {
-    let partitions = i32::try_from(admin.topic_partitions(input).await?.len()).unwrap_or(i32::MAX).max(1);
-    let input_limit = match admin.describe_topic_configs(&[input]).await {
-        Ok(c) => c.first().and_then(TopicConfig::max_message_bytes).unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
-        Err(e) => {
-            tracing::warn!(owner, topic = input, error = %e, "Cannot read the topic's max.message.bytes; sizing its dead-letter topic for Kafka's default.");
-            DEFAULT_MAX_MESSAGE_BYTES
+    let input_limit = max_message_bytes(admin, input, owner).await;
+    let want = input_limit + DLT_HEADROOM;
+    if admin.topic_exists(dlt).await? {
+        let have = admin.describe_topic_configs(&[dlt]).await.ok().and_then(|c| c.first()?.max_message_bytes());
+        if let Some(have) = have.filter(|h| *h < want) {
+            tracing::warn!(
+                owner, topic = dlt, max_message_bytes = have, input, input_max_message_bytes = input_limit,
+                "The dead-letter topic accepts smaller records than its input plus the dead-letter headers: a record near the input's limit cannot be dead-lettered there. Raise it: kafka-configs --alter --entity-type topics --entity-name {dlt} --add-config max.message.bytes={want}"
+            );
         }
-    };
-    let limit = (input_limit + DLT_HEADROOM).to_string();
+        return Ok(());
+    }
+    let partitions = i32::try_from(admin.topic_partitions(input).await?.len()).unwrap_or(i32::MAX).max(1);
+    let limit = want.to_string();
     if admin.create_topic(dlt, partitions, &[("max.message.bytes", &limit)]).await? {
         tracing::info!(owner, topic = dlt, max_message_bytes = %limit, "Created the dead-letter topic.");
     }
     Ok(())
+}
+
+/// `topic`'s `max.message.bytes`. A topic created a moment ago may not show
+/// its configuration yet: asked again for up to 15 s. When it cannot be read
+/// (DescribeConfigs denied), Kafka's default, with a warning.
+async fn max_message_bytes(admin: &KafkaAdmin, topic: &str, owner: &str) -> usize {
+    use crate::backoff::{Backoff, Retries};
+    use crate::kafka::admin::AdminError;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
+    let mut retries =
+        Retries::new(Backoff::new(std::time::Duration::from_millis(100), std::time::Duration::from_secs(1)));
+    loop {
+        match admin.describe_topic_configs(&[topic]).await {
+            Ok(c) => {
+                if let Some(limit) = c.first().and_then(TopicConfig::max_message_bytes) {
+                    return limit;
+                }
+            }
+            // No entries yet: a topic created a moment ago.
+            Err(AdminError::UnexpectedResult { .. }) if tokio::time::Instant::now() < deadline => {}
+            Err(e) => {
+                tracing::warn!(owner, topic, error = %e, "Cannot read the topic's max.message.bytes; sizing its dead-letter topic for Kafka's default.");
+                return DEFAULT_MAX_MESSAGE_BYTES;
+            }
+        }
+        if tokio::time::Instant::now() >= deadline {
+            tracing::warn!(
+                owner,
+                topic,
+                "The topic reports no max.message.bytes; sizing its dead-letter topic for Kafka's default."
+            );
+            return DEFAULT_MAX_MESSAGE_BYTES;
+        }
+        tokio::time::sleep(retries.next_delay()).await;
+    }
 }
 
 /// A record to dead-letter and why.

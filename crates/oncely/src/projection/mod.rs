@@ -27,8 +27,8 @@
 //! that holds every partition's offsets row of both consumers (the fence:
 //! open batches finish first, new ones wait), the projection's tables are
 //! exchanged between the live schema and the target, and the positions,
-//! inbox rows and entity versions between the live consumer and the
-//! rebuild. The live consumer then goes on from the rebuild's positions
+//! inbox rows, entity versions and dead letters between the live consumer
+//! and the rebuild. The live consumer then goes on from the rebuild's positions
 //! with the rebuild's inbox: no event is applied twice or skipped. The
 //! target keeps the previous projection, and swap-back is the same exchange
 //! again.
@@ -392,8 +392,10 @@ impl<S: Send + Sync + 'static> Rebuild<S> {
                 partitions.push((topic.clone(), p));
             }
         }
-        let at = admin.list_offsets(&partitions, OffsetSpec::Timestamp(t.timestamp_millis())).await?;
+        // The ends first: a record written between the two lookups is then
+        // after the end taken, never skipped.
         let ends = admin.list_offsets(&partitions, OffsetSpec::Latest).await?;
+        let at = admin.list_offsets(&partitions, OffsetSpec::Timestamp(t.timestamp_millis())).await?;
         let mut found = Vec::new();
         for (at, end) in at.into_iter().zip(ends) {
             // No record at or after `t` yet: the partition's end.

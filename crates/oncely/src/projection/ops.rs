@@ -190,7 +190,8 @@ pub fn swap_refusals(
                     refusals.push(format!(
                         "{} record(s) the live consumer dead-lettered were applied by the rebuild with effects \
                          suppressed: after a swap their effects would never run, and redriving them would be a \
-                         duplicate; redrive them before the swap (`oncely dlq redrive --all --consumer {}`), or override",
+                         duplicate; redrive them first where the live code applies them now (`oncely dlq redrive \
+                         --all --consumer {}`), or override and run their effects yourself",
                         unsettled.dead_live_only, row.consumer
                     ));
                 }
@@ -366,7 +367,16 @@ impl Operation for SwapPlan {
         let positions = store::projection::positions_in(&mut tx, &row.consumer, &row.rebuild_consumer).await?;
         let lag = lag_of(&positions);
         let unsettled = Unsettled::read(&mut tx, &row).await?;
-        let (mut refusals, _) = swap_refusals(self.kind, &row, &lag, unsettled, req, Utc::now());
+        let (mut refusals, overrides) = swap_refusals(self.kind, &row, &lag, unsettled, req, Utc::now());
+        // The audit row holds the preview's overrides: the swap may not go
+        // ahead on others (a dead letter the rebuild passed while the live
+        // consumer was paused, say) that nobody saw.
+        if refusals.is_empty() && overrides != self.overrides {
+            refusals.push(format!(
+                "what the swap overrides changed since the preview ({:?}, now {:?}): preview it again",
+                self.overrides, overrides
+            ));
+        }
         if self.kind == SwapKind::Swap && lag.behind > 0 && refusals.is_empty() {
             refusals.push(format!(
                 "the rebuild did not catch up with the paused live consumer within {:?} ({} records behind): is it running?",

@@ -456,8 +456,8 @@ pub struct Exchanged {
 /// The exchange, inside the transaction of [`begin_swap`] after both
 /// consumers' offsets were locked ([`lock_offsets`]): the projection's
 /// tables between the live schema and the target, and between the live
-/// consumer and the rebuild their positions, inbox rows and entity
-/// versions. The live consumer keeps its epochs (its lanes see their
+/// consumer and the rebuild their positions, inbox rows, entity versions
+/// and dead letters. The live consumer keeps its epochs (its lanes see their
 /// position moved, seek there and go on); the rebuild's epochs go up, so a
 /// rebuild still running is fenced off (its batches roll back). `swapped`:
 /// the row's new state (`true` after a swap, `false` after a swap-back).
@@ -538,6 +538,18 @@ pub async fn exchange(
     move_versions(&row.consumer, &parked_name).execute(&mut *conn).await?;
     move_versions(&row.rebuild_consumer, &row.consumer).execute(&mut *conn).await?;
     move_versions(&parked_name, &row.rebuild_consumer).execute(&mut *conn).await?;
+    // Dead letters too: the live consumer's list is then what the live tables
+    // lack (the rebuild's), and a later rebuild is compared with the right
+    // history; the previous ones go with the previous projection, and come
+    // back with it on a swap-back.
+    let move_dead = |from: &str, to: &str| {
+        sqlx::query("UPDATE oncely.dead_letters SET consumer = $2 WHERE consumer = $1")
+            .bind(from.to_owned())
+            .bind(to.to_owned())
+    };
+    move_dead(&row.consumer, &parked_name).execute(&mut *conn).await?;
+    move_dead(&row.rebuild_consumer, &row.consumer).execute(&mut *conn).await?;
+    move_dead(&parked_name, &row.rebuild_consumer).execute(&mut *conn).await?;
     sqlx::query(
         "UPDATE oncely.projection_rebuilds
             SET state = CASE WHEN $2 THEN 'swapped' ELSE 'rebuilding' END,
