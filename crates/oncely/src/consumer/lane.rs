@@ -109,7 +109,6 @@ pub(crate) fn spawn(
         parked: HashSet::new(),
         held: HashSet::new(),
         parked_check: None,
-        idle_check_due: false,
         idle_check_at: None,
     };
     let span = tracing::info_span!("lane", consumer = &*shared.name, topic = %topic, partition);
@@ -129,10 +128,8 @@ struct Lane {
     epoch: i64,
     /// The database offset the next batch must find (the fence).
     db_next: Option<i64>,
-    /// The lane waited [`IDLE_POSITION_CHECK`] with nothing to do: look at
-    /// the offsets row.
-    idle_check_due: bool,
-    /// When it looks next if it still has nothing to do.
+    /// When an idle lane looks at its offsets row next
+    /// ([`IDLE_POSITION_CHECK`]).
     idle_check_at: Option<tokio::time::Instant>,
     /// The next offset expected from Kafka; records below it are leftovers.
     next_read: Option<i64>,
@@ -243,10 +240,6 @@ impl Lane {
                 return;
             }
             if !self.fill().await {
-                return;
-            }
-            if std::mem::take(&mut self.idle_check_due) && self.pending.is_empty() && !self.check_idle_position().await
-            {
                 return;
             }
             if self.pending.is_empty() {
@@ -387,12 +380,21 @@ impl Lane {
 
     /// Seeks the partition to `offset` and forgets what was received.
     async fn seek(&mut self, offset: i64) -> bool {
-        if !self.seek_to(Offset::Offset(offset)).await {
+        self.reposition(Offset::Offset(offset)).await
+    }
+
+    /// Seeks the partition to `target` (an offset, or where a new lane
+    /// starts) and forgets what was received.
+    async fn reposition(&mut self, target: Offset) -> bool {
+        if !self.seek_to(target).await {
             return false;
         }
         self.pending.clear();
         self.pending_bytes = 0;
-        self.next_read = Some(offset);
+        self.next_read = match target {
+            Offset::Offset(o) => Some(o),
+            _ => None,
+        };
         true
     }
 
@@ -577,13 +579,9 @@ impl Lane {
                 self.db_next = r.next_offset;
                 // No position (a row a swap-back created for a partition the
                 // restored side never read): from where a new lane starts.
-                let target = r.next_offset.map_or(self.shared.settings.initial, Offset::Offset);
-                if !self.seek_to(target).await {
+                if !self.reposition(r.next_offset.map_or(self.shared.settings.initial, Offset::Offset)).await {
                     return false;
                 }
-                self.pending.clear();
-                self.pending_bytes = 0;
-                self.next_read = r.next_offset;
                 if let Some(at) = r.next_offset {
                     self.position.store(at, Ordering::Release);
                     // Kafka's copy follows, so that a restart does not find
@@ -661,7 +659,6 @@ impl Lane {
             }
         }
         self.next_read = Some(rec.offset + 1);
-        self.idle_check_at = None;
         self.pending_bytes += rec.size();
         self.pending.push_back(Arc::new(rec));
     }
@@ -690,8 +687,7 @@ impl Lane {
                 _ = sleep_until_opt(parked_due), if self.pending.is_empty() => break,
                 _ = sleep_until_opt(position_due), if self.pending.is_empty() => {
                     self.idle_check_at = None;
-                    self.idle_check_due = true;
-                    break;
+                    return self.check_idle_position().await;
                 }
             };
             match received {
@@ -716,6 +712,8 @@ impl Lane {
             }
             if deadline.is_none() && !self.pending.is_empty() {
                 deadline = Some(tokio::time::Instant::now() + s.settings.max_wait);
+                // Not idle any more: the next idle spell waits its own interval.
+                self.idle_check_at = None;
             }
         }
         true

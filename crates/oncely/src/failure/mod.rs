@@ -11,7 +11,7 @@ use sqlx::PgConnection;
 
 use crate::envelope::{EventId, RawRecord};
 use crate::error::Result;
-use crate::kafka::admin::{KafkaAdmin, TopicConfig};
+use crate::kafka::admin::KafkaAdmin;
 use crate::store::{self, NewDeadLetter};
 
 pub mod redrive;
@@ -99,38 +99,16 @@ pub(crate) async fn ensure_dlt_topic(admin: &KafkaAdmin, input: &str, dlt: &str,
     Ok(())
 }
 
-/// `topic`'s `max.message.bytes`. A topic created a moment ago may not show
-/// its configuration yet: asked again for up to 15 s. When it cannot be read
+/// `topic`'s `max.message.bytes` (asked for up to 15 s: a topic created a
+/// moment ago may not show its configuration yet). When it cannot be read
 /// (DescribeConfigs denied), Kafka's default, with a warning.
 async fn max_message_bytes(admin: &KafkaAdmin, topic: &str, owner: &str) -> usize {
-    use crate::backoff::{Backoff, Retries};
-    use crate::kafka::admin::AdminError;
-    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(15);
-    let mut retries =
-        Retries::new(Backoff::new(std::time::Duration::from_millis(100), std::time::Duration::from_secs(1)));
-    loop {
-        match admin.describe_topic_configs(&[topic]).await {
-            Ok(c) => {
-                if let Some(limit) = c.first().and_then(TopicConfig::max_message_bytes) {
-                    return limit;
-                }
-            }
-            // No entries yet: a topic created a moment ago.
-            Err(AdminError::UnexpectedResult { .. }) if tokio::time::Instant::now() < deadline => {}
-            Err(e) => {
-                tracing::warn!(owner, topic, error = %e, "Cannot read the topic's max.message.bytes; sizing its dead-letter topic for Kafka's default.");
-                return DEFAULT_MAX_MESSAGE_BYTES;
-            }
+    match admin.max_message_bytes(&[topic], std::time::Duration::from_secs(15)).await {
+        Ok(limits) => limits.first().copied().unwrap_or(DEFAULT_MAX_MESSAGE_BYTES),
+        Err(e) => {
+            tracing::warn!(owner, topic, error = %e, "Cannot read the topic's max.message.bytes; sizing its dead-letter topic for Kafka's default.");
+            DEFAULT_MAX_MESSAGE_BYTES
         }
-        if tokio::time::Instant::now() >= deadline {
-            tracing::warn!(
-                owner,
-                topic,
-                "The topic reports no max.message.bytes; sizing its dead-letter topic for Kafka's default."
-            );
-            return DEFAULT_MAX_MESSAGE_BYTES;
-        }
-        tokio::time::sleep(retries.next_delay()).await;
     }
 }
 

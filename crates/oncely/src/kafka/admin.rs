@@ -785,6 +785,35 @@ impl KafkaAdmin {
         }
     }
 
+    /// `max.message.bytes` of each topic, in the order given (the topic's
+    /// own value, else the broker's default). A topic created a moment ago
+    /// may not show its configuration yet: asked again, with backoff, for up
+    /// to `wait`; then the last error.
+    pub async fn max_message_bytes(&self, topics: &[impl AsRef<str>], wait: Duration) -> AdminResult<Vec<usize>> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut retries = Retries::new(Backoff::new(Duration::from_millis(100), Duration::from_secs(1)));
+        loop {
+            let limits = self.describe_topic_configs(topics).await.and_then(|configs| {
+                configs
+                    .iter()
+                    .map(|c| {
+                        c.max_message_bytes().ok_or_else(|| AdminError::UnexpectedResult {
+                            op: "DescribeConfigs",
+                            detail: format!("topic {} has no readable max.message.bytes", c.topic),
+                        })
+                    })
+                    .collect()
+            });
+            match limits {
+                Err(e) if tokio::time::Instant::now() < deadline => {
+                    tracing::debug!(error = %e, "Topic configuration not readable yet; asking again.");
+                    tokio::time::sleep(retries.next_delay()).await;
+                }
+                r => return r,
+            }
+        }
+    }
+
     /// The topics' configurations (DescribeConfigs, through `rdkafka`), in
     /// the order given. An unknown topic is an error.
     pub async fn describe_topic_configs(&self, topics: &[impl AsRef<str>]) -> AdminResult<Vec<TopicConfig>> {

@@ -7,7 +7,6 @@ use std::time::Duration;
 
 use rdkafka::ClientConfig;
 
-use crate::backoff::{Backoff, Retries};
 use crate::error::{Error, Result};
 use crate::kafka::KafkaAdmin;
 
@@ -80,38 +79,15 @@ pub(crate) fn admin(conn: &Connection) -> Result<KafkaAdmin> {
     Ok(KafkaAdmin::new(conn.kafka.clone(), &[])?.request_timeout(Duration::from_secs(30)))
 }
 
-/// `max.message.bytes` of each topic (the effective value: the topic's
-/// own, else the broker's default). A topic created a moment ago may not
-/// show its configuration yet: asked again for up to 15 s, then an error
-/// that names the topic.
+/// `max.message.bytes` of each topic, asked for up to 15 s (a topic
+/// created a moment ago may not show its configuration yet), then an error
+/// that names the topics.
 pub(crate) async fn topic_limits(admin: &KafkaAdmin, topics: &[String]) -> Result<HashMap<String, usize>> {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
-    let mut retries = Retries::new(Backoff::new(Duration::from_millis(100), Duration::from_secs(1)));
-    loop {
-        match topic_limits_once(admin, topics).await {
-            Ok(l) => return Ok(l),
-            Err(e) if tokio::time::Instant::now() < deadline => {
-                tracing::debug!(error = %e, "Topic configuration not readable yet; asking again.");
-                tokio::time::sleep(retries.next_delay()).await;
-            }
-            Err(e) => return Err(e),
-        }
-    }
-}
-
-async fn topic_limits_once(admin: &KafkaAdmin, topics: &[String]) -> Result<HashMap<String, usize>> {
-    let configs = admin
-        .describe_topic_configs(topics)
+    let limits = admin
+        .max_message_bytes(topics, Duration::from_secs(15))
         .await
         .map_err(|e| Error::Config(format!("cannot read the configuration of topics {topics:?}: {e}")))?;
-    let mut out = HashMap::new();
-    for (topic, c) in topics.iter().zip(configs) {
-        let limit = c
-            .max_message_bytes()
-            .ok_or_else(|| Error::Config(format!("topic `{topic}` has no readable max.message.bytes")))?;
-        out.insert(topic.clone(), limit);
-    }
-    Ok(out)
+    Ok(topics.iter().cloned().zip(limits).collect())
 }
 
 #[cfg(test)]

@@ -528,28 +528,22 @@ pub async fn exchange(
     let inbox_to_rebuild = move_inbox(live_id, parking).execute(&mut *conn).await?.rows_affected();
     let inbox_to_live = move_inbox(rebuild_id, live_id).execute(&mut *conn).await?.rows_affected();
     move_inbox(parking, rebuild_id).execute(&mut *conn).await?;
-    // Entity versions (the version guard), the same way.
+    // Entity versions (the version guard) the same way, and dead letters:
+    // the live consumer's list is then what the live tables lack (the
+    // rebuild's), and a later rebuild is compared with the right history;
+    // the previous ones go with the previous projection, and come back with
+    // it on a swap-back.
     let parked_name = format!("oncely-swap:{}", row.consumer);
-    let move_versions = |from: &str, to: &str| {
-        sqlx::query("UPDATE oncely.entity_versions SET consumer = $2 WHERE consumer = $1")
-            .bind(from.to_owned())
-            .bind(to.to_owned())
-    };
-    move_versions(&row.consumer, &parked_name).execute(&mut *conn).await?;
-    move_versions(&row.rebuild_consumer, &row.consumer).execute(&mut *conn).await?;
-    move_versions(&parked_name, &row.rebuild_consumer).execute(&mut *conn).await?;
-    // Dead letters too: the live consumer's list is then what the live tables
-    // lack (the rebuild's), and a later rebuild is compared with the right
-    // history; the previous ones go with the previous projection, and come
-    // back with it on a swap-back.
-    let move_dead = |from: &str, to: &str| {
-        sqlx::query("UPDATE oncely.dead_letters SET consumer = $2 WHERE consumer = $1")
-            .bind(from.to_owned())
-            .bind(to.to_owned())
-    };
-    move_dead(&row.consumer, &parked_name).execute(&mut *conn).await?;
-    move_dead(&row.rebuild_consumer, &row.consumer).execute(&mut *conn).await?;
-    move_dead(&parked_name, &row.rebuild_consumer).execute(&mut *conn).await?;
+    for table in ["entity_versions", "dead_letters"] {
+        let rename = format!("UPDATE oncely.{table} SET consumer = $2 WHERE consumer = $1");
+        for (from, to) in [
+            (&row.consumer, &parked_name),
+            (&row.rebuild_consumer, &row.consumer),
+            (&parked_name, &row.rebuild_consumer),
+        ] {
+            sqlx::query(&rename).bind(from).bind(to).execute(&mut *conn).await?;
+        }
+    }
     sqlx::query(
         "UPDATE oncely.projection_rebuilds
             SET state = CASE WHEN $2 THEN 'swapped' ELSE 'rebuilding' END,
