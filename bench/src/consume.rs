@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::common::{bootstrap, create_topic, database_url, percentile};
+use crate::common::{bootstrap, create_topic, database_url, percentile, CpuSample};
 use clap::Args;
 use oncely::envelope::{owned_headers, CloudEventAttrs};
 use oncely::{Cx, Event, HandlerError};
@@ -100,6 +100,10 @@ pub struct VariantResult {
     pub batch_p99_ms: Option<f64>,
     /// Peak resident set size of the process (MB).
     pub peak_rss_mb: f64,
+    /// CPU seconds over the variant's process life: its own, PostgreSQL's
+    /// and the broker's (filled in by the parent; see [`CpuSample`]).
+    #[serde(default)]
+    pub cpu: Option<[f64; 3]>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -189,6 +193,7 @@ pub async fn run(args: ConsumeArgs) -> Result<()> {
                 .execute(&pool)
                 .await?;
         }
+        quiesce(&pool).await?;
         eprintln!("running {v}…");
         let r = child(&args, v, &topic, &group).await?;
         eprintln!(
@@ -202,6 +207,7 @@ pub async fn run(args: ConsumeArgs) -> Result<()> {
         let group = format!("bench-oncely-prefilled-{:08x}", fastrand::u32(..));
         eprintln!("prefilling the inbox with {} rows for {group}…", args.prefill_inbox);
         prefill_inbox(&pool, &group, args.prefill_inbox).await?;
+        quiesce(&pool).await?;
         // The batch handler: the claim's share of the work is largest there.
         let r = child(&args, "oncely-batch", &topic, &group).await?;
         eprintln!("  oncely (batch handler) with {} inbox rows: {:.0} events/s", args.prefill_inbox, r.events_per_s);
@@ -220,6 +226,15 @@ pub async fn run(args: ConsumeArgs) -> Result<()> {
             r.batch_p99_ms.map_or("-".into(), |v| format!("{v:.1}")),
             r.peak_rss_mb
         );
+    }
+    println!();
+    println!("CPU ms per 1,000 events (the variant's process life): consumer  postgres  broker  total");
+    for v in &wanted {
+        let r = &results[*v];
+        if let Some([c, p, b]) = r.cpu {
+            let per = |x: f64| 1000.0 * x / r.events as f64 * 1000.0;
+            println!("{:<19} {:>44.1} {:>9.1} {:>7.1} {:>6.1}", r.variant, per(c), per(p), per(b), per(c + p + b));
+        }
     }
     let rate = |v: &str| results.get(v).map(|r| r.events_per_s);
     let ratio = |a: &str, b: &str| Some(rate(a)? / rate(b)?);
@@ -275,14 +290,49 @@ pub async fn run(args: ConsumeArgs) -> Result<()> {
                 "baseline_peak_rss_mb": get("baseline").map(|r| r.peak_rss_mb),
                 "prefilled_inbox_rows": args.prefill_inbox,
                 "prefilled_events_per_s": prefilled.as_ref().map(|p| p.events_per_s),
+                "cpu_seconds": results.iter().map(|(v, r)| (v.clone(), r.cpu)).collect::<HashMap<_, _>>(),
             })
         );
     }
     Ok(())
 }
 
+/// Lets the database settle before a variant runs, so that no variant pays
+/// for the one before it. A variant's million inserted rows make autovacuum
+/// visit its tables within a minute, that is during the next variant: a
+/// duplicates-only replay, which writes nothing, measured up to 8 ms of
+/// PostgreSQL CPU per 1,000 events that way. So: wait (up to two minutes)
+/// for running autovacuum workers, vacuum the tables the variants write
+/// (which resets autovacuum's counters for them), then checkpoint, so every
+/// variant starts with clean buffers and pays for its own full-page writes.
+async fn quiesce(pool: &PgPool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let running: i64 =
+            sqlx::query_scalar("SELECT count(*) FROM pg_stat_activity WHERE backend_type = 'autovacuum worker'")
+                .fetch_one(pool)
+                .await?;
+        if running == 0 {
+            break;
+        }
+        if Instant::now() > deadline {
+            eprintln!("  (autovacuum still running after 2 minutes; measuring anyway)");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    sqlx::query(
+        "VACUUM (ANALYZE) bench_oncely, bench_baseline, bench_baseline_pk, bench_naive, oncely.inbox, oncely.offsets",
+    )
+    .execute(pool)
+    .await?;
+    sqlx::query("CHECKPOINT").execute(pool).await?;
+    Ok(())
+}
+
 async fn child(args: &ConsumeArgs, variant: &str, topic: &str, group: &str) -> Result<VariantResult> {
     let exe = std::env::current_exe()?;
+    let before = CpuSample::take();
     let out = tokio::process::Command::new(exe)
         .args(["consume", "--variant", variant, "--topic", topic, "--group", group])
         .args(["--events", &args.events.to_string(), "--naive-events", &args.naive_events.to_string()])
@@ -297,9 +347,12 @@ async fn child(args: &ConsumeArgs, variant: &str, topic: &str, group: &str) -> R
     if !out.status.success() {
         bail!("variant {variant} failed: {}", out.status);
     }
+    let spent = CpuSample::take().since(before);
     let text = String::from_utf8_lossy(&out.stdout);
     let line = text.lines().last().context("no result line")?;
-    Ok(serde_json::from_str(line)?)
+    let mut r: VariantResult = serde_json::from_str(line)?;
+    r.cpu = Some([spent.children, spent.postgres, spent.broker]);
+    Ok(r)
 }
 
 async fn setup_tables(pool: &PgPool) -> Result<()> {
@@ -462,6 +515,7 @@ async fn run_oncely(topic: &str, group: &str, events: u64, batch: bool, variant:
         batch_p50_ms: p50,
         batch_p99_ms: p99,
         peak_rss_mb: peak_rss_mb(),
+        cpu: None,
     })
 }
 
@@ -589,6 +643,7 @@ async fn run_baseline(topic: &str, group: &str, events: u64, mode: Baseline) -> 
         batch_p50_ms: percentile(&l, 0.5),
         batch_p99_ms: percentile(&l, 0.99),
         peak_rss_mb: peak_rss_mb(),
+        cpu: None,
     })
 }
 
@@ -712,6 +767,7 @@ async fn run_read_only(topic: &str, group: &str, events: u64) -> Result<VariantR
         batch_p50_ms: None,
         batch_p99_ms: None,
         peak_rss_mb: peak_rss_mb(),
+        cpu: None,
     })
 }
 
@@ -760,6 +816,7 @@ async fn run_naive(topic: &str, group: &str, events: u64) -> Result<VariantResul
         batch_p50_ms: None,
         batch_p99_ms: None,
         peak_rss_mb: peak_rss_mb(),
+        cpu: None,
     })
 }
 

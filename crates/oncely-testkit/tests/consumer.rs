@@ -121,6 +121,25 @@ async fn rebalances_during_load_keep_exactly_once_and_per_key_order() -> Result<
     Ok(())
 }
 
+/// The incident's command: `kafka-consumer-groups --reset-offsets
+/// --to-earliest --execute` for `topic`, with Kafka's own tool (the group
+/// must be stopped). Returns the tool's output.
+fn reset_to_earliest(group: &str, topic: &str) -> Result<String> {
+    let bootstrap = kit::bootstrap();
+    let reset = [
+        "--bootstrap-server",
+        &bootstrap,
+        "--group",
+        group,
+        "--topic",
+        topic,
+        "--reset-offsets",
+        "--to-earliest",
+        "--execute",
+    ];
+    kit::kafka_tool("kafka-consumer-groups", &reset)
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_rewind_with_kafkas_own_tool_reruns_nothing() -> Result<()> {
     kit::init_tracing();
@@ -136,19 +155,7 @@ async fn a_rewind_with_kafkas_own_tool_reruns_nothing() -> Result<()> {
     c.stop().await?;
 
     // The incident's command, with Kafka's own tool, while the group is stopped.
-    let bootstrap = kit::bootstrap();
-    let reset = [
-        "--bootstrap-server",
-        &bootstrap,
-        "--group",
-        &group,
-        "--topic",
-        &topic,
-        "--reset-offsets",
-        "--to-earliest",
-        "--execute",
-    ];
-    let out = kit::kafka_tool("kafka-consumer-groups", &reset)?;
+    let out = reset_to_earliest(&group, &topic)?;
     assert_eq!(out.lines().filter(|l| l.contains(&topic)).count(), 3, "the tool reset 3 partitions: {out}");
 
     // Policy skip (default): the rewind costs nothing.
@@ -162,7 +169,7 @@ async fn a_rewind_with_kafkas_own_tool_reruns_nothing() -> Result<()> {
     assert_eq!(events::events_counted(&group, &topic, "duplicate"), 0, "nothing was even re-read");
 
     // Policy replay: every record is re-read and skipped as a duplicate.
-    kit::kafka_tool("kafka-consumer-groups", &reset)?;
+    reset_to_earliest(&group, &topic)?;
     let c = start(
         app::consumer(&group, &topic, db.pool.clone(), app::Behaviour::tagged("3")).rewind_policy(RewindPolicy::Replay),
     );
@@ -413,5 +420,81 @@ async fn events_are_routed_by_type_to_typed_handlers() -> Result<()> {
             .fetch_all(&db.pool)
             .await?;
     assert_eq!(reasons, ["unrouted-type", "undecodable-payload"]);
+    Ok(())
+}
+
+/// The sum of the offsets `group` has committed to Kafka, and whether every
+/// one of them carries oncely's commit metadata.
+async fn kafka_committed_sum(group: &str) -> Result<(i64, bool)> {
+    let admin = oncely::kafka::KafkaAdmin::new(kit::connection(), &[])?;
+    let offsets = admin.list_consumer_group_offsets(group, None).await?;
+    let ours = offsets.iter().all(|o| o.metadata == oncely::kafka::COMMIT_METADATA);
+    Ok((offsets.iter().filter_map(|o| o.offset).sum(), ours))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn kafkas_copy_of_the_position_trails_a_backlog_and_catches_up_when_it_ends() -> Result<()> {
+    // A lane reading a backlog commits its position to Kafka at most once a
+    // second; the commit it owes when the backlog ends must still be paid
+    // while the consumer keeps running (not only at a stop or revoke), or
+    // Kafka's tools show lag that is not there.
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    app::setup(&db.pool).await?;
+    let (topic, group) = (kit::unique("orders"), kit::unique("g"));
+    kit::create_topic(&topic, 2).await?;
+    // Several batches of 500 per partition, read within the commit interval.
+    let published = app::publish_seq(&topic, 20, 150).await?;
+    let n = published.len() as i64;
+
+    let c = start(app::consumer(&group, &topic, db.pool.clone(), app::Behaviour::tagged("a")));
+    wait_offsets_of(&db.pool, &group, n).await?;
+    kit::wait_until(Duration::from_secs(15), "Kafka's committed offsets to reach the database's", || async {
+        Ok(kafka_committed_sum(&group).await?.0 == n)
+    })
+    .await?;
+    let (_, ours) = kafka_committed_sum(&group).await?;
+    assert!(ours, "every Kafka commit carries oncely's metadata");
+    c.stop().await?;
+    app::check_exactly_once_in_order(&db.pool, &published).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_replay_that_runs_into_new_events_skips_the_old_and_applies_the_new_once() -> Result<()> {
+    // A replay's batches of duplicates switch the lane's claim to probing
+    // the inbox first; the batch where the replay meets new events, and
+    // the ones after it, must still claim and apply every new event once.
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    app::setup(&db.pool).await?;
+    let (topic, group) = (kit::unique("orders"), kit::unique("g"));
+    kit::create_topic(&topic, 1).await?;
+    let mut published = app::publish_seq(&topic, 10, 60).await?;
+    let old = published.len() as i64;
+    let c = start(app::consumer(&group, &topic, db.pool.clone(), app::Behaviour::tagged("1")));
+    wait_offsets_of(&db.pool, &group, old).await?;
+    c.stop().await?;
+
+    // New events behind the old ones (seq 61..=120 for the same keys), then
+    // the group rewound with Kafka's own tool and replayed.
+    let publisher = Publisher::new(kit::bootstrap(), "/tests/seq")?;
+    for seq in 61..=120 {
+        for k in 0..10 {
+            let ev = app::SeqEvent { key: format!("k{k}"), seq };
+            published.push(publisher.publish(&topic, &ev.key, "test.seq", &ev).await?);
+        }
+    }
+    let n = published.len() as i64;
+    reset_to_earliest(&group, &topic)?;
+    let c = start(
+        app::consumer(&group, &topic, db.pool.clone(), app::Behaviour::tagged("2")).rewind_policy(RewindPolicy::Replay),
+    );
+    wait_offsets_of(&db.pool, &group, n).await?;
+    c.stop().await?;
+    assert_eq!(events::rewinds_counted(&group, &topic, "replay"), 1);
+    assert_eq!(events::events_counted(&group, &topic, "duplicate"), old as u64, "every old event skipped");
+    assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM applied").await?, n, "every new event applied");
+    app::check_exactly_once_in_order(&db.pool, &published).await?;
     Ok(())
 }
