@@ -431,7 +431,7 @@ impl Lane {
     async fn seek_to(&self, target: Offset) -> bool {
         let mut failures = 0u32;
         loop {
-            let Some(c) = self.shared.consumer.get().and_then(std::sync::Weak::upgrade) else { return false };
+            let Some(c) = self.kafka_consumer() else { return false };
             let (topic, partition) = (self.topic.clone(), self.partition);
             let res = tokio::task::spawn_blocking(move || {
                 let mut tpl = TopicPartitionList::new();
@@ -894,7 +894,7 @@ impl Lane {
         let end = batch.last().map_or(0, |r| r.offset + 1);
 
         let mut cx = self.begin().await?;
-        // Fence first, then the claim, in one statement.
+        // Fence first, then the claim (one statement, or two when probing).
         let replaying = self.replaying.load(Ordering::Relaxed);
         let Some(claimed) =
             inbox::fence_and_claim(cx.db(), &self.fence(end), s.consumer_id, &to_claim, replaying).await?
@@ -1454,7 +1454,9 @@ impl Lane {
         match self.kafka_commit_at {
             Some(at) if tokio::time::Instant::now() < at => {
                 self.kafka_commit_owed = true;
-                self.report_lag();
+                if let Some(c) = self.kafka_consumer() {
+                    self.report_lag(&c, self.position.load(Ordering::Acquire));
+                }
             }
             _ => self.commit_kafka(),
         }
@@ -1464,31 +1466,30 @@ impl Lane {
         self.kafka_commit_at = Some(tokio::time::Instant::now() + KAFKA_COMMIT_INTERVAL);
         self.kafka_commit_owed = false;
         let pos = self.position.load(Ordering::Acquire);
-        if pos < 0 {
+        let Some(c) = self.kafka_consumer() else { return };
+        let mut tpl = TopicPartitionList::new();
+        let mut e = tpl.add_partition(&self.topic, self.partition);
+        if pos < 0 || e.set_offset(Offset::Offset(pos)).is_err() {
             return;
         }
-        if let Some(c) = self.shared.consumer.get().and_then(std::sync::Weak::upgrade) {
-            let mut tpl = TopicPartitionList::new();
-            let mut e = tpl.add_partition(&self.topic, self.partition);
-            if e.set_offset(Offset::Offset(pos)).is_ok() {
-                e.set_metadata(COMMIT_METADATA);
-                if let Err(err) = c.commit(&tpl, CommitMode::Async) {
-                    tracing::debug!(error = %err, "Async Kafka commit failed (the database offset is authoritative).");
-                }
-            }
+        e.set_metadata(COMMIT_METADATA);
+        if let Err(err) = c.commit(&tpl, CommitMode::Async) {
+            tracing::debug!(error = %err, "Async Kafka commit failed (the database offset is authoritative).");
         }
-        self.report_lag();
+        self.report_lag(&c, pos);
+    }
+
+    fn kafka_consumer(&self) -> Option<Arc<super::KafkaConsumer>> {
+        self.shared.consumer.get().and_then(std::sync::Weak::upgrade)
     }
 
     /// Sets `oncely_lag_records` and `oncely_lag_seconds` from the lane's
-    /// (database) position, after every batch whether or not Kafka's copy
-    /// was committed with it.
-    fn report_lag(&self) {
-        let pos = self.position.load(Ordering::Acquire);
+    /// (database) position `pos`, after every batch whether or not Kafka's
+    /// copy was committed with it.
+    fn report_lag(&self, c: &super::KafkaConsumer, pos: i64) {
         if pos < 0 {
             return;
         }
-        let Some(c) = self.shared.consumer.get().and_then(std::sync::Weak::upgrade) else { return };
         if let Some((_, high)) = crate::kafka::admin::cached_watermarks(c.client(), &self.topic, self.partition) {
             let partition = self.partition.to_string();
             let labels = [("consumer", &*self.shared.name), ("topic", &self.topic), ("partition", &partition)];

@@ -93,7 +93,7 @@ pub(crate) async fn fence_and_claim(
             return Ok(None);
         }
         let rows = sqlx::query(CLAIM_PROBING).bind(consumer_id).bind(keys).fetch_all(&mut *conn).await?;
-        return rows.iter().map(|r| r.try_get::<Uuid, _>(0).map_err(Error::from)).collect::<Result<_>>().map(Some);
+        return returned_ids(&rows).map(Some);
     }
     let row = query.bind(consumer_id).bind(keys).fetch_one(&mut *conn).await?;
     let fenced: i64 = row.try_get(0)?;
@@ -118,6 +118,11 @@ pub async fn claim(conn: &mut PgConnection, consumer_id: i32, keys: &[Uuid]) -> 
     .bind(keys)
     .fetch_all(&mut *conn)
     .await?;
+    returned_ids(&rows)
+}
+
+/// The ids an `INSERT … RETURNING id` gave.
+fn returned_ids(rows: &[sqlx::postgres::PgRow]) -> Result<HashSet<Uuid>> {
     rows.iter().map(|r| r.try_get::<Uuid, _>(0).map_err(Error::from)).collect()
 }
 
