@@ -134,7 +134,7 @@ pub(crate) async fn run(cli: &Cli, cmd: &DlqCmd) -> anyhow::Result<ExitCode> {
                     t.row(vec![
                         r.id.to_string(),
                         r.consumer.clone(),
-                        r.record.topic.clone(),
+                        r.record.topic.to_string(),
                         r.record.partition.to_string(),
                         r.record.offset.to_string(),
                         r.record.key_str(),
@@ -252,7 +252,7 @@ pub(crate) async fn run(cli: &Cli, cmd: &DlqCmd) -> anyhow::Result<ExitCode> {
                 ]);
                 for r in &rows {
                     t.row(vec![
-                        r.record.topic.clone(),
+                        r.record.topic.to_string(),
                         r.record.partition.to_string(),
                         r.record.offset.to_string(),
                         oncely::envelope::escape_bytes(&r.entity_key),

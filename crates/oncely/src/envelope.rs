@@ -128,8 +128,9 @@ pub use crate::kafka::{escape_bytes, Headers, HeadersIter};
 /// A Kafka record as oncely sees it: owned, independent of the client.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RawRecord {
-    /// Topic the record was read from.
-    pub topic: String,
+    /// Topic the record was read from (shared: the records of a partition
+    /// all point at one copy of the name).
+    pub topic: Arc<str>,
     /// Partition.
     pub partition: i32,
     /// Offset in the partition.
@@ -150,8 +151,15 @@ impl RawRecord {
     /// bytes through librdkafka's C API ([`crate::kafka::message_headers`]):
     /// rdkafka's own header iterator panics on a name that is not UTF-8.
     pub fn from_message(m: &rdkafka::message::BorrowedMessage<'_>) -> Self {
+        Self::from_message_of(m, &Arc::from(m.topic()))
+    }
+
+    /// [`from_message`](Self::from_message) for a reader that knows the
+    /// message's topic already, as `topic` (its name is not copied again).
+    pub(crate) fn from_message_of(m: &rdkafka::message::BorrowedMessage<'_>, topic: &Arc<str>) -> Self {
+        debug_assert_eq!(&**topic, m.topic());
         RawRecord {
-            topic: m.topic().to_owned(),
+            topic: topic.clone(),
             partition: m.partition(),
             offset: m.offset(),
             timestamp_ms: m.timestamp().to_millis(),
@@ -310,8 +318,9 @@ fn uuid7_millis_suffix(identity: &[u8]) -> Option<u64> {
             return None;
         }
     }
-    let hex: Vec<u8> = t[..8].iter().chain(&t[9..13]).copied().collect();
-    u64::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()
+    // The 48-bit timestamp: the first 12 hex digits (the dash at 8 skipped).
+    let digit = |b: u8| char::from(b).to_digit(16).map(u64::from);
+    t[..8].iter().chain(&t[9..13]).try_fold(0u64, |ms, b| Some(ms << 4 | digit(*b)?))
 }
 
 /// A user-supplied identity function: returns `None` when the record has no
@@ -908,6 +917,25 @@ mod tests {
     }
 
     proptest! {
+        #[test]
+        fn headers_give_back_any_bytes_in_order(pairs in proptest::collection::vec(
+            (proptest::collection::vec(any::<u8>(), 0..12), proptest::option::of(proptest::collection::vec(any::<u8>(), 0..40))),
+            0..12,
+        )) {
+            let h = Headers::from(pairs.clone());
+            prop_assert_eq!(h.len(), pairs.len());
+            prop_assert_eq!(h.to_vec(), pairs.clone());
+            let back: Vec<_> = h.iter().rev().map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec))).collect();
+            prop_assert_eq!(back, pairs.iter().rev().cloned().collect::<Vec<_>>());
+            let bytes: usize = pairs.iter().map(|(k, v)| k.len() + v.as_ref().map_or(0, Vec::len)).sum();
+            prop_assert_eq!(h.byte_len(), bytes);
+            if let Some((name, _)) = pairs.first() {
+                let want = pairs.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v.as_deref());
+                prop_assert_eq!(h.last(name), want);
+            }
+            prop_assert_eq!(h.get(pairs.len()), None);
+        }
+
         #[test]
         fn distinct_identities_give_distinct_keys(a in proptest::collection::vec(any::<u8>(), 0..60),
                                                   b in proptest::collection::vec(any::<u8>(), 0..60)) {

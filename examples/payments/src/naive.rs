@@ -96,7 +96,7 @@ pub async fn run(common: &crate::Common, cfg: &NaiveConfig, pool: PgPool, shutdo
              ON CONFLICT (event_id) DO NOTHING",
         )
         .bind(&event_id)
-        .bind(&rec.topic)
+        .bind(&*rec.topic)
         .bind(rec.partition)
         .bind(rec.offset)
         .execute(&pool)
@@ -106,7 +106,7 @@ pub async fn run(common: &crate::Common, cfg: &NaiveConfig, pool: PgPool, shutdo
         if let Err(e) = consumer.commit_message(&msg, CommitMode::Async) {
             tracing::warn!(error = %e, offset = rec.offset, "Offset commit failed.");
         }
-        done.insert((rec.topic, rec.partition), rec.offset + 1);
+        done.insert((rec.topic.to_string(), rec.partition), rec.offset + 1);
     }
     finish(&consumer, &done)
 }

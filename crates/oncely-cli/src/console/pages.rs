@@ -1055,7 +1055,7 @@ async fn dlq_list(cx: Ctx, Query(q): Query<DlqQuery>) -> Response {
                     .map(|r| LetterRow {
                         id: r.id,
                         consumer: r.consumer.clone(),
-                        topic: r.record.topic.clone(),
+                        topic: r.record.topic.to_string(),
                         partition: r.record.partition,
                         offset: r.record.offset,
                         key: r.record.key.as_deref().map_or_else(|| "-".into(), oncely::envelope::escape_bytes),
@@ -1106,7 +1106,7 @@ async fn dlq_letter(cx: Ctx, Path(id): Path<String>) -> Response {
                     chrome: cx.chrome(format!("Dead letter #{id}"), "dlq"),
                     id: r.id,
                     consumer: r.consumer.clone(),
-                    topic: r.record.topic.clone(),
+                    topic: r.record.topic.to_string(),
                     partition: r.record.partition,
                     offset: r.record.offset,
                     timestamp: view::ms(r.record.timestamp_ms),
@@ -1349,7 +1349,7 @@ async fn parked(cx: Ctx) -> Response {
                     .iter()
                     .map(|r| ParkedRowView {
                         consumer: r.consumer.clone(),
-                        topic: r.record.topic.clone(),
+                        topic: r.record.topic.to_string(),
                         partition: r.record.partition,
                         offset: r.record.offset,
                         key: oncely::envelope::escape_bytes(&r.entity_key),

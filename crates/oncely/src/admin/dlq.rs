@@ -97,7 +97,7 @@ impl From<&DeadLetterRow> for RedriveItem {
         RedriveItem {
             id: l.id,
             consumer: l.consumer.clone(),
-            topic: l.record.topic.clone(),
+            topic: l.record.topic.to_string(),
             partition: l.record.partition,
             offset: l.record.offset,
             key: l.record.key.as_deref().map(escape_bytes),

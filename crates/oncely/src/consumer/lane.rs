@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures::FutureExt;
+use futures::{FutureExt, StreamExt};
 use rdkafka::consumer::{CommitMode, Consumer as _};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
@@ -100,7 +100,7 @@ pub(crate) fn spawn(
     let reseek = Arc::new(AtomicBool::new(false));
     let lane = Lane {
         shared: shared.clone(),
-        topic: topic.clone(),
+        topic: topic.as_str().into(),
         partition,
         queue,
         assigned,
@@ -130,7 +130,8 @@ pub(crate) fn spawn(
 
 struct Lane {
     shared: Arc<Shared>,
-    topic: String,
+    /// Shared with every record the lane reads ([`RawRecord::topic`]).
+    topic: Arc<str>,
     partition: i32,
     queue: Arc<PartitionQueue>,
     assigned: Assigned,
@@ -707,22 +708,36 @@ impl Lane {
         }
         let position_due = self.idle_check_at;
         let mut kafka_commit_due = self.kafka_commit_at.filter(|_| self.kafka_commit_owed);
+        // One stream for the whole fill: each stream registers a wake-up slot
+        // (under a mutex), which `queue.recv()` would do per record.
+        let queue = self.queue.clone();
+        let mut stream = queue.stream();
         while self.pending.len() < max && self.pending_bytes < s.settings.max_batch_bytes {
-            let received = tokio::select! {
-                biased;
-                _ = self.stop.cancelled() => return false,
-                _ = sleep_until_opt(kafka_commit_due) => {
-                    kafka_commit_due = None;
-                    self.commit_kafka();
-                    continue;
-                }
-                m = tokio::time::timeout(QUEUE_POLL, self.queue.recv()) => m,
-                _ = sleep_until_opt(deadline) => break,
-                _ = sleep_until_opt(parked_due), if self.pending.is_empty() => break,
-                _ = sleep_until_opt(position_due), if self.pending.is_empty() => {
-                    self.idle_check_at = None;
-                    return self.check_idle_position().await;
-                }
+            // A record already in the queue is taken at once; only an empty
+            // queue is waited on with the timers below, which would otherwise
+            // be armed and dropped once per record. At most a batch is taken
+            // this way, so a stop is seen within one batch.
+            let ready = stream.next().now_or_never().flatten().map(Ok);
+            let received = match ready {
+                Some(r) => r,
+                None => tokio::select! {
+                    biased;
+                    _ = self.stop.cancelled() => return false,
+                    _ = sleep_until_opt(kafka_commit_due) => {
+                        kafka_commit_due = None;
+                        self.commit_kafka();
+                        continue;
+                    }
+                    m = tokio::time::timeout(QUEUE_POLL, stream.next()) => {
+                        m.map(|m| m.expect("kafka streams never terminate"))
+                    }
+                    _ = sleep_until_opt(deadline) => break,
+                    _ = sleep_until_opt(parked_due), if self.pending.is_empty() => break,
+                    _ = sleep_until_opt(position_due), if self.pending.is_empty() => {
+                        self.idle_check_at = None;
+                        return self.check_idle_position().await;
+                    }
+                },
             };
             match received {
                 Err(_elapsed) => {
@@ -732,7 +747,7 @@ impl Lane {
                     continue;
                 }
                 Ok(Ok(m)) => {
-                    let rec = RawRecord::from_message(&m);
+                    let rec = RawRecord::from_message_of(&m, &self.topic);
                     drop(m);
                     self.accept(rec);
                 }

@@ -165,7 +165,7 @@ impl<'a> DeadLetter<'a> {
             .filter(|(k, _)| !is_dead_letter_header(k))
             .map(|(k, v)| (k.to_vec(), v.map(<[u8]>::to_vec)))
             .collect();
-        h.push((H_DLT_TOPIC.as_bytes().to_vec(), Some(self.record.topic.clone().into_bytes())));
+        h.push((H_DLT_TOPIC.as_bytes().to_vec(), Some(self.record.topic.as_bytes().to_vec())));
         h.push((H_DLT_PARTITION.as_bytes().to_vec(), Some(self.record.partition.to_be_bytes().to_vec())));
         h.push((H_DLT_OFFSET.as_bytes().to_vec(), Some(self.record.offset.to_be_bytes().to_vec())));
         h.push((

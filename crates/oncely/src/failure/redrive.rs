@@ -74,7 +74,7 @@ pub async fn redrive(
         if let Err(e) = store::mark_redriven(pool, dl.id).await {
             return (done, Err(e));
         }
-        let r = Redriven { id: dl.id, topic: dl.record.topic.clone(), partition, offset };
+        let r = Redriven { id: dl.id, topic: dl.record.topic.to_string(), partition, offset };
         progress(&r);
         done.push(r);
     }

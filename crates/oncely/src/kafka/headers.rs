@@ -10,24 +10,24 @@ use std::fmt;
 /// (bytes: Kafka requires neither to be UTF-8); a value may be null, and a
 /// name may repeat.
 ///
-/// All of them live in one buffer: a consumed record costs two allocations
-/// for its headers however many it has (a CloudEvents record has five or
-/// six; one vector per name and value made copying and freeing them the
-/// largest cost of replaying duplicates, see `docs/benchmarks.md`).
+/// All of them live in one buffer, with the table of where each header ends
+/// at its front: a consumed record costs one allocation for its headers
+/// however many it has (a CloudEvents record has five or six; one vector per
+/// name and value made copying and freeing them the largest cost of
+/// replaying duplicates, see `docs/benchmarks.md`).
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct Headers {
-    bytes: Vec<u8>,
-    spans: Vec<HeaderSpan>,
+    /// `len` spans of [`SPAN`] bytes each, then the names and values.
+    buf: Vec<u8>,
+    len: usize,
 }
 
-/// Where one header ends in [`Headers::bytes`]: its name runs from the end
-/// of the previous header to `name_end`, its value from there to `value_end`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-struct HeaderSpan {
-    name_end: usize,
-    value_end: usize,
-    null: bool,
-}
+/// Bytes of one span in [`Headers::buf`]: where the header's name ends and
+/// where its value ends (both counted from the start of the names and
+/// values, little-endian `u64`), the top bit of the second marking a null
+/// value. Its name runs from the end of the previous header's value.
+const SPAN: usize = 16;
+const NULL: u64 = 1 << 63;
 
 impl Headers {
     /// No headers.
@@ -37,39 +37,70 @@ impl Headers {
 
     /// Room for `headers` headers of `bytes` bytes in all.
     pub fn with_capacity(headers: usize, bytes: usize) -> Self {
-        Headers { bytes: Vec::with_capacity(bytes), spans: Vec::with_capacity(headers) }
+        Headers { buf: Vec::with_capacity(headers * SPAN + bytes), len: 0 }
+    }
+
+    /// The names and values.
+    fn data(&self) -> &[u8] {
+        &self.buf[self.len * SPAN..]
+    }
+
+    /// Span `i`: where its name ends, where its value ends, whether it is null.
+    fn span(&self, i: usize) -> (usize, usize, bool) {
+        let at = |o: usize| {
+            let mut b = [0u8; 8];
+            b.copy_from_slice(&self.buf[i * SPAN + o..i * SPAN + o + 8]);
+            u64::from_le_bytes(b)
+        };
+        let (name_end, value_end) = (at(0), at(8));
+        // Both below `buf.len()`, so they fit a usize.
+        (name_end as usize, (value_end & !NULL) as usize, value_end & NULL != 0)
     }
 
     /// Appends a header (`None`: a null value).
     pub fn push(&mut self, name: &[u8], value: Option<&[u8]>) {
-        self.bytes.extend_from_slice(name);
-        let name_end = self.bytes.len();
-        self.bytes.extend_from_slice(value.unwrap_or_default());
-        self.spans.push(HeaderSpan { name_end, value_end: self.bytes.len(), null: value.is_none() });
+        let data_len = self.buf.len() - self.len * SPAN;
+        let name_end = (data_len + name.len()) as u64;
+        let value_end = name_end + value.map_or(0, <[u8]>::len) as u64;
+        let null = if value.is_none() { NULL } else { 0 };
+        let mut span = [0u8; SPAN];
+        span[..8].copy_from_slice(&name_end.to_le_bytes());
+        span[8..].copy_from_slice(&(value_end | null).to_le_bytes());
+        // The new span goes after the others, before the names and values
+        // (a few hundred bytes moved, where a second vector cost an allocation).
+        let at = self.len * SPAN;
+        self.buf.splice(at..at, span);
+        self.buf.extend_from_slice(name);
+        self.buf.extend_from_slice(value.unwrap_or_default());
+        self.len += 1;
     }
 
     /// How many headers (repeats counted).
     pub fn len(&self) -> usize {
-        self.spans.len()
+        self.len
     }
 
     /// Whether there are none.
     pub fn is_empty(&self) -> bool {
-        self.spans.is_empty()
+        self.len == 0
     }
 
     /// Header `i`: name and value.
     pub fn get(&self, i: usize) -> Option<(&[u8], Option<&[u8]>)> {
-        let span = self.spans.get(i)?;
-        let start = i.checked_sub(1).map_or(0, |p| self.spans[p].value_end);
-        let name = &self.bytes[start..span.name_end];
-        let value = (!span.null).then(|| &self.bytes[span.name_end..span.value_end]);
+        if i >= self.len {
+            return None;
+        }
+        let (name_end, value_end, null) = self.span(i);
+        let start = i.checked_sub(1).map_or(0, |p| self.span(p).1);
+        let data = self.data();
+        let name = &data[start..name_end];
+        let value = (!null).then(|| &data[name_end..value_end]);
         Some((name, value))
     }
 
     /// The headers in order.
     pub fn iter(&self) -> HeadersIter<'_> {
-        HeadersIter { headers: self, front: 0, back: self.spans.len() }
+        HeadersIter { headers: self, front: 0, back: self.len }
     }
 
     /// The last value of header `name` (the last wins, as in Spring Kafka's
@@ -80,7 +111,7 @@ impl Headers {
 
     /// Bytes of all names and values.
     pub fn byte_len(&self) -> usize {
-        self.bytes.len()
+        self.buf.len() - self.len * SPAN
     }
 
     /// The headers as owned pairs.

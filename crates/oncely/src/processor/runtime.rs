@@ -611,7 +611,7 @@ impl Engine {
     // -------------------------------------------------------------- records
 
     fn on_input(&mut self, c: &Cons, input: Input) -> Result<(), Fail> {
-        let tp: Tp = (input.record.topic.clone(), input.record.partition);
+        let tp: Tp = (input.record.topic.to_string(), input.record.partition);
         let offset = input.record.offset;
         let part = self.parts.entry(tp.clone()).or_default();
         if part.last_seen.is_some_and(|l| offset <= l) {
@@ -642,7 +642,7 @@ impl Engine {
     /// Handles one input in the open transaction. `Some` when it must be
     /// retried later (the partition then waits behind it).
     fn process(&mut self, input: Input) -> Result<Option<Blocked>, Fail> {
-        let tp: Tp = (input.record.topic.clone(), input.record.partition);
+        let tp: Tp = (input.record.topic.to_string(), input.record.partition);
         let offset = input.record.offset;
         let key = (tp.clone(), offset);
         match self.decide(&input, &key) {
@@ -829,7 +829,7 @@ impl Engine {
         };
         if let Some(t) = tallies {
             t.dead.push(DeadLettered {
-                topic: rec.topic.clone(),
+                topic: rec.topic.to_string(),
                 partition: rec.partition,
                 offset: rec.offset,
                 event_id: id.map(|i| i.to_string()).unwrap_or_default(),
@@ -850,7 +850,7 @@ impl Engine {
         payload: Option<&[u8]>,
         headers: &[(Vec<u8>, Option<Vec<u8>>)],
     ) -> Result<(), Fail> {
-        let origin = (input.record.topic.as_str(), input.record.partition, input.record.offset);
+        let origin = (&*input.record.topic, input.record.partition, input.record.offset);
         if self.frozen.is_some() {
             // The open transaction is frozen: this record goes into the next one.
             self.buffer.push(Pending {

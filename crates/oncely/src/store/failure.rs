@@ -88,7 +88,7 @@ pub async fn park(conn: &mut PgConnection, rows: &[NewParked<'_>]) -> Result<()>
         q.push_values(chunk, |mut b, p| {
             let (keys, values): (Vec<Vec<u8>>, Vec<Option<Vec<u8>>>) = p.record.headers.to_vec().into_iter().unzip();
             b.push_bind(p.consumer)
-                .push_bind(&p.record.topic)
+                .push_bind(&*p.record.topic)
                 .push_bind(p.record.partition)
                 .push_bind(p.record.offset)
                 .push_bind(p.entity_key)
@@ -196,7 +196,7 @@ fn row_to_parked(r: &sqlx::postgres::PgRow, topic: &str, partition: i32) -> Resu
     Ok(ParkedRow {
         consumer: r.try_get("consumer")?,
         record: RawRecord {
-            topic: topic.to_owned(),
+            topic: topic.into(),
             partition,
             offset: r.try_get("offset")?,
             timestamp_ms: r.try_get("record_ts_ms")?,
@@ -398,7 +398,7 @@ fn to_dead_letter(r: &sqlx::postgres::PgRow) -> Result<DeadLetterRow> {
         id: r.try_get("id")?,
         consumer: r.try_get("consumer")?,
         record: RawRecord {
-            topic: r.try_get("topic")?,
+            topic: r.try_get::<String, _>("topic")?.into(),
             partition: r.try_get("partition")?,
             offset: r.try_get("offset")?,
             timestamp_ms: r.try_get("record_ts_ms")?,

@@ -140,7 +140,7 @@ pub(crate) async fn insert_dead_letter(conn: &mut PgConnection, dl: &NewDeadLett
            RETURNING id"#,
     )
     .bind(dl.consumer)
-    .bind(&dl.record.topic)
+    .bind(&*dl.record.topic)
     .bind(dl.record.partition)
     .bind(dl.record.offset)
     .bind(dl.record.timestamp_ms)
