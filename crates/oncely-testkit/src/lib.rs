@@ -363,6 +363,15 @@ pub fn wait_until_blocking(timeout: Duration, what: &str, mut cond: impl FnMut()
     }
 }
 
+/// The sum of the offsets `group` has committed to Kafka, and whether every
+/// one of them carries oncely's commit metadata.
+pub async fn kafka_committed_sum(group: &str) -> Result<(i64, bool)> {
+    let admin = oncely::kafka::KafkaAdmin::new(connection(), &[])?;
+    let offsets = admin.list_consumer_group_offsets(group, None).await?;
+    let ours = offsets.iter().all(|o| o.metadata == oncely::kafka::COMMIT_METADATA);
+    Ok((offsets.iter().filter_map(|o| o.offset).sum(), ours))
+}
+
 /// Counts a query's single bigint result.
 pub async fn count(pool: &PgPool, sql: &str) -> Result<i64> {
     Ok(sqlx::query_scalar::<_, i64>(sql).fetch_one(pool).await?)

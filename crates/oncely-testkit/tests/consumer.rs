@@ -423,15 +423,6 @@ async fn events_are_routed_by_type_to_typed_handlers() -> Result<()> {
     Ok(())
 }
 
-/// The sum of the offsets `group` has committed to Kafka, and whether every
-/// one of them carries oncely's commit metadata.
-async fn kafka_committed_sum(group: &str) -> Result<(i64, bool)> {
-    let admin = oncely::kafka::KafkaAdmin::new(kit::connection(), &[])?;
-    let offsets = admin.list_consumer_group_offsets(group, None).await?;
-    let ours = offsets.iter().all(|o| o.metadata == oncely::kafka::COMMIT_METADATA);
-    Ok((offsets.iter().filter_map(|o| o.offset).sum(), ours))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn kafkas_copy_of_the_position_trails_a_backlog_and_catches_up_when_it_ends() -> Result<()> {
     // A lane reading a backlog commits its position to Kafka at most once a
@@ -450,10 +441,10 @@ async fn kafkas_copy_of_the_position_trails_a_backlog_and_catches_up_when_it_end
     let c = start(app::consumer(&group, &topic, db.pool.clone(), app::Behaviour::tagged("a")));
     wait_offsets_of(&db.pool, &group, n).await?;
     kit::wait_until(Duration::from_secs(15), "Kafka's committed offsets to reach the database's", || async {
-        Ok(kafka_committed_sum(&group).await?.0 == n)
+        Ok(kit::kafka_committed_sum(&group).await?.0 == n)
     })
     .await?;
-    let (_, ours) = kafka_committed_sum(&group).await?;
+    let (_, ours) = kit::kafka_committed_sum(&group).await?;
     assert!(ours, "every Kafka commit carries oncely's metadata");
     c.stop().await?;
     app::check_exactly_once_in_order(&db.pool, &published).await?;

@@ -429,7 +429,7 @@ impl Lane {
 
     /// Seeks the partition (retrying until it works or the lane stops).
     /// librdkafka drops what was fetched before the seek.
-    async fn seek_to(&self, target: Offset) -> bool {
+    async fn seek_to(&mut self, target: Offset) -> bool {
         let mut failures = 0u32;
         loop {
             let Some(c) = self.kafka_consumer() else { return false };
@@ -662,8 +662,12 @@ impl Lane {
         }
     }
 
-    /// Sleeps unless stopped; false if stopped.
-    async fn sleep(&self, d: Duration) -> bool {
+    /// Sleeps unless stopped; false if stopped. A Kafka commit the lane
+    /// owes is paid first: the interval spaces commits while batches run,
+    /// and a lane that waits (a spike-guard pause, a retry's backoff, a
+    /// rebuild held behind its live consumer) has no batch to pay it after.
+    async fn sleep(&mut self, d: Duration) -> bool {
+        self.pay_owed_kafka_commit();
         tokio::select! {
             _ = self.stop.cancelled() => false,
             _ = tokio::time::sleep(d) => true,
@@ -804,6 +808,7 @@ impl Lane {
             error: &e,
         }
         .emit();
+        self.pay_owed_kafka_commit();
         self.stop.cancelled().await;
         false
     }
@@ -1474,6 +1479,13 @@ impl Lane {
                 }
             }
             _ => self.commit_kafka(),
+        }
+    }
+
+    /// The owed commit now, if one is owed.
+    fn pay_owed_kafka_commit(&mut self) {
+        if self.kafka_commit_owed {
+            self.commit_kafka();
         }
     }
 
