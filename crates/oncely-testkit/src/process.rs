@@ -37,6 +37,19 @@ impl TestProcess {
     /// Starts `exe ARGS...` like [`spawn`](TestProcess::spawn) (for
     /// `test-billing MODE GROUP TOPIC`).
     pub async fn spawn_args(exe: &Path, db_url: &str, args: &[&str], envs: &[(&str, &str)]) -> Result<Self> {
+        Self::spawn_logged(exe, db_url, args, envs, None).await
+    }
+
+    /// [`spawn_args`](TestProcess::spawn_args), its logs kept for
+    /// [`stderr`](TestProcess::stderr) (and echoed with `[tag]` in front)
+    /// when `keep_stderr` is `Some(tag)`.
+    pub async fn spawn_logged(
+        exe: &Path,
+        db_url: &str,
+        args: &[&str],
+        envs: &[(&str, &str)],
+        keep_stderr: Option<&str>,
+    ) -> Result<Self> {
         let mut cmd = Command::new(exe);
         cmd.args(args)
             .env("DATABASE_URL", db_url)
@@ -47,7 +60,7 @@ impl TestProcess {
             cmd.env(k, v);
         }
         let name = exe.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
-        Self::start(cmd, &name, None).await
+        Self::start(cmd, &name, keep_stderr).await
     }
 
     /// Starts `cmd` and waits for its `READY` line (90 s at most). With

@@ -4,6 +4,8 @@
 //! log. Every test ends with each event applied exactly once, per-key order
 //! intact and every partition read to its end, within a deadline.
 
+use std::time::Duration;
+
 use anyhow::Result;
 use oncely::consumer::events;
 use oncely_testkit::process::TestConsumer;
@@ -41,10 +43,20 @@ async fn a_zombie_frozen_past_its_session_timeout_neither_duplicates_nor_stalls_
     // Frozen mid-batch, its transactions open, its heartbeats stopped.
     a.signal("-STOP")?;
     let frozen_at = kit::count(&db.pool, "SELECT count(*) FROM applied").await?;
-    let b = spawn_process(&db, &group, &topic, &[slow[0], slow[1], slow[2], slow[3], ("TAG", "b")]).await?;
+    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_test-consumer"));
+    let b_env = [slow[0], slow[1], slow[2], slow[3], ("TAG", "b")];
+    let b = TestConsumer::spawn_logged(exe, &db.url, &[&group, &topic], &b_env, Some("b")).await?;
     // Past A's session timeout B owns both partitions; A's open batches hold
     // them until B ends A's database sessions.
     wait_count(&db.pool, "SELECT count(*) FROM applied WHERE tag = 'b'", 20).await?;
+    // It got there by ending them (the zombie timeout), not by A's batches
+    // finishing: A is frozen inside one, 20 events of 50 ms, nearly always.
+    // (Its log is read from a pipe, so it may arrive a moment after the rows.)
+    let ended = || b.stderr().iter().any(|l| l.contains("Ended the database session of a previous owner"));
+    kit::wait_until(Duration::from_secs(10), "B to log that it ended a frozen owner's session", || async {
+        Ok(ended())
+    })
+    .await?;
     assert_eq!(
         kit::count(&db.pool, "SELECT count(*) FROM applied WHERE tag = 'a'").await?,
         frozen_at,
