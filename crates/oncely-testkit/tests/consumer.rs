@@ -452,6 +452,47 @@ async fn kafkas_copy_of_the_position_trails_a_backlog_and_catches_up_when_it_end
 }
 
 #[tokio::test(flavor = "multi_thread")]
+async fn a_restart_after_a_trailing_kafka_commit_brings_kafka_up_to_date_without_a_replay() -> Result<()> {
+    // After an unclean stop, Kafka's copy of the position can trail the
+    // database's by up to a second of batches, committed with oncely's
+    // metadata. A restarted member takes that for no move (nothing is
+    // replayed) and brings Kafka's copy up to the database's at start, with
+    // no record arriving to make it commit.
+    kit::init_tracing();
+    let db = kit::TestDb::new().await?;
+    app::setup(&db.pool).await?;
+    let (topic, group) = (kit::unique("orders"), kit::unique("g"));
+    kit::create_topic(&topic, 2).await?;
+    let published = app::publish_seq(&topic, 10, 20).await?;
+    let n = published.len() as i64;
+    let c = start(app::consumer(&group, &topic, db.pool.clone(), app::Behaviour::tagged("a")));
+    wait_offsets_of(&db.pool, &group, n).await?;
+    c.stop().await?;
+    // What a SIGKILL within the commit interval leaves: Kafka's copy behind,
+    // by the consumer's own commits.
+    let admin = oncely::kafka::KafkaAdmin::new(kit::connection(), &[])?;
+    let behind: Vec<(String, i32, i64, String)> = admin
+        .list_consumer_group_offsets(&group, None)
+        .await?
+        .into_iter()
+        .filter_map(|o| Some((o.topic, o.partition, o.offset? - 7, oncely::kafka::COMMIT_METADATA.to_owned())))
+        .collect();
+    assert_eq!(behind.len(), 2, "both partitions committed");
+    admin.alter_consumer_group_offsets(&group, &behind).await?;
+    assert_eq!(kit::kafka_committed_sum(&group).await?.0, n - 14);
+
+    let c = start(app::consumer(&group, &topic, db.pool.clone(), app::Behaviour::tagged("b")));
+    kit::wait_until(Duration::from_secs(15), "Kafka's committed offsets to reach the database's", || async {
+        Ok(kit::kafka_committed_sum(&group).await? == (n, true))
+    })
+    .await?;
+    assert_eq!(kit::count(&db.pool, "SELECT count(*) FROM applied WHERE tag = 'b'").await?, 0, "nothing replayed");
+    c.stop().await?;
+    app::check_exactly_once_in_order(&db.pool, &published).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
 async fn a_replay_that_runs_into_new_events_skips_the_old_and_applies_the_new_once() -> Result<()> {
     // A replay's batches of duplicates switch the lane's claim to probing
     // the inbox first; the batch where the replay meets new events, and
