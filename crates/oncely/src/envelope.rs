@@ -934,6 +934,16 @@ mod tests {
                 prop_assert_eq!(h.last(name), want);
             }
             prop_assert_eq!(h.get(pairs.len()), None);
+            // Appended one by one, counted too few or too many: the same headers.
+            let mut pushed = Headers::new();
+            for (k, v) in &pairs {
+                pushed.push(k, v.as_deref());
+            }
+            prop_assert_eq!(&pushed, &h);
+            let refs = || pairs.iter().map(|(k, v)| (&k[..], v.as_deref()));
+            for n in [0, pairs.len() / 2, pairs.len() + 3] {
+                prop_assert_eq!(&Headers::from_counted(n, bytes, refs()), &h);
+            }
         }
 
         #[test]

@@ -58,21 +58,64 @@ impl Headers {
     }
 
     /// Appends a header (`None`: a null value).
+    ///
+    /// Moves the names and values already stored to make room for the new
+    /// span: for more than a few headers, build with
+    /// [`from_counted`](Self::from_counted) (what reading a record and
+    /// collecting do), which writes each byte once.
     pub fn push(&mut self, name: &[u8], value: Option<&[u8]>) {
-        let data_len = self.buf.len() - self.len * SPAN;
-        let name_end = (data_len + name.len()) as u64;
+        let span = self.span_of(name, value);
+        let at = self.len * SPAN;
+        self.buf.splice(at..at, span);
+        self.extend_data(name, value);
+        self.len += 1;
+    }
+
+    /// `n` headers of `bytes` bytes of names and values in all, written in
+    /// one pass: the span table is laid out first, so no byte moves. A
+    /// hostile record can carry a quarter of a million empty headers after a
+    /// large value; appending them one by one would move that value once per
+    /// header. If `headers` yields fewer than `n`, the unused spans are
+    /// removed at the end; past `n`, the rest are appended.
+    pub fn from_counted<'a>(
+        n: usize,
+        bytes: usize,
+        headers: impl IntoIterator<Item = (&'a [u8], Option<&'a [u8]>)>,
+    ) -> Self {
+        let mut h = Headers { buf: Vec::with_capacity(n * SPAN + bytes), len: n };
+        h.buf.resize(n * SPAN, 0);
+        let mut written = 0;
+        for (name, value) in headers {
+            if written == n {
+                h.push(name, value);
+                continue;
+            }
+            let span = h.span_of(name, value);
+            h.buf[written * SPAN..(written + 1) * SPAN].copy_from_slice(&span);
+            h.extend_data(name, value);
+            written += 1;
+        }
+        if written < n {
+            h.buf.drain(written * SPAN..n * SPAN);
+            h.len = written;
+        }
+        h
+    }
+
+    /// The span of a header appended after the names and values stored now.
+    fn span_of(&self, name: &[u8], value: Option<&[u8]>) -> [u8; SPAN] {
+        let name_end = (self.byte_len() + name.len()) as u64;
         let value_end = name_end + value.map_or(0, <[u8]>::len) as u64;
         let null = if value.is_none() { NULL } else { 0 };
         let mut span = [0u8; SPAN];
         span[..8].copy_from_slice(&name_end.to_le_bytes());
         span[8..].copy_from_slice(&(value_end | null).to_le_bytes());
-        // The new span goes after the others, before the names and values
-        // (a few hundred bytes moved, where a second vector cost an allocation).
-        let at = self.len * SPAN;
-        self.buf.splice(at..at, span);
+        span
+    }
+
+    fn extend_data(&mut self, name: &[u8], value: Option<&[u8]>) {
         self.buf.extend_from_slice(name);
         self.buf.extend_from_slice(value.unwrap_or_default());
-        self.len += 1;
     }
 
     /// How many headers (repeats counted).
@@ -128,11 +171,13 @@ impl fmt::Debug for Headers {
 
 impl<N: AsRef<[u8]>, V: AsRef<[u8]>> FromIterator<(N, Option<V>)> for Headers {
     fn from_iter<I: IntoIterator<Item = (N, Option<V>)>>(iter: I) -> Self {
-        let mut h = Headers::new();
-        for (k, v) in iter {
-            h.push(k.as_ref(), v.as_ref().map(AsRef::as_ref));
-        }
-        h
+        let pairs: Vec<(N, Option<V>)> = iter.into_iter().collect();
+        let bytes = pairs.iter().map(|(k, v)| k.as_ref().len() + v.as_ref().map_or(0, |v| v.as_ref().len())).sum();
+        Headers::from_counted(
+            pairs.len(),
+            bytes,
+            pairs.iter().map(|(k, v)| (k.as_ref(), v.as_ref().map(AsRef::as_ref))),
+        )
     }
 }
 

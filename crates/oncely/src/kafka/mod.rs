@@ -95,8 +95,8 @@ unsafe fn header_at<'h>(hdrs: *const rdsys::rd_kafka_headers_t, idx: usize) -> O
     Some((name, value))
 }
 
-/// Reads every header of `hdrs` into one buffer (sized first: two
-/// allocations whatever the number of headers).
+/// Reads every header of `hdrs` into one buffer (sized first, each byte
+/// written once: one allocation whatever the number of headers).
 ///
 /// # Safety
 /// `hdrs` must be a valid librdkafka headers list for the duration of the call.
@@ -106,11 +106,8 @@ unsafe fn read_headers(hdrs: *const rdsys::rd_kafka_headers_t) -> Headers {
     // SAFETY: `idx < n`, and `hdrs` is valid for the call (the caller).
     let at = |idx| unsafe { header_at(hdrs, idx) };
     let bytes = (0..n).filter_map(at).map(|(k, v)| k.len() + v.map_or(0, <[u8]>::len)).sum();
-    let mut out = Headers::with_capacity(n, bytes);
-    for (name, value) in (0..n).filter_map(at) {
-        out.push(name, value);
-    }
-    out
+    let count = (0..n).filter_map(at).count();
+    Headers::from_counted(count, bytes, (0..n).filter_map(at))
 }
 
 /// Builds the headers of a record to produce from name/value pairs, names as
